@@ -1,0 +1,229 @@
+"""Batches for training and analysis: a dataset over manifests, a frame-bounded bucketing batch
+sampler, and a LightningDataModule.
+
+A batch is a dict::
+
+    features        (B, T, 80) float, CMVN-normalised (SpecAugment in training)
+    feature_lengths (B,)       long
+    targets         (B, U)     long, CTC output indices padded with 0 (blank)
+    target_lengths  (B,)       long
+    labels          (B, T')    long, 37-way encoder-frame phoneme labels, -100 where unknown
+                               (only with ``with_labels=True``)
+    ids, texts                 lists of str
+
+An utterance that fails to load is reported once and left out of its batch: a long run never
+dies on one bad file.
+"""
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.alignments import AlignmentError, read_textgrid
+from data.features import AudioError, GlobalCMVN, SpecAugment, fbank, load_audio
+from data.prepare import read_manifest
+from data.tokenizer import Tokenizer
+
+IGNORE_LABEL = -100
+# The Conv2d front end (2 x kernel 3, stride 2) maps 10 ms frames to 40 ms encoder frames; each
+# encoder frame m sees input frames 4m..4m+6, i.e. audio [0.04 m, 0.04 m + 0.085) s.
+ENCODER_SHIFT = 0.04
+ENCODER_WINDOW = 0.085
+
+
+def encoder_frames(num_frames: int) -> int:
+    """Encoder frames after the 4x Conv2d subsampling of ``num_frames`` 10 ms frames."""
+    return max(0, ((num_frames - 1) // 2 - 1) // 2)
+
+
+class ManifestDataset(Dataset):
+    """Utterances of one or more JSONL manifests, as features, token ids and optional labels."""
+
+    def __init__(self, manifests: list[str | Path], tokenizer: Tokenizer | None = None, cmvn: GlobalCMVN | None = None,
+                 spec_augment: SpecAugment | None = None, with_labels: bool = False, max_duration: float | None = None):
+        self.entries = [e for m in manifests for e in read_manifest(m)]
+        if max_duration is not None:
+            self.entries = [e for e in self.entries if e["duration"] <= max_duration]
+        if with_labels:
+            self.entries = [e for e in self.entries if e.get("alignment")]
+        if not self.entries:
+            raise ValueError(f"no usable utterance in {', '.join(map(str, manifests))}"
+                             + (" with an alignment" if with_labels else ""))
+        self.tokenizer, self.cmvn, self.spec_augment, self.with_labels = tokenizer, cmvn, spec_augment, with_labels
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def num_frames(self, i: int) -> int:
+        e = self.entries[i]
+        return int(e.get("num_frames") or round(e["duration"] * 100))
+
+    def __getitem__(self, i: int) -> dict | None:
+        e = self.entries[i]
+        try:
+            feats = fbank(load_audio(e["audio"]))
+            item = {"id": e["id"], "text": e["text"]}
+            if self.cmvn is not None:
+                feats = self.cmvn(feats)
+            if self.spec_augment is not None:
+                feats = self.spec_augment(feats)
+            item["features"] = feats
+            if self.tokenizer is not None:
+                item["targets"] = torch.tensor(self.tokenizer.encode(e["text"]), dtype=torch.long)
+            if self.with_labels:
+                n = encoder_frames(feats.shape[0])
+                item["labels"] = read_textgrid(e["alignment"]).frame_labels(n, ENCODER_SHIFT, ENCODER_WINDOW)
+            return item
+        except (AudioError, AlignmentError, ValueError) as err:
+            if e["id"] not in self._reported:
+                self._reported.add(e["id"])
+                warnings.warn(f"skipping utterance {e['id']}: {err}", stacklevel=1)
+            return None
+
+
+def collate(items: list[dict | None]) -> dict | None:
+    """Pad a list of dataset items into a batch; items that failed to load (None) are dropped."""
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    lengths = torch.tensor([x["features"].shape[0] for x in items], dtype=torch.long)
+    batch = {
+        "ids": [x["id"] for x in items],
+        "texts": [x["text"] for x in items],
+        "features": torch.nn.utils.rnn.pad_sequence([x["features"] for x in items], batch_first=True),
+        "feature_lengths": lengths,
+    }
+    if "targets" in items[0]:
+        batch["targets"] = torch.nn.utils.rnn.pad_sequence([x["targets"] for x in items], batch_first=True)
+        batch["target_lengths"] = torch.tensor([len(x["targets"]) for x in items], dtype=torch.long)
+    if "labels" in items[0]:
+        batch["labels"] = torch.nn.utils.rnn.pad_sequence([x["labels"] for x in items], batch_first=True,
+                                                          padding_value=IGNORE_LABEL)
+    return batch
+
+
+class FrameBucketSampler(Sampler[list[int]]):
+    """Batches whose padded size (``max frames x utterances``) stays under ``max_frames``.
+
+    Utterances are sorted by length into ``num_buckets`` buckets; with ``shuffle`` the
+    utterances inside each bucket and the order of the batches are shuffled, differently each
+    epoch (:meth:`set_epoch`) but deterministically for a seed. Under DDP each rank takes every
+    ``world_size``-th batch, and all ranks get the same number of batches.
+    """
+
+    def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, num_buckets: int = 30, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
+        if max_frames <= 0:
+            raise ValueError(f"max_frames must be positive, got {max_frames}")
+        too_long = [i for i, n in enumerate(lengths) if n > max_frames]
+        if too_long:
+            warnings.warn(f"{len(too_long)} utterances longer than max_frames={max_frames} get batches of their own",
+                          stacklevel=2)
+        self.lengths, self.max_frames, self.shuffle = list(lengths), max_frames, shuffle
+        self.num_buckets, self.seed, self.epoch = max(1, num_buckets), seed, 0
+        if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world_size = rank or 0, world_size or 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
+        size = math.ceil(len(order) / self.num_buckets)
+        batches = []
+        for b in range(0, len(order), size):
+            bucket = order[b:b + size]
+            if self.shuffle:
+                rng.shuffle(bucket)
+            batch, longest = [], 0
+            for i in bucket:
+                longest_if = max(longest, self.lengths[i])
+                if batch and longest_if * (len(batch) + 1) > self.max_frames:
+                    batches.append(batch)
+                    batch, longest_if = [], self.lengths[i]
+                batch.append(i)
+                longest = longest_if
+            if batch:
+                batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.world_size > 1:
+            per_rank = len(batches) // self.world_size
+            batches = batches[self.rank: per_rank * self.world_size: self.world_size]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _lightning_base():
+    import lightning
+
+    return lightning.LightningDataModule
+
+
+class ASRDataModule(_lightning_base()):
+    """Training / validation / test loaders over prepared manifests.
+
+    Args:
+        data_dir: the ``--out`` folder of ``python -m data.prepare`` (manifests/, bpe.model, cmvn.json).
+        train_sets, valid_sets, test_sets: manifest names (``mini-train``) or paths to ``.jsonl`` files.
+        max_frames: padded 10 ms frames per batch (e.g. 20000 = 200 s of audio).
+        num_workers: loader processes.
+        spec_augment: apply SpecAugment to training batches; the mask sizes follow SPEC section 3.
+        with_labels: add encoder-frame phoneme labels (utterances without alignment are dropped).
+        max_duration: drop training utterances longer than this (seconds).
+    """
+
+    def __init__(self, data_dir: str, train_sets: list[str] | None = None, valid_sets: list[str] | None = None,
+                 test_sets: list[str] | None = None, max_frames: int = 20000, num_workers: int = 2,
+                 spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 27, time_masks: int = 10,
+                 time_ratio: float = 0.05, num_buckets: int = 30, with_labels: bool = False,
+                 max_duration: float | None = None, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        for required in ("bpe.model", "cmvn.json"):
+            if not (self.data_dir / required).is_file():
+                raise FileNotFoundError(f"{self.data_dir / required}: missing; run `python -m data.prepare --out {data_dir}` first")
+        self.tokenizer = Tokenizer(self.data_dir / "bpe.model")
+        self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
+        for name in (train_sets or []) + (valid_sets or []) + (test_sets or []):
+            if not self.manifest(name).is_file():
+                raise FileNotFoundError(f"manifest {self.manifest(name)} does not exist")
+
+    def manifest(self, name: str) -> Path:
+        return Path(name) if name.endswith(".jsonl") else self.data_dir / "manifests" / f"{name}.jsonl"
+
+    def dataset(self, sets: list[str], train: bool = False) -> ManifestDataset:
+        h = self.hparams
+        aug = SpecAugment(h.freq_masks, h.freq_width, h.time_masks, h.time_ratio) if (train and h.spec_augment) else None
+        return ManifestDataset([self.manifest(s) for s in sets], self.tokenizer, self.cmvn, aug, h.with_labels,
+                               h.max_duration if train else None)
+
+    def loader(self, sets: list[str], train: bool = False) -> DataLoader:
+        ds = self.dataset(sets, train)
+        sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], self.hparams.max_frames, shuffle=train,
+                                     num_buckets=self.hparams.num_buckets, seed=self.hparams.seed)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers,
+                          persistent_workers=train and self.hparams.num_workers > 0)
+
+    def train_dataloader(self):
+        return self.loader(self.hparams.train_sets, train=True)
+
+    def val_dataloader(self):
+        return self.loader(self.hparams.valid_sets)
+
+    def test_dataloader(self):
+        return self.loader(self.hparams.test_sets)

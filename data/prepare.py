@@ -1,0 +1,193 @@
+"""Prepare a LibriSpeech-layout corpus (real or mini) for training and analysis.
+
+    python -m data.prepare --root CORPUS --out DIR [--alignments ALIGN_ROOT] [--subsets ...]
+                           [--train-subsets ...] [--vocab-size 128] [--cmvn-utterances 2000]
+
+writes::
+
+    DIR/manifests/<subset>.jsonl   one utterance a line: id, audio, duration, speaker, chapter,
+                                   text, num_frames (10 ms fbank frames), alignment (if any)
+    DIR/bpe.model, DIR/bpe.vocab   SentencePiece BPE trained on the training subsets' text
+    DIR/cmvn.json                  global mean / std of the 80-dim fbank over training audio
+    DIR/report.json                counts and every skipped utterance with its reason
+
+Bad utterances (unreadable or missing audio, transcript lines with no audio and audio with no
+line, empty transcripts, TextGrids that do not cover the audio or hold non-ARPAbet phones) are
+skipped, reported with the file and line at fault, and counted. Every output is written to a
+temporary file and renamed, so an interrupted run never leaves a half manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from data import librispeech
+from data.alignments import AlignmentError, read_textgrid
+from data.features import AudioError, GlobalCMVN, atomic_write_text, fbank, load_audio, num_frames
+from data.librispeech import Problem
+from data.tokenizer import Tokenizer
+
+
+def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
+    """The TextGrid of an utterance under an MFA output root, trying the usual layouts."""
+    spk, chap, uid = entry["speaker"], entry["chapter"], entry["id"]
+    for candidate in (align_root / subset / spk / f"{uid}.TextGrid", align_root / subset / spk / chap / f"{uid}.TextGrid",
+                      align_root / spk / f"{uid}.TextGrid", align_root / spk / chap / f"{uid}.TextGrid"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def attach_alignments(entries: list[dict], align_root: Path, subset: str) -> tuple[list[dict], list[Problem], int]:
+    """Add ``alignment`` to entries that have a valid TextGrid; skip those whose TextGrid is bad.
+
+    Returns (kept entries, problems, number of entries with no TextGrid at all).
+    """
+    kept, problems, missing = [], [], 0
+    for e in entries:
+        path = find_alignment(align_root, subset, e)
+        if path is None:
+            missing += 1
+            kept.append(e)
+            continue
+        try:
+            read_textgrid(path).check_covers(e["duration"])
+        except AlignmentError as err:  # its message reads "FILE[:LINE]: why"
+            problems.append(Problem(*str(err).split(": ", 1)))
+            continue
+        kept.append({**e, "alignment": str(path.resolve())})
+    return kept, problems, missing
+
+
+def compute_cmvn(entries: list[dict], max_utterances: int, progress: bool = True) -> tuple[GlobalCMVN, set[str], list[Problem]]:
+    """Global CMVN over up to ``max_utterances`` evenly spread entries; also returns the ids whose
+    audio failed to decode (to drop from the manifests) with their problems."""
+    from tqdm import tqdm
+
+    step = max(1, len(entries) // max(1, max_utterances))
+    stats, bad, problems = None, set(), []
+    for e in tqdm(entries[::step][:max_utterances], desc="cmvn", unit="utt", disable=not progress):
+        try:
+            feats = fbank(load_audio(e["audio"]))
+        except AudioError as err:  # its message reads "FILE: why"
+            bad.add(e["id"])
+            problems.append(Problem(*str(err).split(": ", 1)))
+            continue
+        except ValueError as err:
+            bad.add(e["id"])
+            problems.append(Problem(e["audio"], str(err)))
+            continue
+        stats = GlobalCMVN.accumulate(stats, feats)
+    return GlobalCMVN.from_stats(stats), bad, problems
+
+
+def write_manifest(path: Path, entries: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in entries))
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Entries of a JSONL manifest; a malformed line raises ``ValueError`` naming file and line."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+            missing = {"id", "audio", "duration", "text"} - set(entry)
+            if missing:
+                raise ValueError(f"{path}:{n}: manifest entry lacks {', '.join(sorted(missing))}")
+            out.append(entry)
+    return out
+
+
+def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = None, subsets: list[str] | None = None,
+            train_subsets: list[str] | None = None, vocab_size: int = 128, cmvn_utterances: int = 2000,
+            progress: bool = True) -> dict:
+    """Run the whole preparation; returns the report (also written to ``out/report.json``)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    subsets = subsets or librispeech.list_subsets(root)
+    if not subsets:
+        raise FileNotFoundError(f"{root}: no LibriSpeech subsets (folders with */*/*.trans.txt) found")
+    train_subsets = train_subsets or [s for s in subsets if "train" in s]
+    if not train_subsets:
+        raise ValueError(f"no training subset among {subsets}; name one with --train-subsets")
+    unknown = sorted(set(train_subsets) - set(subsets))
+    if unknown:
+        raise ValueError(f"training subsets {unknown} are not among the subsets prepared {subsets}")
+
+    manifests: dict[str, list[dict]] = {}
+    problems: list[Problem] = []
+    no_alignment: dict[str, int] = {}
+    for subset in subsets:
+        entries, probs = librispeech.scan_subset(root, subset)
+        problems += probs
+        if alignments is not None:
+            entries, probs, no_alignment[subset] = attach_alignments(entries, Path(alignments), subset)
+            problems += probs
+        manifests[subset] = entries
+
+    train_entries = [e for s in train_subsets for e in manifests[s]]
+    if not train_entries:
+        raise ValueError(f"training subsets {train_subsets} hold no usable utterance")
+    cmvn, bad, probs = compute_cmvn(train_entries, cmvn_utterances, progress)
+    problems += probs
+    for subset in subsets:
+        manifests[subset] = [
+            {**e, "num_frames": num_frames(round(e["duration"] * 16000))} for e in manifests[subset] if e["id"] not in bad
+        ]
+
+    tokenizer = Tokenizer.train((e["text"] for s in train_subsets for e in manifests[s]), out / "bpe", vocab_size)
+    cmvn.save(out / "cmvn.json")
+    for subset, entries in manifests.items():
+        write_manifest(out / "manifests" / f"{subset}.jsonl", entries)
+    report = {
+        "root": str(librispeech.find_root(root)),
+        "subsets": {s: {"utterances": len(v), "hours": round(sum(e["duration"] for e in v) / 3600, 3),
+                        "aligned": sum("alignment" in e for e in v)} for s, v in manifests.items()},
+        "train_subsets": train_subsets,
+        "vocab_size": tokenizer.vocab_size - 1,
+        "skipped": len(problems),
+        "problems": [str(p) for p in problems],
+        "no_alignment": no_alignment,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="LibriSpeech root (the folder holding the subsets, or its parent)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--alignments", help="MFA TextGrid root (e.g. CORPUS/alignments)")
+    p.add_argument("--subsets", nargs="+", help="subsets to prepare (default: every subset found)")
+    p.add_argument("--train-subsets", nargs="+", help="subsets for BPE and CMVN (default: those named *train*)")
+    p.add_argument("--vocab-size", type=int, default=128, help="BPE units, blank excluded (default 128)")
+    p.add_argument("--cmvn-utterances", type=int, default=2000, help="training utterances read for CMVN")
+    p.add_argument("--download", nargs="+", metavar="SUBSET",
+                   help=f"first download these subsets into --root ({', '.join(librispeech.SUBSETS)})")
+    a = p.parse_args(argv)
+    if a.download:
+        for subset in a.download:
+            librispeech.download(subset, a.root)
+    try:
+        report = prepare(a.root, a.out, a.alignments, a.subsets, a.train_subsets, a.vocab_size, a.cmvn_utterances)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    for line in report["problems"]:
+        print(f"skipped {line}", file=sys.stderr)
+    for s, v in report["subsets"].items():
+        print(f"{s:16s} {v['utterances']:7d} utterances {v['hours']:8.3f} h  {v['aligned']:7d} aligned")
+    print(f"skipped {report['skipped']}; BPE {report['vocab_size']} units; took {report['seconds']} s; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
