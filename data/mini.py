@@ -177,7 +177,7 @@ def build(out_dir: str | Path, train: int = 6000, dev: int = 300, test: int = 30
     chunks = [(todo[i:i + CHUNK], str(out_dir)) for i in range(0, len(todo), CHUNK)]
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["data.mini", "numpy", "torch", "torchaudio", "soundfile", "praatio.textgrid"])
+        ctx.set_forkserver_preload(["data.espeak", "data.alignments", "numpy", "torch", "torchaudio", "soundfile", "praatio.textgrid"])
     with ctx.Pool(max(1, jobs), maxtasksperchild=1) as pool, tqdm(
         total=len(todo), desc="synthesising", unit="utt", disable=not progress
     ) as bar:

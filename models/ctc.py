@@ -1,0 +1,119 @@
+"""Conformer-CTC: front end -> Conformer encoder (with a reuse plan) -> CTC projection."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from models.conformer import ConformerEncoder
+from models.reuse import format_reuse_config, parse_reuse_config
+from models.subsampling import Conv2dSubsampling
+
+
+@dataclasses.dataclass
+class EncoderOutput:
+    """What :meth:`ConformerCTC.encode` returns.
+
+    output: ``(B, T', d)`` encoder output; lengths: ``(B,)`` valid frames;
+    attentions: one ``(B, H, T', T')`` map per layer, the map that layer *applied* (a reuse layer
+    gives its group's shared map), or None; hidden_states: ``num_layers + 1`` tensors
+    ``(B, T', d)``, index 0 the input of the first block, or None.
+    """
+
+    output: torch.Tensor
+    lengths: torch.Tensor
+    attentions: list[torch.Tensor] | None = None
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class ConformerCTC(nn.Module):
+    """Conformer-CTC acoustic model with layer-wise attention map reuse.
+
+    Args:
+        vocab_size: CTC outputs, blank (index 0) included (129 for 128 BPE units).
+        input_dim: feature width (80 log-Mel bins).
+        d_model, num_layers, ffn_dim, kernel_size: Conformer size (Conformer-M: 256, 16, 1024, 31).
+        reuse: reuse plan string, e.g. ``"1(H4)x16"`` (baseline) or ``"4(H8)x4"`` (see :mod:`models.reuse`).
+        dropout, attention_dropout: hidden and attention-probability dropout.
+        subsampling_channels: channels of the Conv2d front end.
+        was_gamma: weak attention suppression (None = off; the paper's value is 0.5).
+        bn_momentum: BatchNorm momentum of the convolution modules (PyTorch convention).
+    """
+
+    def __init__(self, vocab_size: int, input_dim: int = 80, d_model: int = 256, num_layers: int = 16,
+                 ffn_dim: int = 1024, kernel_size: int = 31, reuse: str = "1(H4)x16", dropout: float = 0.1,
+                 attention_dropout: float = 0.1, subsampling_channels: int = 256, was_gamma: float | None = None,
+                 bn_momentum: float = 0.005):
+        super().__init__()
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must count the blank and at least one token, got {vocab_size}")
+        self.plans = parse_reuse_config(reuse, num_layers, d_model)
+        self.reuse = format_reuse_config(self.plans)
+        self.vocab_size, self.input_dim, self.d_model, self.num_layers = vocab_size, input_dim, d_model, num_layers
+        self.frontend = Conv2dSubsampling(input_dim, d_model, subsampling_channels)
+        self.encoder = ConformerEncoder(self.plans, d_model, ffn_dim, kernel_size, dropout, attention_dropout,
+                                        was_gamma, bn_momentum)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    @property
+    def num_heads(self) -> list[int]:
+        return [p.num_heads for p in self.plans]
+
+    def _check_inputs(self, features: torch.Tensor, lengths: torch.Tensor) -> None:
+        if features.dim() != 3 or features.shape[-1] != self.input_dim:
+            raise ValueError(f"features must be (B, T, {self.input_dim}); got {tuple(features.shape)}")
+        if lengths.dim() != 1 or lengths.shape[0] != features.shape[0]:
+            raise ValueError(f"lengths must be ({features.shape[0]},) to match the batch; got {tuple(lengths.shape)}")
+        if (lengths > features.shape[1]).any() or (lengths < 1).any():
+            raise ValueError(f"lengths {lengths.tolist()} must lie in 1..{features.shape[1]} (the padded length)")
+        short = int(lengths.min())
+        if short < self.frontend.MIN_FRAMES:
+            raise ValueError(f"an utterance of {short} frames is too short for the 4x subsampling "
+                             f"(needs >= {self.frontend.MIN_FRAMES} frames)")
+
+    def head_mask_tensor(self, head_mask, device=None) -> list[torch.Tensor | None] | None:
+        """Normalise a head mask to one ``(H_l,)`` 0/1 tensor (or None) per layer.
+
+        Accepts a ``(num_layers, max_heads)`` 0/1 tensor (1 keeps a head) or a mapping
+        ``{layer: [heads to mask]}``.
+        """
+        if head_mask is None:
+            return None
+        heads = self.num_heads
+        if isinstance(head_mask, Mapping):
+            out: list[torch.Tensor | None] = [None] * self.num_layers
+            for layer, masked in head_mask.items():
+                if not 0 <= int(layer) < self.num_layers:
+                    raise ValueError(f"head mask names layer {layer}; the encoder has layers 0..{self.num_layers - 1}")
+                m = torch.ones(heads[layer], device=device)
+                for h in masked:
+                    if not 0 <= int(h) < heads[layer]:
+                        raise ValueError(f"head mask names head {h} of layer {layer}, which has heads 0..{heads[layer] - 1}")
+                    m[int(h)] = 0
+                out[int(layer)] = m
+            return out
+        mask = torch.as_tensor(head_mask, device=device)
+        if mask.shape != (self.num_layers, max(heads)):
+            raise ValueError(f"head mask must be (num_layers, max_heads) = ({self.num_layers}, {max(heads)}); "
+                             f"got {tuple(mask.shape)}")
+        for layer, h in enumerate(heads):
+            if (mask[layer, h:] != 1).any():
+                raise ValueError(f"head mask masks a head >= {h} in layer {layer}, which has only {h} heads")
+        return [mask[layer, :h].float() for layer, h in enumerate(heads)]
+
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor, return_attentions: bool = False,
+               return_hidden_states: bool = False, head_mask=None) -> EncoderOutput:
+        """Run the front end and the encoder; see :class:`EncoderOutput`."""
+        self._check_inputs(features, lengths)
+        x, out_lengths = self.frontend(features, lengths)
+        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]
+        out, attentions, hidden = self.encoder(x, padding_mask, return_attentions, return_hidden_states,
+                                               self.head_mask_tensor(head_mask, x.device))
+        return EncoderOutput(out, out_lengths, attentions, hidden)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor, head_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features (B, T, input_dim)``, ``lengths (B,)`` -> ``(log_probs (B, T', V) float32, out_lengths (B,))``."""
+        enc = self.encode(features, lengths, head_mask=head_mask)
+        return torch.log_softmax(self.head(enc.output).float(), dim=-1), enc.lengths

@@ -1,0 +1,244 @@
+"""ConformerCTC over a matrix of small models and reuse plans (forward and backward)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import ConformerCTC
+from models.attention import MultiHeadSelfAttention, rel_shift, weak_attention_suppression
+from models.summary import PAPER_MILLIONS, count
+
+CONFIGS = ["1(H4)x4", "2(H4)x2", "4(H2)", "2(H8)+2(H4)", "1(H2)+3(H4)", "1(H4)+2(H4)+1(H2)"]
+DIMS = [32, 64]
+
+
+def make(reuse="2(H4)x2", d=32, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("num_layers", 4)
+    return ConformerCTC(11, input_dim=20, d_model=d, ffn_dim=2 * d, kernel_size=5, reuse=reuse,
+                        subsampling_channels=8, **kw)
+
+
+def batch(lengths=(60, 45, 33), dim=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), max(lengths), dim, generator=g)
+    lens = torch.tensor(lengths)
+    x = x.masked_fill(torch.arange(max(lengths))[None, :, None] >= lens[:, None, None], 0.0)
+    return x, lens
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("reuse", CONFIGS)
+def test_forward_backward_and_ownership(reuse, d):
+    model = make(reuse, d)
+    x, lens = batch()
+    log_probs, out_lens = model(x, lens)
+    assert log_probs.shape == (3, out_lens.max(), 11) and log_probs.dtype == torch.float32
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(()), atol=1e-5)
+    assert out_lens.tolist() == [((n - 1) // 2 - 1) // 2 for n in lens.tolist()]
+    loss = torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.randint(1, 11, (3, 4)), out_lens,
+                                        torch.tensor([4, 3, 2]))
+    loss.backward()
+    for plan, layer in zip(model.plans, model.encoder.layers):
+        attn = layer.self_attn
+        names = {n for n, _ in attn.named_parameters()}
+        if plan.reuses:
+            assert names == {"linear_v.weight", "linear_v.bias", "linear_out.weight", "linear_out.bias"}
+            assert attn.linear_v.out_features == 2 * d and attn.linear_out.in_features == 2 * d
+        else:
+            assert {"linear_q.weight", "linear_k.weight", "linear_pos.weight", "pos_bias_u", "pos_bias_v"} <= names
+            assert attn.linear_v.out_features == d
+        for n, p in attn.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("reuse", ["2(H4)x2", "4(H2)", "1(H4)+2(H4)+1(H2)"])
+def test_shared_map_gets_gradient_from_reuse_layer(reuse):
+    model = make(reuse)
+    x, lens = batch()
+    feats, out_lens = model.frontend(x, lens)
+    mask = torch.arange(feats.shape[1])[None] >= out_lens[:, None]
+    h, pos = (t.detach() for t in model.encoder.pos_enc(feats))
+    for i, plan in enumerate(model.plans):
+        if not plan.reuses:
+            continue
+        src = model.encoder.layers[plan.source].self_attn
+        reuser = model.encoder.layers[i].self_attn
+        model.zero_grad()
+        shared = src.attention_map(h, pos, mask)
+        out, applied = reuser(h, pos, mask, shared_attn=shared)
+        assert applied is shared
+        out.pow(2).sum().backward()
+        assert src.linear_q.weight.grad.abs().sum() > 0
+        assert src.linear_k.weight.grad.abs().sum() > 0
+        assert src.pos_bias_v.grad.abs().sum() > 0
+        # and only through the map: with the map detached, the query gets nothing
+        model.zero_grad()
+        out, _ = reuser(h, pos, mask, shared_attn=src.attention_map(h, pos, mask).detach())
+        out.pow(2).sum().backward()
+        assert src.linear_q.weight.grad is None or src.linear_q.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("reuse", CONFIGS)
+def test_maps_row_stochastic_and_reused(reuse):
+    model = make(reuse).eval()
+    x, lens = batch()
+    enc = model.encode(x, lens, return_attentions=True, return_hidden_states=True)
+    assert len(enc.attentions) == 4 and len(enc.hidden_states) == 5
+    assert all(h.shape == (3, enc.output.shape[1], 32) for h in enc.hidden_states)
+    assert torch.equal(enc.hidden_states[-1], enc.output)
+    T = enc.output.shape[1]
+    for plan, a in zip(model.plans, enc.attentions):
+        assert a.shape == (3, plan.num_heads, T, T)
+        assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5)
+        for b, n in enumerate(enc.lengths.tolist()):
+            assert (a[b, :, :, n:] == 0).all()
+        assert a is enc.attentions[plan.source]  # a reuse layer reports the map it applied
+
+
+@pytest.mark.parametrize("reuse", CONFIGS)
+def test_sdpa_and_materialised_paths_agree(reuse):
+    model = make(reuse).eval()
+    x, lens = batch()
+    fast = model.encode(x, lens).output
+    slow = model.encode(x, lens, return_attentions=True).output
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_sdpa_path_used_when_no_map_needed(monkeypatch):
+    model = make("1(H4)x4").eval()
+    calls = []
+    orig = MultiHeadSelfAttention.attention_map
+
+    def spy(self, *a, **k):
+        calls.append(self)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(MultiHeadSelfAttention, "attention_map", spy)
+    x, lens = batch()
+    model.encode(x, lens)
+    assert calls == []  # no layer's map is reused: SDPA everywhere
+    model = make("1(H4)+3(H4)").eval()
+    model.encode(x, lens)
+    assert calls == [model.encoder.layers[1].self_attn]  # layer 0 fused; layer 1 materialised once for 2 and 3
+    calls.clear()
+    model = make("2(H4)x2").eval()
+    model.encode(x, lens)
+    assert calls == [model.encoder.layers[0].self_attn, model.encoder.layers[2].self_attn]  # once per group
+
+
+@pytest.mark.parametrize("reuse", ["1(H4)x4", "2(H4)x2"])
+def test_padding_invariance(reuse):
+    model = make(reuse).eval()
+    x, lens = batch((60, 45, 33))
+    padded, plens = model(x, lens)
+    for b in range(3):
+        alone, alens = model(x[b: b + 1, : lens[b]], lens[b: b + 1])
+        n = alens.item()
+        assert plens[b] == n
+        assert torch.allclose(padded[b, :n], alone[0], atol=1e-5)
+
+
+def test_head_mask_changes_output_and_full_mask_removes_attention():
+    model = make("2(H4)x2").eval()
+    x, lens = batch()
+    base, _ = model(x, lens)
+    for spec in ({0: [1]}, {1: [0, 3]}):
+        masked, _ = model(x, lens, head_mask=spec)
+        assert not torch.allclose(masked, base, atol=1e-4)
+    tensor_mask = torch.ones(4, 4)
+    tensor_mask[1, 0] = tensor_mask[1, 3] = 0
+    assert torch.allclose(model(x, lens, head_mask=tensor_mask)[0], model(x, lens, head_mask={1: [0, 3]})[0])
+    assert torch.allclose(model(x, lens, head_mask=torch.ones(4, 4))[0], base)
+    # all heads of a layer masked == that attention contributes nothing (output bias zeroed)
+    for layer in (0, 1):  # a computing and a reuse layer
+        with torch.no_grad():
+            model.encoder.layers[layer].self_attn.linear_out.bias.zero_()
+        masked, _ = model(x, lens, head_mask={layer: [0, 1, 2, 3]})
+        handle = model.encoder.layers[layer].self_attn.register_forward_hook(lambda m, i, o: (torch.zeros_like(o[0]), o[1]))
+        removed, _ = model(x, lens)
+        handle.remove()
+        assert torch.allclose(masked, removed, atol=1e-6)
+
+
+def test_head_mask_errors():
+    model = make("2(H8)+2(H4)")
+    x, lens = batch()
+    with pytest.raises(ValueError, match=r"must be \(num_layers, max_heads\) = \(4, 8\); got \(4, 4\)"):
+        model(x, lens, head_mask=torch.ones(4, 4))
+    bad = torch.ones(4, 8)
+    bad[3, 6] = 0
+    with pytest.raises(ValueError, match="masks a head >= 4 in layer 3, which has only 4 heads"):
+        model(x, lens, head_mask=bad)
+    with pytest.raises(ValueError, match="head 4 of layer 2, which has heads 0..3"):
+        model(x, lens, head_mask={2: [4]})
+    with pytest.raises(ValueError, match="names layer 7"):
+        model(x, lens, head_mask={7: [0]})
+
+
+def test_bad_inputs():
+    model = make()
+    x, lens = batch()
+    with pytest.raises(ValueError, match=r"features must be \(B, T, 20\); got \(3, 60, 21\)"):
+        model(torch.zeros(3, 60, 21), lens)
+    with pytest.raises(ValueError, match=r"lengths must be \(3,\) to match the batch; got \(2,\)"):
+        model(x, lens[:2])
+    with pytest.raises(ValueError, match=r"must lie in 1..60"):
+        model(x, torch.tensor([61, 10, 10]))
+    with pytest.raises(ValueError, match=r"6 frames is too short for the 4x subsampling \(needs >= 7"):
+        model(x[:, :6], torch.tensor([6, 6, 6]))
+    with pytest.raises(ValueError, match=r"has 3 layers; the encoder has 4"):
+        make("1(H4)x3")
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ConformerCTC(11, input_dim=20, d_model=32, num_layers=1, ffn_dim=64, kernel_size=4, reuse="1(H4)")
+
+
+def test_rel_shift_matches_gather():
+    torch.manual_seed(0)
+    T = 7
+    x = torch.randn(2, 3, T, 2 * T - 1)
+    shifted = rel_shift(x)
+    i, j = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    expected = x[:, :, i, (T - 1) - i + j]  # column k of x encodes relative position T-1-k = i-j
+    assert torch.equal(shifted, expected)
+
+
+def test_weak_attention_suppression():
+    torch.manual_seed(0)
+    attn = torch.softmax(torch.randn(2, 3, 9, 9) * 2, -1)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    attn = attn.masked_fill(mask[:, None, None, :], 0)
+    attn = attn / attn.sum(-1, keepdim=True)
+    out = weak_attention_suppression(attn, mask, 0.5)
+    assert torch.allclose(out.sum(-1), torch.ones(()), atol=1e-6)
+    # reference for one row of the padded utterance
+    row = attn[1, 0, 0, :6]
+    thr = row.mean() - 0.5 * row.std(unbiased=False)
+    ref = torch.where(row >= thr, row, torch.zeros(()))
+    assert torch.allclose(out[1, 0, 0, :6], ref / ref.sum(), atol=1e-6)
+    assert (out[1, :, :, 6:] == 0).all()
+    model = make("2(H4)x2", was_gamma=0.5).eval()
+    x, lens = batch()
+    enc = model.encode(x, lens, return_attentions=True)
+    assert (enc.attentions[0] == 0).sum() > (make("2(H4)x2").eval().encode(x, lens, return_attentions=True).attentions[0] == 0).sum()
+
+
+def test_uniform_map_when_scores_vanish():
+    attn = MultiHeadSelfAttention(16, 4)
+    for p in attn.parameters():
+        torch.nn.init.zeros_(p)
+    x = torch.randn(1, 5, 16)
+    m = attn.attention_map(x, torch.randn(1, 9, 16), None)
+    assert torch.allclose(m, torch.full_like(m, 1 / 5))
+
+
+def test_paper_parameter_counts():
+    for reuse, millions in PAPER_MILLIONS.items():
+        c = count(ConformerCTC(129, reuse=reuse))
+        assert abs(c["blocks_and_head"] / 1e6 - millions) / millions < 0.005, (reuse, c)
+    base = count(ConformerCTC(129, reuse="1(H4)x16"))["blocks_and_head"]
+    one = count(ConformerCTC(129, reuse="2(H4)+1(H4)x14"))["blocks_and_head"]
+    assert math.isclose(base - one, 66_304)  # one reuse layer: linear_pos + biases gone, values doubled
