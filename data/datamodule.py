@@ -17,8 +17,10 @@ dies on one bad file.
 from __future__ import annotations
 
 import math
+import os
 import random
 import warnings
+import zlib
 from pathlib import Path
 
 import torch
@@ -45,8 +47,16 @@ class ManifestDataset(Dataset):
     """Utterances of one or more JSONL manifests, as features, token ids and optional labels."""
 
     def __init__(self, manifests: list[str | Path], tokenizer: Tokenizer | None = None, cmvn: GlobalCMVN | None = None,
-                 spec_augment: SpecAugment | None = None, with_labels: bool = False, max_duration: float | None = None):
-        self.entries = [e for m in manifests for e in read_manifest(m)]
+                 spec_augment: SpecAugment | None = None, with_labels: bool = False, max_duration: float | None = None,
+                 seed: int = 0):
+        self.entries = []
+        for m in manifests:
+            entries = read_manifest(m)
+            missing = [e for e in entries if not os.path.isfile(e["audio"])]
+            if missing:  # a moved corpus: say so before any work starts
+                raise FileNotFoundError(f"{m}: audio of {len(missing)} of {len(entries)} utterances is missing, "
+                                        f"e.g. {missing[0]['id']}: {missing[0]['audio']}")
+            self.entries += entries
         if max_duration is not None:
             self.entries = [e for e in self.entries if e["duration"] <= max_duration]
         if with_labels:
@@ -55,6 +65,7 @@ class ManifestDataset(Dataset):
             raise ValueError(f"no usable utterance in {', '.join(map(str, manifests))}"
                              + (" with an alignment" if with_labels else ""))
         self.tokenizer, self.cmvn, self.spec_augment, self.with_labels = tokenizer, cmvn, spec_augment, with_labels
+        self.seed = seed
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -64,7 +75,9 @@ class ManifestDataset(Dataset):
         e = self.entries[i]
         return int(e.get("num_frames") or round(e["duration"] * 100))
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        """Item ``key`` = index, or ``(index, epoch)`` from a sampler with ``tag_epoch=True``."""
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         e = self.entries[i]
         try:
             feats = fbank(load_audio(e["audio"]))
@@ -72,7 +85,11 @@ class ManifestDataset(Dataset):
             if self.cmvn is not None:
                 feats = self.cmvn(feats)
             if self.spec_augment is not None:
-                feats = self.spec_augment(feats)
+                # masks depend on (seed, epoch, utterance) only: the same whatever the worker count,
+                # and a resumed run draws exactly the masks the uninterrupted run would have drawn
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(zlib.crc32(f"{self.seed}/{epoch}/{e['id']}".encode()))
+                    feats = self.spec_augment(feats)
             item["features"] = feats
             if self.tokenizer is not None:
                 item["targets"] = torch.tensor(self.tokenizer.encode(e["text"]), dtype=torch.long)
@@ -114,11 +131,12 @@ class FrameBucketSampler(Sampler[list[int]]):
     Utterances are sorted by length into ``num_buckets`` buckets; with ``shuffle`` the
     utterances inside each bucket and the order of the batches are shuffled, differently each
     epoch (:meth:`set_epoch`) but deterministically for a seed. Under DDP each rank takes every
-    ``world_size``-th batch, and all ranks get the same number of batches.
+    ``world_size``-th batch, and all ranks get the same number of batches. With ``tag_epoch`` the
+    batches hold ``(index, epoch)`` pairs (for per-epoch augmentation in the dataset).
     """
 
     def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, num_buckets: int = 30, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, tag_epoch: bool = False):
         if max_frames <= 0:
             raise ValueError(f"max_frames must be positive, got {max_frames}")
         too_long = [i for i, n in enumerate(lengths) if n > max_frames]
@@ -126,10 +144,13 @@ class FrameBucketSampler(Sampler[list[int]]):
             warnings.warn(f"{len(too_long)} utterances longer than max_frames={max_frames} get batches of their own",
                           stacklevel=2)
         self.lengths, self.max_frames, self.shuffle = list(lengths), max_frames, shuffle
-        self.num_buckets, self.seed, self.epoch = max(1, num_buckets), seed, 0
+        self.num_buckets, self.seed, self.epoch, self.tag_epoch = max(1, num_buckets), seed, 0, tag_epoch
         if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank or 0, world_size or 1
+        # Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler):
+        # point that attribute at ourselves so that shuffling really changes every epoch.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -161,7 +182,9 @@ class FrameBucketSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self):
-        return iter(self._batches())
+        # a generator: the batches are drawn at the first ``next``, after Lightning's ``set_epoch``
+        for b in self._batches():
+            yield [(i, self.epoch) for i in b] if self.tag_epoch else b
 
     def __len__(self) -> int:
         return len(self._batches())
@@ -210,12 +233,12 @@ class ASRDataModule(_lightning_base()):
         h = self.hparams
         aug = SpecAugment(h.freq_masks, h.freq_width, h.time_masks, h.time_ratio) if (train and h.spec_augment) else None
         return ManifestDataset([self.manifest(s) for s in sets], self.tokenizer, self.cmvn, aug, h.with_labels,
-                               h.max_duration if train else None)
+                               h.max_duration if train else None, seed=h.seed)
 
     def loader(self, sets: list[str], train: bool = False) -> DataLoader:
         ds = self.dataset(sets, train)
         sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], self.hparams.max_frames, shuffle=train,
-                                     num_buckets=self.hparams.num_buckets, seed=self.hparams.seed)
+                                     num_buckets=self.hparams.num_buckets, seed=self.hparams.seed, tag_epoch=train)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers,
                           persistent_workers=train and self.hparams.num_workers > 0)
 

@@ -5,10 +5,16 @@ Model outputs are ``blank (0)`` followed by the SentencePiece pieces (piece ``k`
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
 BLANK = 0
+
+
+def tokenizer_digest(path: str | Path) -> str:
+    """Short SHA-256 of a SentencePiece model file: checkpoints record it to refuse another one."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 class Tokenizer:

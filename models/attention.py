@@ -132,15 +132,19 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None, key_padding_mask: torch.Tensor | None = None,
                 shared_attn: torch.Tensor | None = None, need_weights: bool = False,
-                head_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                head_mask: torch.Tensor | None = None,
+                value_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(output (B, T, d), attention map or None)``.
 
         The map is returned when ``need_weights`` (or given as ``shared_attn``); without either,
         a computing layer runs ``scaled_dot_product_attention`` with the positional term as an
         additive bias and never materialises the probabilities. ``head_mask (H,)`` zeroes the
-        output of heads with a 0 before the output projection.
+        output of heads with a 0 before the output projection; ``value_mask (B, T)`` multiplies the
+        value vectors of each frame in every head (0 = value zeroing, for context-mixing analysis).
         """
         v = self._heads(self.linear_v(x), self.d_v)
+        if value_mask is not None:
+            v = v * value_mask.to(v.dtype)[:, None, :, None]
         if self.reuse and shared_attn is None:
             raise ValueError("a reuse layer needs the shared attention map (shared_attn)")
         if shared_attn is None and not need_weights and self.was_gamma is None:

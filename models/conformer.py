@@ -65,14 +65,20 @@ class ConformerBlock(nn.Module):
         self.norm_final = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, pos_emb, padding_mask, shared_attn=None, need_weights=False, head_mask=None):
+    def forward(self, x, pos_emb, padding_mask, shared_attn=None, need_weights=False, head_mask=None, value_mask=None):
         """Returns ``(output, attention map applied or None)``."""
         x = x + 0.5 * self.dropout(self.ffn1(x))
-        a, attn = self.self_attn(self.norm_mha(x), pos_emb, padding_mask, shared_attn, need_weights, head_mask)
+        a, attn = self.self_attn(self.norm_mha(x), pos_emb, padding_mask, shared_attn, need_weights, head_mask,
+                                 value_mask)
         x = x + self.dropout(a)
         x = x + self.dropout(self.conv(x, padding_mask))
         x = x + 0.5 * self.dropout(self.ffn2(x))
         return self.norm_final(x), attn
+
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the self-attention of this block sees for block input ``x`` (after the macaron
+        half-step FFN and the pre-norm)."""
+        return self.norm_mha(x + 0.5 * self.dropout(self.ffn1(x)))
 
 
 class ConformerEncoder(nn.Module):

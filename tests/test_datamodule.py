@@ -60,13 +60,23 @@ def test_batches_padding_and_labels(prepared):
 
 def test_bad_utterance_skipped_not_fatal(prepared, tmp_path):
     entries = read_manifest(prepared / "manifests" / "mini-dev.jsonl")
-    entries[0] = {**entries[0], "audio": str(tmp_path / "gone.flac")}
+    (tmp_path / "broken.flac").write_bytes(b"corrupt")  # exists, but breaks when read mid-run
+    entries[0] = {**entries[0], "audio": str(tmp_path / "broken.flac")}
     write_manifest(tmp_path / "m.jsonl", entries)
     ds = ManifestDataset([tmp_path / "m.jsonl"])
-    with pytest.warns(UserWarning, match="gone.flac"):
+    with pytest.warns(UserWarning, match="broken.flac"):
         batch = collate([ds[0], ds[1]])
     assert batch["ids"] == [entries[1]["id"]]
     assert collate([None]) is None
+
+
+def test_missing_audio_refused_up_front(prepared, tmp_path):
+    entries = read_manifest(prepared / "manifests" / "mini-dev.jsonl")
+    entries[1] = {**entries[1], "audio": str(tmp_path / "gone.flac")}
+    write_manifest(tmp_path / "m.jsonl", entries)
+    with pytest.raises(FileNotFoundError, match=rf"m.jsonl: audio of 1 of {len(entries)} utterances is missing, "
+                                                rf"e.g. {entries[1]['id']}: .*gone.flac"):
+        ManifestDataset([tmp_path / "m.jsonl"])
 
 
 def test_datamodule_errors(prepared, tmp_path):

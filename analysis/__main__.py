@@ -1,0 +1,52 @@
+"""Attention analyses of a checkpoint over an aligned manifest.
+
+    python -m analysis report --ckpt CKPT --manifest M --out DIR [--alignments A] [--reference REF]
+    python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
+    python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
+
+``--manifest`` is a prepared subset name (``mini-test``) or a ``.jsonl`` path; utterances without
+alignment are skipped and counted. ``--reference`` is a baseline checkpoint or a saved ``par.json``
+(coverage is measured against its lower-half PAR; default: the model's own lower half).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from analysis.report import STEPS, Report
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "latency":
+        from analysis import latency
+
+        return latency.main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("report", *STEPS):
+        s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
+        s.add_argument("--ckpt", required=True, help="checkpoint file or folder (last.ckpt)")
+        s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
+        s.add_argument("--out", required=True, help="output folder for PNG / JSON / CSV")
+        s.add_argument("--alignments", help="MFA TextGrid root, for manifests without alignment paths")
+        s.add_argument("--reference", help="baseline checkpoint or par.json for PAR coverage")
+        s.add_argument("--probe-train", help="manifest to train the probes on (default: half of --manifest)")
+        s.add_argument("--limit", type=int, help="analyse only the first N aligned utterances")
+        s.add_argument("--utterance", help="utterance id for the context-mixing figure (default: the first)")
+        s.add_argument("--probe-epochs", type=int, default=15)
+        s.add_argument("--max-frames", type=int, default=20000)
+    a = p.parse_args(argv)
+    try:
+        report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
+                        a.max_frames, a.probe_epochs)
+        results = report.run(STEPS if a.command == "report" else [a.command])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    for name, path in results["figures"].items():
+        print(f"{name:10s} {path}")
+    print(f"numbers: {report.out / 'report.json'} (and CSV files beside it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The analysis report of one checkpoint over one aligned manifest: every figure (PNG) and every
+number (JSON / CSV). ``python -m analysis report`` runs all steps; the other sub-commands run one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis import plots
+from analysis.ablation import cumulative_ablation
+from analysis.context_mixing import context_mixing
+from analysis.head_types import category_ranking, classify_heads
+from analysis.par import par_coverage
+from analysis.probe import collect, probe_accuracy, train_probes
+from analysis.runner import (accumulated_coverage, aligned_manifest, attention_stats, labelled_loader, load_par,
+                             reference_par, save_par)
+from data.alignments import PHONE_CLASSES, read_textgrid
+from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW
+from data.features import GlobalCMVN, atomic_write_text, fbank, load_audio
+from models.checkpoint import load_model
+
+STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _nan_to_none(x):
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    return x
+
+
+class Report:
+    """Holds the model, data and results of one report run; each ``step_*`` adds to ``results``."""
+
+    def __init__(self, ckpt: str, manifest: str, out: str, alignments: str | None = None, reference: str | None = None,
+                 probe_train: str | None = None, limit: int | None = None, utterance: str | None = None,
+                 max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer, self.hp = load_model(ckpt)
+        self.data_dir = Path(self.tokenizer.path).parent
+        self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
+        self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
+        self.probe_train = self._manifest_path(probe_train) if probe_train else None
+        self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
+        self.max_frames, self.probe_epochs, self.progress = max_frames, probe_epochs, progress
+        self.results: dict = {"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
+                              "manifest": str(manifest), "alignment_counts": counts, "figures": {}}
+        self._stats = None
+        self._probes = None
+
+    def _manifest_path(self, name: str) -> Path:
+        p = Path(name)
+        if p.suffix == ".jsonl":
+            if not p.is_file():
+                raise FileNotFoundError(f"manifest {p} does not exist")
+            return p
+        p = self.data_dir / "manifests" / f"{name}.jsonl"
+        if not p.is_file():
+            raise FileNotFoundError(f"manifest {p} does not exist (give a .jsonl path or a prepared subset name)")
+        return p
+
+    def loader(self, manifest: Path | None = None):
+        return labelled_loader(manifest or self.manifest, self.cmvn, self.max_frames, self.limit)
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            t0 = time.perf_counter()
+            self._stats, skipped = attention_stats(self.model, self.loader(), self.progress)
+            self.results["attention_pass"] = {"utterances": self._stats.utterances, "skipped_too_short": skipped,
+                                              "seconds": round(time.perf_counter() - t0, 2)}
+            if self._stats.utterances == 0:
+                raise ValueError(f"{self.manifest}: no utterance with at least two speech frames to analyse")
+        return self._stats
+
+    # --- steps -----------------------------------------------------------------------------------
+    def step_cad(self):
+        cad = self.stats.cad().numpy()
+        self.results["cad"] = {"per_head": cad.tolist(), "layer_median": [float(np.nanmedian(r)) for r in cad]}
+        _write_csv(self.out / "cad.csv", ["layer", "head", "cad"],
+                   [(l + 1, h, cad[l, h]) for l in range(cad.shape[0]) for h in range(self.model.num_heads[l])])
+        self.results["figures"]["cad"] = str(plots.cad_per_head(cad, self.out / "cad.png", f"CAD, {self.hp['reuse']}"))
+
+    def _reference(self) -> tuple[torch.Tensor, str]:
+        if self.reference is None:
+            return reference_par(self.stats.par_layers()), "self (lower half)"
+        ref = Path(self.reference)
+        if ref.suffix == ".json":
+            return reference_par(load_par(ref)), f"{ref} (lower half)"
+        model, _, _ = load_model(ref)
+        stats, _ = attention_stats(model, self.loader(), self.progress)
+        return reference_par(stats.par_layers()), f"{ref} (lower half)"
+
+    def step_par(self):
+        layers = self.stats.par_layers()
+        L = layers.shape[0]
+        lower, upper = torch.nanmean(layers[: L // 2 or 1], 0), torch.nanmean(layers[L // 2:], 0)
+        ref, ref_name = self._reference()
+        save_par(self.out / "par.json", layers)
+        self.results["par"] = {
+            "classes": PHONE_CLASSES, "lower": lower.tolist(), "upper": upper.tolist(), "reference": ref_name,
+            "coverage_per_layer": [par_coverage(layers[l], ref) for l in range(L)],
+            "coverage_accumulated": accumulated_coverage(layers, ref),
+        }
+        _write_csv(self.out / "coverage.csv", ["layer", "coverage", "accumulated_coverage"],
+                   [(l + 1, c, a) for l, (c, a) in enumerate(zip(self.results["par"]["coverage_per_layer"],
+                                                                self.results["par"]["coverage_accumulated"]))])
+        self.results["figures"]["par"] = str(plots.par_heatmaps(lower.numpy(), upper.numpy(), self.out / "par.png"))
+        self.results["figures"]["coverage"] = str(plots.coverage(
+            {f"{self.hp['reuse']}": self.results["par"]["coverage_accumulated"]}, self.out / "coverage.png"))
+
+    def _gvd(self):
+        gvd = self.stats.gvd().numpy()
+        valid = np.isfinite(gvd[0])
+        return gvd, valid
+
+    def step_heads(self):
+        gvd, valid = self._gvd()
+        cats = np.full(valid.shape, None, dtype=object)
+        cats[valid] = classify_heads(gvd[0][valid], gvd[1][valid], gvd[2][valid])
+        self.results["heads"] = {"G": gvd[0].tolist(), "V": gvd[1].tolist(), "D": gvd[2].tolist(),
+                                 "category": cats.tolist(), "prm_last_layer": self.stats.prm().tolist()}
+        _write_csv(self.out / "heads.csv", ["layer", "head", "G", "V", "D", "category"],
+                   [(l + 1, h, *gvd[:, l, h], cats[l, h]) for l in range(valid.shape[0]) for h in range(valid.shape[1])
+                    if valid[l, h]])
+        self.results["figures"]["heads"] = str(plots.head_categories(gvd, cats, self.out / "heads.png"))
+        self.results["figures"]["prm"] = str(plots.prm(self.stats.prm().numpy(), self.out / "prm.png"))
+
+    def _probe_sets(self):
+        if self.probe_train is not None:
+            train_m, _ = aligned_manifest(self.probe_train, self.alignments, self.out / "probe_train.jsonl")
+            return train_m, self.manifest
+        from data.prepare import read_manifest, write_manifest
+
+        entries = read_manifest(self.manifest)[: self.limit]
+        if len(entries) < 2:
+            raise ValueError(f"{self.manifest}: need at least 2 aligned utterances to split for the probes")
+        write_manifest(self.out / "probe_train.jsonl", entries[0::2])
+        write_manifest(self.out / "probe_test.jsonl", entries[1::2])
+        return self.out / "probe_train.jsonl", self.out / "probe_test.jsonl"
+
+    def step_probe(self):
+        train_m, test_m = self._probe_sets()
+        self._test_loader = labelled_loader(test_m, self.cmvn, self.max_frames)
+        train_cache = collect(self.model, labelled_loader(train_m, self.cmvn, self.max_frames), progress=self.progress)
+        test_cache = collect(self.model, self._test_loader, progress=self.progress)
+        self._probes = train_probes(train_cache, epochs=self.probe_epochs, progress=self.progress)
+        acc = probe_accuracy(self._probes, test_cache)
+        self.results["probe"] = {"accuracy": acc.tolist(), "train_frames": int(train_cache.labels.numel()),
+                                 "test_frames": int(test_cache.labels.numel()), "train": str(train_m), "test": str(test_m)}
+        _write_csv(self.out / "probe.csv", ["layer", "accuracy"], list(enumerate(acc.tolist())))
+        self.results["figures"]["probe"] = str(plots.probe_accuracy(acc.numpy(), self.out / "probe.png",
+                                                                     f"phoneme probe, {self.hp['reuse']}"))
+
+    def step_ablation(self):
+        if self._probes is None:
+            self.step_probe()
+        gvd, valid = self._gvd()
+        heads = self.model.num_heads
+        # the real heads of every layer in layer order: the flat indexing of cumulative_ablation
+        ranking = category_ranking(*(gvd[k][valid] for k in range(3)))
+        last = len(heads)
+
+        def metric(mask):
+            cache = collect(self.model, self._test_loader, head_mask=mask)
+            return float(probe_accuracy(self._probes, cache)[last])
+
+        result = cumulative_ablation(ranking, heads, metric, progress=self.progress)
+        self.results["ablation"] = {"metric": "last-layer probe frame accuracy", **result}
+        self.results["figures"]["ablation"] = str(plots.ablation(result, self.out / "ablation.png"))
+
+    def step_mixing(self):
+        from data.prepare import read_manifest
+
+        entries = read_manifest(self.manifest)
+        if self.utterance:
+            entries = [e for e in entries if e["id"] == self.utterance]
+            if not entries:
+                raise ValueError(f"utterance {self.utterance} is not in {self.manifest}")
+        e = entries[0]
+        feats = self.cmvn(fbank(load_audio(e["audio"])))
+        T = ((feats.shape[0] - 1) // 2 - 1) // 2
+        words = read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)
+        if len(words) < 2:
+            raise ValueError(f"utterance {e['id']} has fewer than two aligned words")
+        scores = context_mixing(self.model, feats, [f for _, f in words])
+        names = [w for w, _ in words]
+        self.results["mixing"] = {"utterance": e["id"], "words": names,
+                                  **{m: v.tolist() for m, v in scores.items()}}
+        self.results["figures"]["mixing"] = str(plots.context_mixing(
+            {m: v.numpy() for m, v in scores.items()}, names, [f"layer {l + 1}" for l in range(self.model.num_layers)],
+            self.out / "context_mixing.png"))
+
+    def run(self, steps=STEPS) -> dict:
+        for s in steps:
+            getattr(self, f"step_{s}")()
+        atomic_write_text(self.out / "report.json", json.dumps(_nan_to_none(self.results), indent=1))
+        return self.results

@@ -1,0 +1,119 @@
+"""Decode manifests with a trained checkpoint and score WER / CER.
+
+    python evaluate.py --ckpt exp/demo/train/checkpoints/last.ckpt --sets mini-test [--out DIR]
+    python evaluate.py --ckpt exp/demo/train/checkpoints --average 5 --sets dev-clean dev-other ...
+
+Greedy CTC and lexicon-free beam search (torchaudio's ``ctc_decoder``, beam 32 by default) are
+scored with jiwer. Writes ``OUT/results.json`` (per set and decoder: WER, CER, substitutions,
+deletions, insertions, words, real-time factor) and ``OUT/<set>.hyp.tsv`` (id, reference,
+hypotheses), and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jiwer
+import torch
+
+from data.datamodule import FrameBucketSampler, ManifestDataset, collate
+from data.features import GlobalCMVN, atomic_write_text
+from models.decoding import BeamSearch, greedy_decode
+from models.checkpoint import average_state_dicts, checkpoint_paths, load_model  # noqa: F401 (re-exported)
+
+def score(refs: list[str], hyps: list[str]) -> dict:
+    """WER / CER (percent) with the error counts, from jiwer."""
+    if not refs:
+        raise ValueError("nothing to score: no reference")
+    m = jiwer.process_words(refs, hyps)
+    words = m.hits + m.substitutions + m.deletions
+    return {"wer": round(100 * m.wer, 3), "cer": round(100 * jiwer.cer(refs, hyps), 3), "substitutions": m.substitutions,
+            "deletions": m.deletions, "insertions": m.insertions, "words": words, "utterances": len(refs)}
+
+
+@torch.inference_mode()
+def evaluate_set(model, tokenizer, cmvn, manifest: Path, beam: BeamSearch | None, max_frames: int = 20000,
+                 device: str = "cpu", progress: bool = True) -> tuple[dict, list[tuple[str, ...]]]:
+    from tqdm import tqdm
+
+    ds = ManifestDataset([manifest], tokenizer=None, cmvn=cmvn)
+    sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], max_frames, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    rows, compute, audio = [], {"greedy": 0.0, "beam": 0.0}, 0.0
+    durations = {e["id"]: e["duration"] for e in ds.entries}
+    for batch in tqdm(loader, desc=manifest.stem, unit="batch", disable=not progress):
+        if batch is None:
+            continue
+        t0 = time.perf_counter()
+        log_probs, lengths = model(batch["features"].to(device), batch["feature_lengths"].to(device))
+        t1 = time.perf_counter()
+        g = [tokenizer.decode(h) for h in greedy_decode(log_probs, lengths)]
+        t2 = time.perf_counter()
+        b = [tokenizer.decode(h) for h in beam(log_probs, lengths)] if beam else [""] * len(g)
+        t3 = time.perf_counter()
+        compute["greedy"] += t2 - t0
+        compute["beam"] += (t1 - t0) + (t3 - t2)
+        audio += sum(durations[i] for i in batch["ids"])
+        rows += list(zip(batch["ids"], batch["texts"], g, b))
+    refs = [r[1] for r in rows]
+    results = {"greedy": {**score(refs, [r[2] for r in rows]), "rtf": round(compute["greedy"] / max(audio, 1e-9), 5)}}
+    if beam:
+        results["beam"] = {**score(refs, [r[3] for r in rows]), "rtf": round(compute["beam"] / max(audio, 1e-9), 5)}
+    for r in results.values():
+        r["audio_hours"] = round(audio / 3600, 4)
+    return results, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
+    p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
+    p.add_argument("--sets", nargs="+", required=True, help="manifest names under DATA_DIR/manifests, or .jsonl paths")
+    p.add_argument("--data-dir", help="prepared data folder (default: the tokenizer's folder in the checkpoint)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
+    p.add_argument("--beam-size", type=int, default=32)
+    p.add_argument("--no-beam", action="store_true", help="greedy decoding only")
+    p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
+    p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
+    a = p.parse_args(argv)
+    try:
+        model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
+        data_dir = Path(a.data_dir or Path(tokenizer.path).parent)
+        cmvn = GlobalCMVN.load(data_dir / "cmvn.json").to(a.device)
+        manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
+        for m in manifests:
+            if not m.is_file():
+                raise FileNotFoundError(f"manifest {m} does not exist")
+        beam = None if a.no_beam else BeamSearch(tokenizer, a.beam_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    ckpt = Path(a.ckpt)
+    out = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent).parent / "eval"
+    if a.save_averaged:
+        torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+                   a.save_averaged)
+    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "beam_size": None if a.no_beam else a.beam_size,
+              "device": a.device, "threads": torch.get_num_threads(), "sets": {}}
+    for m in manifests:
+        try:
+            results, rows = evaluate_set(model, tokenizer, cmvn, m, beam, a.max_frames, a.device)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        report["sets"][m.stem] = results
+        atomic_write_text(out / f"{m.stem}.hyp.tsv", "id\treference\tgreedy\tbeam\n" + "".join("\t".join(r) + "\n" for r in rows))
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2))
+    print(f"{'set':14s} {'decoder':8s} {'WER%':>7s} {'CER%':>7s} {'sub':>6s} {'del':>6s} {'ins':>6s} {'words':>7s} {'RTF':>8s}")
+    for s, res in report["sets"].items():
+        for dec, r in res.items():
+            print(f"{s:14s} {dec:8s} {r['wer']:7.2f} {r['cer']:7.2f} {r['substitutions']:6d} {r['deletions']:6d} "
+                  f"{r['insertions']:6d} {r['words']:7d} {r['rtf']:8.4f}")
+    print(f"wrote {out / 'results.json'} and {out}/<set>.hyp.tsv")
+
+
+if __name__ == "__main__":
+    main()

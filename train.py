@@ -1,0 +1,229 @@
+"""Train a Conformer-CTC recipe with Lightning.
+
+    python train.py fit --config recipes/mini/conformer_1x4.yaml
+    python train.py fit --config recipes/librispeech/conformer_m_4x4.yaml --trainer.devices 8
+    python train.py fit --config ... --ckpt_path last            # resume
+
+Everything is configured by the recipe YAML (``--print_config`` shows every key); an unknown key
+or a bad value stops the run before anything is trained. Logs, checkpoints (``last.ckpt``, the
+best by dev WER, and the latest ``keep_last`` for averaging) go to ``trainer.default_root_dir``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import jiwer
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from data.datamodule import ASRDataModule
+from data.tokenizer import BLANK, Tokenizer, tokenizer_digest
+from models import ConformerCTC
+from models.decoding import greedy_decode
+
+
+def lr_lambda(step: int, warmup: int, hold: int, decay: int, final_scale: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, held ``hold`` steps, then linear decay to
+    ``final_scale`` over ``decay`` steps (SPEC section 3: 5 K / 95 K / 100 K)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < warmup + hold:
+        return 1.0
+    t = min(1.0, (step - warmup - hold) / max(1, decay))
+    return 1.0 + (final_scale - 1.0) * t
+
+
+class CTCModule(L.LightningModule):
+    """Conformer-CTC training: CTC loss in fp32, AdamW with warm-up / hold / decay, greedy dev WER.
+
+    Args:
+        tokenizer_path: SentencePiece model (linked from ``data.data_dir``); fixes the vocabulary.
+        reuse, d_model, num_layers, ffn_dim, kernel_size, dropout, attention_dropout, was_gamma,
+            bn_momentum, subsampling_channels: the model (see :class:`models.ConformerCTC`).
+        lr, weight_decay, betas, eps: AdamW (SPEC: 1.5e-3, 1e-5, (0.9, 0.99), 1e-8).
+        warmup_steps, hold_steps, decay_steps, final_lr_scale: the LR schedule, in optimiser steps.
+        weight_noise, weight_noise_start: variational weight noise std and first step (0 = off).
+    """
+
+    def __init__(self, tokenizer_path: str, reuse: str = "1(H4)x16", d_model: int = 256, num_layers: int = 16,
+                 ffn_dim: int = 1024, kernel_size: int = 31, dropout: float = 0.1, attention_dropout: float = 0.1,
+                 was_gamma: float | None = None, bn_momentum: float = 0.005, subsampling_channels: int = 256,
+                 input_dim: int = 80, lr: float = 1.5e-3, weight_decay: float = 1e-5,
+                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8, warmup_steps: int = 5000,
+                 hold_steps: int = 95000, decay_steps: int = 100000, final_lr_scale: float = 0.01,
+                 weight_noise: float = 0.0, weight_noise_start: int = 0):
+        super().__init__()
+        self.tokenizer = Tokenizer(tokenizer_path)
+        self.save_hyperparameters()
+        self.hparams["vocab_size"] = self.tokenizer.vocab_size
+        self.hparams["tokenizer_sha256"] = tokenizer_digest(tokenizer_path)
+        self.model = ConformerCTC(self.tokenizer.vocab_size, input_dim=input_dim, d_model=d_model,
+                                  num_layers=num_layers, ffn_dim=ffn_dim, kernel_size=kernel_size, reuse=reuse,
+                                  dropout=dropout, attention_dropout=attention_dropout,
+                                  subsampling_channels=subsampling_channels, was_gamma=was_gamma,
+                                  bn_momentum=bn_momentum)
+        self.skipped_steps = 0
+        self._noise: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_hyps: list[str] = []
+        self._val_refs: list[str] = []
+
+    def ctc_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_probs, out_lengths = self.model(batch["features"], batch["feature_lengths"])
+        loss = F.ctc_loss(log_probs.float().transpose(0, 1), batch["targets"], out_lengths, batch["target_lengths"],
+                          blank=BLANK, reduction="sum", zero_infinity=True) / log_probs.shape[0]
+        return loss, log_probs, out_lengths
+
+    # --- variational weight noise ----------------------------------------------------------
+    def _add_weight_noise(self) -> None:
+        std = self.hparams.weight_noise
+        if std <= 0 or self.global_step < self.hparams.weight_noise_start:
+            return
+        for p in self.model.parameters():
+            if p.requires_grad and p.dim() > 1:
+                n = torch.randn_like(p) * std
+                p.data.add_(n)
+                self._noise.append((p, n))
+
+    def _remove_weight_noise(self) -> None:
+        for p, n in self._noise:
+            p.data.sub_(n)
+        self._noise.clear()
+
+    def on_after_backward(self) -> None:
+        self._remove_weight_noise()
+
+    # --- steps -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        if batch is None:  # every utterance of the batch failed to load
+            return None
+        self._add_weight_noise()
+        loss, _, _ = self.ctc_loss(batch)
+        if not torch.isfinite(loss):
+            self._remove_weight_noise()
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            return None  # Lightning skips backward and the optimiser step
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["ids"]))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            for p in self.parameters():
+                p.grad = None  # AdamW leaves parameters without gradient untouched
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
+    def validation_step(self, batch, batch_idx):
+        if batch is None:
+            return
+        loss, log_probs, out_lengths = self.ctc_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["ids"]))
+        self._val_hyps += [self.tokenizer.decode(h) for h in greedy_decode(log_probs, out_lengths)]
+        self._val_refs += batch["texts"]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_refs:
+            m = jiwer.process_words(self._val_refs, self._val_hyps)
+            errors, words = m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions
+            t = torch.tensor([errors, words], dtype=torch.float64, device=self.device)
+            if self.trainer.world_size > 1:
+                t = self.trainer.strategy.reduce(t, reduce_op="sum")
+            self.log("val_wer", float(100.0 * t[0] / max(1.0, float(t[1]))), prog_bar=True)
+        self._val_hyps.clear()
+        self._val_refs.clear()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (no_decay if p.dim() < 2 or n.endswith((".bias", "pos_bias_u", "pos_bias_v")) else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, h.warmup_steps, h.hold_steps, h.decay_steps, h.final_lr_scale))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- exact resumption ------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Seed the global RNG (dropout, weight noise) from (seed, step, rank): a run resumed at any
+        step draws what the uninterrupted run drew, whatever Lightning did with the RNG meanwhile.
+        SpecAugment has its own per-utterance seeds (``data.datamodule``)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(zlib.crc32(f"{seed}/{self.global_step}/{self.global_rank}".encode()))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place, so an interrupted
+    write leaves the previous checkpoint intact."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if "://" in str(path):  # remote storage: leave it to fsspec
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def tokenizer_of(data_dir: str) -> str:
+    return str(Path(data_dir) / "bpe.model")
+
+
+class ASRCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for cb in trainer.checkpoint_callbacks:  # one predictable folder, not per logger version
+            if cb.dirpath is None:
+                cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.data_dir", "model.tokenizer_path", compute_fn=tokenizer_of)
+
+
+def default_callbacks(keep_last: int = 5):
+    """``last.ckpt``, the best by dev WER, and the ``keep_last`` latest epochs (for averaging)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [
+        ModelCheckpoint(filename="best-{epoch}-{step}-{val_wer:.2f}", monitor="val_wer", mode="min", save_top_k=1,
+                        save_last=True, auto_insert_metric_name=False),
+        ModelCheckpoint(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
+                        auto_insert_metric_name=False),
+    ]
+
+
+def main(args=None):
+    torch.set_float32_matmul_precision("high")
+    ASRCLI(
+        CTCModule, ASRDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": default_callbacks(), "use_distributed_sampler": False},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
