@@ -49,10 +49,39 @@ class RelPositionalEncoding(nn.Module):
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
     """``(B, H, T, 2T-1)`` scores against relative positions ``T-1..-(T-1)`` -> ``(B, H, T, T)``
-    with ``out[..., i, j]`` the score at relative position ``i - j`` (Transformer-XL's shift)."""
+    with ``out[..., i, j] = x[..., i, T-1-i+j]``, the score at relative position ``i - j``.
+
+    Transformer-XL's shift, done as a strided view (no zero-padding copy): element ``(i, j)`` lies
+    at flat offset ``i (2T-1) + T-1-i+j = i (2T-2) + j + T-1`` of each ``(T, 2T-1)`` block.
+    """
     b, h, t, n = x.shape
-    x = torch.cat([x.new_zeros(b, h, t, 1), x], dim=-1).view(b, h, n + 1, t)
-    return x[:, :, 1:].reshape(b, h, t, n)[..., : n // 2 + 1]
+    if n != 2 * t - 1:
+        raise ValueError(f"rel_shift expects (B, H, T, 2T-1) scores; got {tuple(x.shape)}")
+    x = x.contiguous()
+    sb, sh = x.stride(0), x.stride(1)
+    return x.as_strided((b, h, t, t), (sb, sh, n - 1, 1), storage_offset=x.storage_offset() + t - 1)
+
+
+def relative_position_scores(q: torch.Tensor, p: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``rel_shift(q @ p^T)`` for ``q (B, H, T, d_k)`` and ``p (1 or B, H, 2T-1, d_k)``, contiguous.
+
+    Row ``i`` only needs positions ``T-1-i .. 2T-2-i``, so rows are taken ``chunk`` at a time,
+    each against the ``T + chunk - 1`` positions it needs: ``T (T + chunk)`` dot products instead of
+    ``T (2T - 1)``. Default chunk: ``T / 8`` for long inputs (one chunk below 256 frames).
+    """
+    t = q.shape[-2]
+    chunk = chunk or (t if t < 256 else max(32, -(-t // 8)))
+    if chunk >= t:
+        return rel_shift(q @ p.transpose(-2, -1)).contiguous()
+    parts = []
+    for a in range(0, t, chunk):
+        c = min(chunk, t - a)
+        window = p[..., t - a - c: 2 * t - 1 - a, :]  # positions needed by rows a .. a+c-1
+        y = (q[..., a:a + c, :] @ window.transpose(-2, -1)).contiguous()  # (B, H, c, T + c - 1)
+        n = y.shape[-1]
+        parts.append(y.as_strided((*y.shape[:2], c, t), (y.stride(0), y.stride(1), n - 1, 1),
+                                  storage_offset=y.storage_offset() + c - 1))
+    return torch.cat(parts, dim=-2)
 
 
 def weak_attention_suppression(attn: torch.Tensor, key_padding_mask: torch.Tensor | None, gamma: float) -> torch.Tensor:
@@ -113,9 +142,8 @@ class MultiHeadSelfAttention(nn.Module):
         k = self._heads(self.linear_k(x), self.d_k)
         p = self._heads(self.linear_pos(pos_emb), self.d_k)  # (1, H, 2T-1, d_k)
         q_u = q + self.pos_bias_u[None, :, None, :]
-        q_v = q + self.pos_bias_v[None, :, None, :]
-        pos_bias = rel_shift(q_v @ p.transpose(-2, -1)) / math.sqrt(self.d_k)
-        return q_u, k, pos_bias
+        q_v = (q + self.pos_bias_v[None, :, None, :]) / math.sqrt(self.d_k)  # scale the (T, d_k) side
+        return q_u, k, relative_position_scores(q_v, p)
 
     def attention_map(self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """The ``(B, H, T, T)`` row-stochastic map (before dropout); padded keys get zero weight."""

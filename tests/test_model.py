@@ -205,6 +205,21 @@ def test_rel_shift_matches_gather():
     assert torch.equal(shifted, expected)
 
 
+@pytest.mark.parametrize("T,chunk", [(7, None), (9, 2), (10, 3), (300, None), (33, 32)])
+def test_chunked_relative_scores_equal_full_shift(T, chunk):
+    from models.attention import relative_position_scores
+
+    torch.manual_seed(T)
+    q, p = torch.randn(2, 3, T, 8, requires_grad=True), torch.randn(1, 3, 2 * T - 1, 8, requires_grad=True)
+    full = rel_shift(q @ p.transpose(-2, -1))
+    got = relative_position_scores(q, p, chunk)
+    assert got.is_contiguous() and torch.allclose(got, full, atol=1e-5)
+    g = torch.randn_like(full)
+    (gq_full, gp_full) = torch.autograd.grad((full * g).sum(), (q, p))
+    (gq, gp) = torch.autograd.grad((got * g).sum(), (q, p))
+    assert torch.allclose(gq, gq_full, atol=1e-4) and torch.allclose(gp, gp_full, atol=1e-4)
+
+
 def test_weak_attention_suppression():
     torch.manual_seed(0)
     attn = torch.softmax(torch.randn(2, 3, 9, 9) * 2, -1)
