@@ -35,6 +35,8 @@ demo: setup $(EXP)/data/.done
 	@echo "logs        $(EXP)/train/csv, $(EXP)/train/tensorboard"
 	@echo "evaluation  $(EXP)/eval/results.json, $(EXP)/eval/mini-test.hyp.tsv"
 	@echo "analysis    $(EXP)/report/*.png, $(EXP)/report/report.json"
+	@$(PY) -c "import json; r = json.load(open('$(EXP)/eval/results.json'))['sets']['mini-test']; \
+		print(f\"mini-test WER: greedy {r['greedy']['wer']:.2f} %, beam {r['beam']['wer']:.2f} %\")"
 
 $(EXP)/corpus/.done: | setup
 	$(PY) -m data.mini $(EXP)/corpus

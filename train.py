@@ -200,6 +200,19 @@ class ASRCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def before_instantiate_classes(self) -> None:
+        """Without a logger in the recipe, log CSV and TensorBoard under ``default_root_dir``."""
+        from jsonargparse import Namespace
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.trainer
+        if trainer.logger is None or trainer.logger is True:
+            root = trainer.default_root_dir or "exp"
+            trainer.logger = [
+                Namespace(class_path=f"lightning.pytorch.loggers.{cls}", init_args=Namespace(save_dir=root, name=name))
+                for cls, name in (("CSVLogger", "csv"), ("TensorBoardLogger", "tensorboard"))
+            ]
+
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.data_dir", "model.tokenizer_path", compute_fn=tokenizer_of)
 

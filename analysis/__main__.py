@@ -1,6 +1,7 @@
 """Attention analyses of a checkpoint over an aligned manifest.
 
     python -m analysis report --ckpt CKPT --manifest M --out DIR [--alignments A] [--reference REF]
+    python -m analysis report --upstream tera --upstream-ckpt TERA.ckpt --manifest M.jsonl --out DIR
     python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
     python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.report import STEPS, Report
+from analysis.report import STEPS, UPSTREAMS, Report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("report", *STEPS):
         s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
-        s.add_argument("--ckpt", required=True, help="checkpoint file or folder (last.ckpt)")
+        s.add_argument("--ckpt", help="checkpoint of train.py (file, or folder with last.ckpt)")
+        s.add_argument("--upstream", choices=UPSTREAMS, help="analyse a self-supervised upstream instead (s3prl)")
+        s.add_argument("--upstream-ckpt", help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it)")
+        s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
         s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
         s.add_argument("--out", required=True, help="output folder for PNG / JSON / CSV")
         s.add_argument("--alignments", help="MFA TextGrid root, for manifests without alignment paths")
@@ -39,9 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
-                        a.max_frames, a.probe_epochs)
-        results = report.run(STEPS if a.command == "report" else [a.command])
-    except (FileNotFoundError, ValueError) as e:
+                        a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
+                        data_dir=a.data_dir)
+        results = report.run(None if a.command == "report" else [a.command])
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     for name, path in results["figures"].items():
         print(f"{name:10s} {path}")

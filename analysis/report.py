@@ -25,6 +25,8 @@ from data.features import GlobalCMVN, atomic_write_text, fbank, load_audio
 from models.checkpoint import load_model
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
+UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
+UPSTREAMS = ("tera", "mockingjay")
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -48,14 +50,34 @@ def _nan_to_none(x):
 class Report:
     """Holds the model, data and results of one report run; each ``step_*`` adds to ``results``."""
 
-    def __init__(self, ckpt: str, manifest: str, out: str, alignments: str | None = None, reference: str | None = None,
-                 probe_train: str | None = None, limit: int | None = None, utterance: str | None = None,
-                 max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True):
+    def __init__(self, ckpt: str | None, manifest: str, out: str, alignments: str | None = None,
+                 reference: str | None = None, probe_train: str | None = None, limit: int | None = None,
+                 utterance: str | None = None, max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True,
+                 upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model, self.tokenizer, self.hp = load_model(ckpt)
-        self.data_dir = Path(self.tokenizer.path).parent
-        self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
+        self.upstream = upstream
+        self.featurizer = self.framing = None
+        if upstream is not None:
+            from analysis.upstreams import TeraUpstream
+            from data.datamodule import LabelFraming
+
+            if upstream not in UPSTREAMS:
+                raise ValueError(f"unknown upstream {upstream!r}; expected one of {', '.join(UPSTREAMS)}")
+            if not upstream_ckpt:
+                raise ValueError(f"--upstream {upstream} needs --upstream-ckpt (the .ckpt s3prl's hub downloads)")
+            self.model = TeraUpstream.from_checkpoint(upstream_ckpt)
+            self.hp = {"checkpoints": [str(upstream_ckpt)], "reuse": f"{upstream} ({self.model.num_layers} layers)"}
+            self.data_dir = Path(data_dir) if data_dir else None
+            self.cmvn = None  # the upstream normalises its own features
+            self.featurizer = self.model.features
+            self.framing = LabelFraming(self.model.frame_shift, self.model.frame_window, subsampled=False)
+        else:
+            if not ckpt:
+                raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
+            self.model, self.tokenizer, self.hp = load_model(ckpt)
+            self.data_dir = Path(data_dir) if data_dir else Path(self.tokenizer.path).parent
+            self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
         self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
@@ -71,13 +93,17 @@ class Report:
             if not p.is_file():
                 raise FileNotFoundError(f"manifest {p} does not exist")
             return p
+        if self.data_dir is None:
+            raise ValueError(f"manifest {name!r}: give a .jsonl path, or --data-dir for prepared subset names")
         p = self.data_dir / "manifests" / f"{name}.jsonl"
         if not p.is_file():
             raise FileNotFoundError(f"manifest {p} does not exist (give a .jsonl path or a prepared subset name)")
         return p
 
-    def loader(self, manifest: Path | None = None):
-        return labelled_loader(manifest or self.manifest, self.cmvn, self.max_frames, self.limit)
+    def loader(self, manifest: Path | None = None, limit: int | None = None):
+        return labelled_loader(manifest or self.manifest, self.cmvn, self.max_frames,
+                               self.limit if manifest is None else limit, featurizer=self.featurizer,
+                               framing=self.framing)
 
     @property
     def stats(self):
@@ -158,8 +184,8 @@ class Report:
 
     def step_probe(self):
         train_m, test_m = self._probe_sets()
-        self._test_loader = labelled_loader(test_m, self.cmvn, self.max_frames)
-        train_cache = collect(self.model, labelled_loader(train_m, self.cmvn, self.max_frames), progress=self.progress)
+        self._test_loader = self.loader(test_m)
+        train_cache = collect(self.model, self.loader(train_m), progress=self.progress)
         test_cache = collect(self.model, self._test_loader, progress=self.progress)
         self._probes = train_probes(train_cache, epochs=self.probe_epochs, progress=self.progress)
         acc = probe_accuracy(self._probes, test_cache)
@@ -189,6 +215,8 @@ class Report:
     def step_mixing(self):
         from data.prepare import read_manifest
 
+        if self.upstream is not None:
+            raise ValueError("context mixing needs the Conformer's layers; it is not available for upstream models")
         entries = read_manifest(self.manifest)
         if self.utterance:
             entries = [e for e in entries if e["id"] == self.utterance]
@@ -208,7 +236,8 @@ class Report:
             {m: v.numpy() for m, v in scores.items()}, names, [f"layer {l + 1}" for l in range(self.model.num_layers)],
             self.out / "context_mixing.png"))
 
-    def run(self, steps=STEPS) -> dict:
+    def run(self, steps=None) -> dict:
+        steps = steps or (UPSTREAM_STEPS if self.upstream else STEPS)
         for s in steps:
             getattr(self, f"step_{s}")()
         atomic_write_text(self.out / "report.json", json.dumps(_nan_to_none(self.results), indent=1))

@@ -47,10 +47,11 @@ def aligned_manifest(manifest: str | Path, alignments: str | Path | None, out: P
     return out, {"utterances": len(entries), "aligned": len(kept), "skipped_no_alignment": len(missing)}
 
 
-def labelled_loader(manifest: Path, cmvn: GlobalCMVN, max_frames: int = 20000, limit: int | None = None,
-                    num_workers: int = 0):
-    """Batches with encoder-frame labels (no SpecAugment, no shuffling)."""
-    ds = ManifestDataset([manifest], cmvn=cmvn, with_labels=True)
+def labelled_loader(manifest: Path, cmvn: GlobalCMVN | None, max_frames: int = 20000, limit: int | None = None,
+                    num_workers: int = 0, featurizer=None, framing=None):
+    """Batches with model-frame labels (no SpecAugment, no shuffling); ``featurizer`` and
+    ``framing`` default to our fbank and 40 ms encoder frames (see ``ManifestDataset``)."""
+    ds = ManifestDataset([manifest], cmvn=cmvn, with_labels=True, featurizer=featurizer, framing=framing)
     if limit is not None:
         ds.entries = ds.entries[:limit]
     sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], max_frames, shuffle=False)

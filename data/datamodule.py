@@ -43,12 +43,27 @@ def encoder_frames(num_frames: int) -> int:
     return max(0, ((num_frames - 1) // 2 - 1) // 2)
 
 
+class LabelFraming:
+    """How a model's frames map to time, for frame labels: ``count(num_feature_frames)`` model
+    frames, frame ``k`` centred at ``k * shift + window / 2``. Default: our 40 ms encoder frames."""
+
+    def __init__(self, shift: float = ENCODER_SHIFT, window: float = ENCODER_WINDOW, subsampled: bool = True):
+        self.shift, self.window, self.subsampled = shift, window, subsampled
+
+    def count(self, num_frames: int) -> int:
+        return encoder_frames(num_frames) if self.subsampled else num_frames
+
+
 class ManifestDataset(Dataset):
-    """Utterances of one or more JSONL manifests, as features, token ids and optional labels."""
+    """Utterances of one or more JSONL manifests, as features, token ids and optional labels.
+
+    ``featurizer`` maps a 16 kHz waveform to features (default: our 80-dim fbank); ``framing``
+    places the model's frames in time for the labels (default: 40 ms encoder frames).
+    """
 
     def __init__(self, manifests: list[str | Path], tokenizer: Tokenizer | None = None, cmvn: GlobalCMVN | None = None,
                  spec_augment: SpecAugment | None = None, with_labels: bool = False, max_duration: float | None = None,
-                 seed: int = 0):
+                 seed: int = 0, featurizer=None, framing: LabelFraming | None = None):
         self.entries = []
         for m in manifests:
             entries = read_manifest(m)
@@ -66,6 +81,8 @@ class ManifestDataset(Dataset):
                              + (" with an alignment" if with_labels else ""))
         self.tokenizer, self.cmvn, self.spec_augment, self.with_labels = tokenizer, cmvn, spec_augment, with_labels
         self.seed = seed
+        self.featurizer = featurizer or fbank
+        self.framing = framing or LabelFraming()
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -80,7 +97,7 @@ class ManifestDataset(Dataset):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         e = self.entries[i]
         try:
-            feats = fbank(load_audio(e["audio"]))
+            feats = self.featurizer(load_audio(e["audio"]))
             item = {"id": e["id"], "text": e["text"]}
             if self.cmvn is not None:
                 feats = self.cmvn(feats)
@@ -94,8 +111,8 @@ class ManifestDataset(Dataset):
             if self.tokenizer is not None:
                 item["targets"] = torch.tensor(self.tokenizer.encode(e["text"]), dtype=torch.long)
             if self.with_labels:
-                n = encoder_frames(feats.shape[0])
-                item["labels"] = read_textgrid(e["alignment"]).frame_labels(n, ENCODER_SHIFT, ENCODER_WINDOW)
+                n = self.framing.count(feats.shape[0])
+                item["labels"] = read_textgrid(e["alignment"]).frame_labels(n, self.framing.shift, self.framing.window)
             return item
         except (AudioError, AlignmentError, ValueError) as err:
             if e["id"] not in self._reported:
