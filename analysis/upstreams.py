@@ -2,11 +2,12 @@
 :class:`models.ConformerCTC`: ``encode(features, lengths, return_attentions, return_hidden_states,
 head_mask)`` -> :class:`models.EncoderOutput`, so that every analysis of :mod:`analysis` runs on them.
 
-s3prl is an optional extra (``pip install '.[s3prl]'``, tested with s3prl 0.4.18). Only the
-modules needed are imported — ``s3prl.upstream.mockingjay.model`` (the transformer),
-``s3prl.upstream.baseline.preprocessor`` / ``extracter`` (the features the checkpoint's config
-names) — never s3prl's hub, whose imports need ``torchaudio.set_audio_backend`` and
-``torchaudio.sox_effects``, both gone from torchaudio >= 2.9.
+s3prl is an optional extra (``pip install '.[s3prl]'``, tested with s3prl 0.4.18 on torch /
+torchaudio 2.11). Only the modules needed are imported — ``s3prl.upstream.mockingjay.model`` (the
+transformer), ``.builder`` (its position table), ``s3prl.upstream.baseline.preprocessor`` /
+``extracter`` (the features the checkpoint's config names) — never s3prl's hub (``s3prl.hub``),
+whose imports call ``torchaudio.set_audio_backend`` and use ``torchaudio.sox_effects``, both gone
+from torchaudio >= 2.9. No compatibility shim is needed.
 
 The checkpoint is the ``.ckpt`` that s3prl's hub downloads for ``tera`` / ``mockingjay``: a dict
 with the upstream config (``Upstream_Config``, or ``Config`` in legacy files, holding
@@ -17,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,17 +38,6 @@ def _import(module: str):
         raise ImportError(f"{S3PRL_HELP} ({e})") from None
 
 
-def sinusoid_table(length: int, hidden_size: int) -> torch.Tensor:
-    """Mockingjay's absolute position table (``get_sinusoid_table`` of s3prl's builder, which we
-    do not import: its module pulls in the rest of s3prl)."""
-    pos = np.arange(length)[:, None]
-    idx = np.arange(hidden_size)[None, :]
-    angle = pos / np.power(10000, 2 * (idx // 2) / hidden_size)
-    angle[:, 0::2] = np.sin(angle[:, 0::2])
-    angle[:, 1::2] = np.cos(angle[:, 1::2])
-    return torch.tensor(angle, dtype=torch.float32)
-
-
 def upstream_config(states: dict, path: str | Path = "checkpoint") -> dict:
     """The upstream config (``transformer`` and ``audio``) of a TERA / Mockingjay checkpoint."""
     for key in ("Upstream_Config", "Config"):
@@ -67,6 +56,7 @@ class TeraUpstream(nn.Module):
     def __init__(self, config: dict, weights: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         mj = _import("s3prl.upstream.mockingjay.model")
+        self._position_encoding = _import("s3prl.upstream.mockingjay.builder").position_encoding
         self.config = config
         audio = dict(config.get("audio") or {})
         if "kaldi" in audio:
@@ -151,7 +141,7 @@ class TeraUpstream(nn.Module):
             raise ValueError(f"lengths must be ({features.shape[0]},); got {tuple(lengths.shape)}")
         B, T, _ = features.shape
         mask = (torch.arange(T, device=features.device)[None, :] < lengths[:, None]).float()
-        pos = sinusoid_table(T, self.d_model).to(features.device).expand(B, T, self.d_model)
+        pos = self._position_encoding(T, self.d_model).to(features.device).expand(B, T, self.d_model)
         hm = self.head_mask_tensor(head_mask)
         attentions, hidden = self.model(features.float(), pos, mask, output_all_encoded_layers=True,
                                         head_mask=None if hm is None else hm.to(features.device))
