@@ -31,9 +31,9 @@ def aligned_manifest(manifest: str | Path, alignments: str | Path | None, out: P
     for e in entries:
         path = e.get("alignment")
         if not path and alignments is not None:
-            found = find_alignment(Path(alignments), manifest.stem, {"speaker": e.get("speaker", e["id"].split("-")[0]),
-                                                                     "chapter": e.get("chapter", e["id"].split("-")[1] if e["id"].count("-") >= 2 else ""),
-                                                                     "id": e["id"]})
+            spk, chapter = (e["id"].split("-") + ["", ""])[:2]
+            found = find_alignment(Path(alignments), manifest.stem,
+                                   {"speaker": e.get("speaker", spk), "chapter": e.get("chapter", chapter), "id": e["id"]})
             path = str(found) if found else None
         (kept if path else missing).append({**e, "alignment": path} if path else e)
     if not kept:

@@ -87,3 +87,12 @@ def test_datamodule_errors(prepared, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no usable utterance"):
         ManifestDataset([tmp_path / "empty.jsonl"])
+
+
+def test_encoder_frames_match_the_model_front_end():
+    from models.subsampling import Conv2dSubsampling, subsampled_lengths
+
+    front = Conv2dSubsampling(input_dim=20, d_model=8, channels=2)
+    for n in range(7, 60):
+        out, lens = front(torch.zeros(1, n, 20), torch.tensor([n]))
+        assert encoder_frames(n) == out.shape[1] == int(lens) == int(subsampled_lengths(torch.tensor(n)))
