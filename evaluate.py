@@ -22,7 +22,7 @@ import torch
 from data.datamodule import FrameBucketSampler, ManifestDataset, collate
 from data.features import GlobalCMVN, atomic_write_text
 from models.decoding import BeamSearch, greedy_decode
-from models.checkpoint import average_state_dicts, checkpoint_paths, load_model  # noqa: F401 (re-exported)
+from models.checkpoint import load_model
 
 def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""

@@ -10,7 +10,6 @@ best by dev WER, and the latest ``keep_last`` for averaging) go to ``trainer.def
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import zlib

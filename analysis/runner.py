@@ -102,7 +102,7 @@ class AttentionStats:
             raise ValueError("no utterance was analysed: nothing to average")
 
     def _valid(self) -> torch.Tensor:
-        L, Hm = len(self.heads), max(self.heads)
+        Hm = max(self.heads)
         return torch.arange(Hm)[None, :] < torch.tensor(self.heads)[:, None]
 
     def cad(self) -> torch.Tensor:

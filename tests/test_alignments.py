@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from data.alignments import (LABEL_NAMES, NUM_LABELS, PHONE_CLASSES, SILENCE, AlignmentError, Alignment, frame_labels,
+from data.alignments import (LABEL_NAMES, NUM_LABELS, PHONE_CLASSES, SILENCE, AlignmentError, frame_labels,
                              phone_class, read_textgrid, write_textgrid)
 
 

@@ -2,7 +2,6 @@
 jiwer's, beam vs greedy, and each bad input's message."""
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import evaluate
+from models.checkpoint import checkpoint_paths, load_model
 import train
 from data.datamodule import ASRDataModule
 
@@ -126,9 +126,9 @@ def test_evaluate_end_to_end_and_averaging(prepared, trained, tmp_path):
         r = report["sets"]["mini-test"][dec]
         assert {"wer", "cer", "substitutions", "deletions", "insertions", "words", "rtf"} <= set(r)
         assert r["words"] == sum(len(l.split("\t")[1].split()) for l in (tmp_path / "e" / "mini-test.hyp.tsv").read_text().splitlines()[1:])
-    model, _, hp = evaluate.load_model(trained, average=2)
+    model, _, hp = load_model(trained, average=2)
     assert len(hp["checkpoints"]) == 2
-    a, b = (evaluate.load_model(p)[0].state_dict() for p in hp["checkpoints"])
+    a, b = (load_model(p)[0].state_dict() for p in hp["checkpoints"])
     k = "head.weight"
     assert torch.allclose(model.state_dict()[k], (a[k] + b[k]) / 2, atol=1e-6)
 
@@ -166,14 +166,14 @@ def test_tokenizer_mismatch_refused(prepared, trained, tmp_path):
 
     other = Tokenizer.train(["SOME OTHER TEXT ENTIRELY", "WITH OTHER WORDS"], tmp_path / "other", vocab_size=30)
     with pytest.raises(ValueError, match="is not the one .* was trained with"):
-        evaluate.load_model(trained / "last.ckpt", tokenizer_path=other.path)
+        load_model(trained / "last.ckpt", tokenizer_path=other.path)
     with pytest.raises(SystemExit, match="is not the one"):
         evaluate.main(["--ckpt", str(trained / "last.ckpt"), "--sets", "mini-test", "--tokenizer", other.path])
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="not a checkpoint of train.py"):
-        evaluate.load_model(tmp_path / "foreign.ckpt")
+        load_model(tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="fewer than --average 9"):
-        evaluate.checkpoint_paths(trained, 9)
+        checkpoint_paths(trained, 9)
 
 
 def _cli(args, tmp_path):
