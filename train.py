@@ -163,6 +163,11 @@ class CTCModule(L.LightningModule):
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuses a checkpoint trained with another tokenizer (clear message before any step)."""
+        saved = checkpoint.get("hyper_parameters", {}).get("tokenizer_sha256")
+        if saved is not None and saved != self.hparams.tokenizer_sha256:
+            raise ValueError(f"checkpoint was trained with another tokenizer (sha256 {saved}) than "
+                             f"{self.hparams.tokenizer_path} (sha256 {self.hparams.tokenizer_sha256})")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
 

@@ -351,6 +351,25 @@ def test_report_end_to_end(checkpoint, prepared, tmp_path):
     assert set(sum(r["heads"]["category"], [])) <= {"diagonal", "vertical", "global"}
 
 
+def test_reference_from_checkpoint_equals_reference_from_saved_par(checkpoint, prepared, tmp_path):
+    from analysis.__main__ import main
+
+    main(["par", "--ckpt", str(checkpoint), "--manifest", "mini-dev", "--out", str(tmp_path / "a"),
+          "--reference", str(checkpoint)])
+    main(["par", "--ckpt", str(checkpoint), "--manifest", "mini-dev", "--out", str(tmp_path / "b"),
+          "--reference", str(tmp_path / "a" / "par.json")])
+    a = json.loads((tmp_path / "a" / "report.json").read_text())["par"]
+    b = json.loads((tmp_path / "b" / "report.json").read_text())["par"]
+    assert a["coverage_accumulated"] == pytest.approx(b["coverage_accumulated"], abs=1e-9)
+    assert a["coverage_per_layer"] == pytest.approx(b["coverage_per_layer"], abs=1e-9)
+    # a model against its own lower half: the lower layers are fully covered
+    assert a["coverage_accumulated"][0] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="not a saved PAR file"):
+        (tmp_path / "bad.json").write_text("{}")
+        main(["par", "--ckpt", str(checkpoint), "--manifest", "mini-dev", "--out", str(tmp_path / "c"),
+              "--reference", str(tmp_path / "bad.json")])
+
+
 def test_report_bad_inputs(checkpoint, prepared, tmp_path):
     from analysis.__main__ import main
     from data.prepare import read_manifest, write_manifest

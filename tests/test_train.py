@@ -176,6 +176,17 @@ def test_tokenizer_mismatch_refused(prepared, trained, tmp_path):
         checkpoint_paths(trained, 9)
 
 
+def test_resume_with_another_tokenizer_refused(prepared, trained, tmp_path):
+    from data.tokenizer import Tokenizer
+
+    other = Tokenizer.train(["SOME OTHER TEXT ENTIRELY", "WITH OTHER WORDS"], tmp_path / "other", vocab_size=30)
+    module = train.CTCModule(other.path, **TINY)
+    ckpt = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
+    with pytest.raises(ValueError, match="trained with another tokenizer"):
+        module.on_load_checkpoint(ckpt)
+    train.CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(ckpt)  # the right one loads
+
+
 def _cli(args, tmp_path):
     return subprocess.run([sys.executable, "train.py", "fit", *args, "--trainer.default_root_dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
