@@ -21,7 +21,7 @@ import torch
 
 from data.datamodule import FrameBucketSampler, ManifestDataset, collate
 from data.features import GlobalCMVN, atomic_write_text
-from models.decoding import BeamSearch, greedy_decode
+from models.decoding import BeamSearch, greedy_decode, write_lexicon
 from models.checkpoint import load_model
 
 def score(refs: list[str], hyps: list[str]) -> dict:
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
     p.add_argument("--beam-size", type=int, default=32)
     p.add_argument("--no-beam", action="store_true", help="greedy decoding only")
+    p.add_argument("--lexicon", help="restrict the beam search to a word list: a flashlight lexicon file, or "
+                                     "'train' to spell the words of the data dir's *train* manifests")
     p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
@@ -89,15 +91,28 @@ def main(argv: list[str] | None = None) -> None:
         for m in manifests:
             if not m.is_file():
                 raise FileNotFoundError(f"manifest {m} does not exist")
-        beam = None if a.no_beam else BeamSearch(tokenizer, a.beam_size)
+        ckpt = Path(a.ckpt)
+        out = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent).parent / "eval"
+        lexicon = a.lexicon
+        if lexicon == "train":
+            from data.prepare import read_manifest
+
+            train_sets = sorted((data_dir / "manifests").glob("*train*.jsonl"))
+            if not train_sets:
+                raise FileNotFoundError(f"--lexicon train: no *train*.jsonl manifest under {data_dir / 'manifests'}")
+            words = {w for m in train_sets for e in read_manifest(m) for w in e["text"].split()}
+            lexicon = out / "lexicon.txt"
+            write_lexicon(words, tokenizer, lexicon)
+        elif lexicon is not None and not Path(lexicon).is_file():
+            raise FileNotFoundError(f"lexicon {lexicon} does not exist")
+        beam = None if a.no_beam else BeamSearch(tokenizer, a.beam_size, lexicon)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    ckpt = Path(a.ckpt)
-    out = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent).parent / "eval"
     if a.save_averaged:
         torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
                    a.save_averaged)
     report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "beam_size": None if a.no_beam else a.beam_size,
+              "lexicon": None if lexicon is None else str(lexicon),
               "device": a.device, "threads": torch.get_num_threads(), "sets": {}}
     for m in manifests:
         try:

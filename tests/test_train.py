@@ -2,6 +2,7 @@
 jiwer's, beam vs greedy, and each bad input's message."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -118,10 +119,12 @@ def trained(prepared, tmp_path_factory):
 
 def test_evaluate_end_to_end_and_averaging(prepared, trained, tmp_path):
     evaluate.main(["--ckpt", str(trained / "last.ckpt"), "--sets", "mini-test", "--out", str(tmp_path / "e"),
-                   "--beam-size", "4"])
+                   "--beam-size", "4", "--lexicon", "train"])
     import json
 
     report = json.loads((tmp_path / "e" / "results.json").read_text())
+    lexicon = (tmp_path / "e" / "lexicon.txt").read_text().splitlines()
+    assert report["lexicon"].endswith("lexicon.txt") and all(len(l.split()) >= 2 for l in lexicon)
     for dec in ("greedy", "beam"):
         r = report["sets"]["mini-test"][dec]
         assert {"wer", "cer", "substitutions", "deletions", "insertions", "words", "rtf"} <= set(r)
@@ -159,6 +162,32 @@ def test_beam_and_greedy_agree_on_peaked_output(prepared):
     b = evaluate.BeamSearch(tok, beam_size=8)(log_probs, lengths)
     assert g == b == [target]
     assert tok.decode(b[0]) == "THE OLD MAN SAW A DOG"
+
+
+def test_lexicon_beam_search_picks_a_lexicon_word(prepared, tmp_path):
+    from data import sentences
+    from data.tokenizer import Tokenizer
+    from models.decoding import BeamSearch, greedy_decode, write_lexicon
+
+    tok = Tokenizer(prepared / "bpe.model")
+    spell = {w.upper(): tok.encode(w.upper()) for w in sentences.VOCABULARY}
+    # two words spelled with the same number of pieces, differing in every piece
+    w1, w2 = next((a, b) for a in spell for b in spell
+                  if a != b and len(spell[a]) == len(spell[b]) and all(x != y for x, y in zip(spell[a], spell[b])))
+    frames = []
+    for p1, p2 in zip(spell[w1], spell[w2]):
+        frames += [(p2, p1), (p2, p1), (0, 0)]  # the out-of-lexicon word wins every frame, narrowly
+    log_probs = torch.full((1, len(frames), tok.vocab_size), -30.0)
+    for t, (best, second) in enumerate(frames):
+        if best == second == 0:
+            log_probs[0, t, 0] = 0.0
+        else:
+            log_probs[0, t, best], log_probs[0, t, second] = math.log(0.6), math.log(0.4)
+    lengths = torch.tensor([len(frames)])
+    assert tok.decode(greedy_decode(log_probs, lengths)[0]) == w2
+    assert tok.decode(BeamSearch(tok, beam_size=8)(log_probs, lengths)[0]) == w2  # lexicon-free agrees
+    assert write_lexicon([w1, w1, ""], tok, tmp_path / "lex.txt") == 1
+    assert tok.decode(BeamSearch(tok, beam_size=8, lexicon=tmp_path / "lex.txt")(log_probs, lengths)[0]) == w1
 
 
 def test_tokenizer_mismatch_refused(prepared, trained, tmp_path):
