@@ -19,7 +19,7 @@ from pathlib import Path
 import jiwer
 import torch
 
-from data.datamodule import FrameBucketSampler, ManifestDataset, collate
+from data.datamodule import ManifestDataset, ordered_loader
 from data.features import GlobalCMVN, atomic_write_text
 from models.decoding import BeamSearch, greedy_decode, write_lexicon
 from models.checkpoint import load_model
@@ -40,8 +40,7 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path, beam: BeamSearch | None
     from tqdm import tqdm
 
     ds = ManifestDataset([manifest], tokenizer=None, cmvn=cmvn)
-    sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], max_frames, shuffle=False)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    loader = ordered_loader(ds, max_frames)
     rows, compute, audio = [], {"greedy": 0.0, "beam": 0.0}, 0.0
     durations = {e["id"]: e["duration"] for e in ds.entries}
     for batch in tqdm(loader, desc=manifest.stem, unit="batch", disable=not progress):

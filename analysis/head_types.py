@@ -69,7 +69,12 @@ def phoneme_relation(attn: torch.Tensor, labels: torch.Tensor, num_classes: int 
     uniform attention ``P_U[m,n] = |C_m| |C_n| / T^2`` ``(C, C)``."""
     from analysis.silence import drop_silence
 
-    a, y = drop_silence(attn.double(), labels)
+    return phoneme_relation_speech(*drop_silence(attn.double(), labels), num_classes)
+
+
+def phoneme_relation_speech(a: torch.Tensor, y: torch.Tensor, num_classes: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`phoneme_relation` of maps already restricted to speech frames (labels ``y``)."""
+    a = a.double()
     T = a.shape[-1]
     if T == 0:
         raise ValueError("utterance has no speech frame")

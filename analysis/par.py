@@ -28,7 +28,12 @@ def par(attn: torch.Tensor, labels: torch.Tensor, num_classes: int = 36) -> torc
     and rows renormalised first; ``T`` is then the number of speech frames."""
     if attn.dim() != 3:
         raise ValueError(f"par expects one utterance's maps (H, T, T); got {tuple(attn.shape)}")
-    a, y = drop_silence(attn.double(), labels)
+    return par_speech(*drop_silence(attn.double(), labels), num_classes)
+
+
+def par_speech(a: torch.Tensor, y: torch.Tensor, num_classes: int = 36) -> torch.Tensor:
+    """:func:`par` of maps ``a (H, T, T)`` already restricted to speech frames (labels ``y``)."""
+    a = a.double()
     if (y >= num_classes).any():
         raise ValueError(f"label {int(y.max())} is outside the {num_classes} phoneme classes")
     H, T = a.shape[0], a.shape[-1]

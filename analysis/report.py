@@ -20,7 +20,7 @@ from analysis.probe import collect, probe_accuracy, train_probes
 from analysis.runner import (accumulated_coverage, aligned_manifest, attention_stats, labelled_loader, load_par,
                              reference_par, save_par)
 from data.alignments import PHONE_CLASSES, read_textgrid
-from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW
+from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW, encoder_frames
 from data.features import GlobalCMVN, atomic_write_text, fbank, load_audio
 from models.checkpoint import load_model
 
@@ -224,7 +224,7 @@ class Report:
                 raise ValueError(f"utterance {self.utterance} is not in {self.manifest}")
         e = entries[0]
         feats = self.cmvn(fbank(load_audio(e["audio"])))
-        T = ((feats.shape[0] - 1) // 2 - 1) // 2
+        T = encoder_frames(feats.shape[0])
         words = read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)
         if len(words) < 2:
             raise ValueError(f"utterance {e['id']} has fewer than two aligned words")

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from analysis.cad import cad
-from analysis.head_types import head_scores, phoneme_relation
-from analysis.par import par
+from analysis.head_types import head_scores, phoneme_relation_speech
+from analysis.par import par_speech
 from analysis.silence import drop_silence
 from data.alignments import NUM_PHONES, SILENCE
-from data.datamodule import FrameBucketSampler, ManifestDataset, collate
+from data.datamodule import ManifestDataset, ordered_loader
 from data.features import GlobalCMVN
 from data.prepare import find_alignment, read_manifest, write_manifest
 
@@ -54,8 +54,7 @@ def labelled_loader(manifest: Path, cmvn: GlobalCMVN | None, max_frames: int = 2
     ds = ManifestDataset([manifest], cmvn=cmvn, with_labels=True, featurizer=featurizer, framing=framing)
     if limit is not None:
         ds.entries = ds.entries[:limit]
-    sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], max_frames, shuffle=False)
-    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return ordered_loader(ds, max_frames, num_workers)
 
 
 @dataclasses.dataclass
@@ -82,15 +81,15 @@ class AttentionStats:
             return False
         for l, a in enumerate(attentions):
             h = a.shape[0]
-            speech, y = drop_silence(a.double(), labels)
+            speech, y = drop_silence(a.double(), labels)  # once per layer, shared by every metric
             self.cad_sum[l, :h] += cad(speech)
             g, v, d = head_scores(speech)
             self.gvd_sum[:, l, :h] += torch.stack([g, v, d])
-            p = par(a, labels, self.num_classes).double()
+            p = par_speech(speech, y, self.num_classes).double()
             ok = torch.isfinite(p)
             self.par_sum[l, :h] += torch.where(ok, p, torch.zeros_like(p))
             self.par_count[l, :h] += ok
-        pp, pu = phoneme_relation(attentions[-1], labels, self.num_classes)
+        pp, pu = phoneme_relation_speech(speech, y, self.num_classes)
         self.prm_p[: attentions[-1].shape[0]] += pp.double()
         self.prm_u += pu.double()
         self.utterances += 1

@@ -207,6 +207,12 @@ class FrameBucketSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
+def ordered_loader(dataset: ManifestDataset, max_frames: int, num_workers: int = 0) -> DataLoader:
+    """Frame-bounded, length-bucketed batches in a fixed order (evaluation and analysis)."""
+    sampler = FrameBucketSampler([dataset.num_frames(i) for i in range(len(dataset))], max_frames, shuffle=False)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
 def _lightning_base():
     import lightning
 
