@@ -124,9 +124,9 @@ class Report:
                    [(l + 1, h, cad[l, h]) for l in range(cad.shape[0]) for h in range(self.model.num_heads[l])])
         self.results["figures"]["cad"] = str(plots.cad_per_head(cad, self.out / "cad.png", f"CAD, {self.hp['reuse']}"))
 
-    def _reference(self) -> tuple[torch.Tensor, str]:
+    def _reference(self, own_layers: torch.Tensor) -> tuple[torch.Tensor, str]:
         if self.reference is None:
-            return reference_par(self.stats.par_layers()), "self (lower half)"
+            return reference_par(own_layers), "self (lower half)"
         ref = Path(self.reference)
         if ref.suffix == ".json":
             return reference_par(load_par(ref)), f"{ref} (lower half)"
@@ -138,7 +138,7 @@ class Report:
         layers = self.stats.par_layers()
         L = layers.shape[0]
         lower, upper = torch.nanmean(layers[: L // 2 or 1], 0), torch.nanmean(layers[L // 2:], 0)
-        ref, ref_name = self._reference()
+        ref, ref_name = self._reference(layers)
         save_par(self.out / "par.json", layers)
         self.results["par"] = {
             "classes": PHONE_CLASSES, "lower": lower.tolist(), "upper": upper.tolist(), "reference": ref_name,
@@ -161,13 +161,14 @@ class Report:
         gvd, valid = self._gvd()
         cats = np.full(valid.shape, None, dtype=object)
         cats[valid] = classify_heads(gvd[0][valid], gvd[1][valid], gvd[2][valid])
+        prm = self.stats.prm()
         self.results["heads"] = {"G": gvd[0].tolist(), "V": gvd[1].tolist(), "D": gvd[2].tolist(),
-                                 "category": cats.tolist(), "prm_last_layer": self.stats.prm().tolist()}
+                                 "category": cats.tolist(), "prm_last_layer": prm.tolist()}
         _write_csv(self.out / "heads.csv", ["layer", "head", "G", "V", "D", "category"],
                    [(l + 1, h, *gvd[:, l, h], cats[l, h]) for l in range(valid.shape[0]) for h in range(valid.shape[1])
                     if valid[l, h]])
         self.results["figures"]["heads"] = str(plots.head_categories(gvd, cats, self.out / "heads.png"))
-        self.results["figures"]["prm"] = str(plots.prm(self.stats.prm().numpy(), self.out / "prm.png"))
+        self.results["figures"]["prm"] = str(plots.prm(prm.numpy(), self.out / "prm.png"))
 
     def _probe_sets(self):
         if self.probe_train is not None:

@@ -168,11 +168,18 @@ class FrameBucketSampler(Sampler[list[int]]):
         # Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler):
         # point that attribute at ourselves so that shuffling really changes every epoch.
         self.sampler = self
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
+        """This epoch's batches, built once per epoch (``len`` and ``iter`` share them)."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._build())
+        return self._cache[1]
+
+    def _build(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
         order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
         size = math.ceil(len(order) / self.num_buckets)
