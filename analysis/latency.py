@@ -13,6 +13,10 @@ of many runs (CUDA events on GPU, a monotonic clock on CPU). Baselines in the sa
 - ``torchaudio.models.Conformer`` of the same width, depth, heads, FFN and kernel (absolute
   positions, no rel-pos): the peer (``torchaudio``).
 
+Work: the GFLOP of one forward at each length, counted by ``torch.utils.flop_counter`` (matrix
+products, convolutions and attention kernels; element-wise work is not counted), beside the times, so
+that a ratio can be read against the arithmetic it saves.
+
 Training cost: one optimiser step (forward + CTC loss + backward + AdamW) on a fixed padded batch,
 median time, and peak GPU memory.
 """
@@ -65,6 +69,24 @@ def measure(fn, device: str, warmup: int, runs: int) -> list[float]:
             fn()
             times.append((time.perf_counter() - t0) * 1000)
     return times
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn) -> int:
+    """FLOP of one call of ``fn`` (matrix products, convolutions, attention), by
+    ``torch.utils.flop_counter``; CPU's fused attention kernel, which it does not know, is counted
+    as the attention it computes (``2 T S (d_k + d_v)`` per head, mask and softmax not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def summarise(times: list[float]) -> dict:
@@ -135,8 +157,11 @@ class Bench:
     def latency(self, kind: str, module, T: int) -> dict:
         module = module.to(self.device, self.dtype).eval()
         with torch.inference_mode():
-            fn = self.wrap(self.forward_fn(kind, module, T))
-            return summarise(measure(fn, self.device, self.a.warmup, self.a.runs))
+            plain = self.forward_fn(kind, module, T)
+            plain()  # steady state: input-independent work cached by the model is not counted
+            gflop = count_flops(plain) / 1e9
+            fn = self.wrap(plain)
+            return {**summarise(measure(fn, self.device, self.a.warmup, self.a.runs)), "gflop": gflop}
 
     def train_step(self, reuse: str) -> dict:
         """Median time of one training step and peak GPU memory."""
@@ -218,6 +243,12 @@ def print_table(results: dict) -> None:
                         for T in lengths)
         print(f"{e['config']:26s}{cells}")
     print("(median of runs; x = speed-up over the first row; spread p10-p90 in the JSON)")
+    print(f"\n{'GFLOP per forward':26s}" + "".join(f"{f'{T}':>11s}{'rel.':>6s}" for T in lengths))
+    first = results["inference"][0]["by_length"]
+    for e in results["inference"]:
+        cells = "".join(f"{e['by_length'][str(T)]['gflop']:11.4g}"
+                        f"{e['by_length'][str(T)]['gflop'] / first[str(T)]['gflop']:6.2f}" for T in lengths)
+        print(f"{e['config']:26s}{cells}")
     if results["training"]:
         print(f"\n{'training step':26s}{'ms':>11s}{'rel.':>7s}{'peak MB':>10s}")
         for r in results["training"]:

@@ -24,16 +24,22 @@ from torch import nn
 
 class RelPositionalEncoding(nn.Module):
     """Sinusoidal encodings of relative positions ``T-1, ..., 0, ..., -(T-1)`` (ESPnet's
-    ``RelPositionalEncoding``). Also scales the input by ``sqrt(d_model)`` and applies dropout."""
+    ``RelPositionalEncoding``). Also scales the input by ``sqrt(d_model)`` and applies dropout.
+
+    Like ESPnet's ``extend_pe``, the encodings of the longest input seen are kept as a table and
+    shorter inputs get a slice of it (rows are relative positions, centred on 0), so in inference
+    attention layers can recognise the slice and reuse their projection of the table
+    (:meth:`MultiHeadSelfAttention.position_keys`).
+    """
 
     def __init__(self, d_model: int, dropout: float = 0.1):
         super().__init__()
         self.d_model = d_model
         self.xscale = math.sqrt(d_model)
         self.dropout = nn.Dropout(dropout)
+        self.table: torch.Tensor | None = None  # (1, 2 L - 1, d_model), relative positions L-1 .. -(L-1)
 
-    def encodings(self, length: int, device=None, dtype=None) -> torch.Tensor:
-        """``(1, 2 * length - 1, d_model)``: row ``k`` encodes relative position ``length - 1 - k``."""
+    def _build(self, length: int, device, dtype) -> torch.Tensor:
         pos = torch.arange(length - 1, -length, -1, device=device, dtype=torch.float32).unsqueeze(1)
         div = torch.exp(torch.arange(0, self.d_model, 2, device=device, dtype=torch.float32)
                         * -(math.log(10000.0) / self.d_model))
@@ -42,28 +48,61 @@ class RelPositionalEncoding(nn.Module):
         pe[:, 1::2] = torch.cos(pos * div)
         return pe.unsqueeze(0).to(dtype or torch.float32)
 
+    def encodings(self, length: int, device=None, dtype=None) -> torch.Tensor:
+        """``(1, 2 * length - 1, d_model)``: row ``k`` encodes relative position ``length - 1 - k``
+        (a view of :attr:`table`, which grows to the longest length asked for)."""
+        if torch.compiler.is_compiling():  # a traced graph computes them (and keeps no table)
+            return self._build(length, device, dtype)
+        t = self.table
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = dtype or torch.float32
+        if (t is None or t.size(1) < 2 * length - 1 or t.device != device or t.dtype != dtype
+                or t.is_inference() != torch.is_inference_mode_enabled()):
+            longest = length if t is None else max(length, (t.size(1) + 1) // 2)
+            with torch.no_grad():
+                t = self.table = self._build(longest, device, dtype)
+        centre = (t.size(1) - 1) // 2
+        return t[:, centre - length + 1: centre + length]
+
+    def table_offset(self, pos_emb: torch.Tensor) -> int | None:
+        """First row of :attr:`table` that ``pos_emb`` is a slice of, or None if it is not one."""
+        t = self.table
+        if (t is None or pos_emb.dim() != 3 or pos_emb.size(-1) != self.d_model or pos_emb.device != t.device
+                or pos_emb.dtype != t.dtype or pos_emb.stride() != t.stride()
+                or pos_emb.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()):
+            return None
+        return (pos_emb.storage_offset() - t.storage_offset()) // t.stride(1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos_emb = self.encodings(x.size(1), x.device, x.dtype)
-        return self.dropout(x * self.xscale), self.dropout(pos_emb)
+        return self.dropout(x * self.xscale), self.dropout(pos_emb) if self.training else pos_emb
+
+
+def _skew(y: torch.Tensor, t: int) -> torch.Tensor:
+    """``out[..., i, j] = y[..., i, c-1-i+j]`` for ``y (B, H, c, n)`` scores of rows ``i`` against
+    ``n = t + c - 1`` relative positions, as a view (no copy): in the flattened rows element
+    ``(i, j)`` lies at ``i (n-1) + j + c-1``, so a slice of them read as rows of ``n - 1`` is the
+    shift. Plain slicing and viewing (no ``as_strided``), so ``torch.compile`` traces it."""
+    b, h, c, n = y.shape
+    if n - 1 < t:  # a single row (c == 1) is already aligned
+        return y[..., :t]
+    flat = y.contiguous().reshape(b, h, c * n)[..., c - 1: c - 1 + c * (n - 1)]
+    return flat.view(b, h, c, n - 1)[..., :t]
 
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
     """``(B, H, T, 2T-1)`` scores against relative positions ``T-1..-(T-1)`` -> ``(B, H, T, T)``
-    with ``out[..., i, j] = x[..., i, T-1-i+j]``, the score at relative position ``i - j``.
-
-    Transformer-XL's shift, done as a strided view (no zero-padding copy): element ``(i, j)`` lies
-    at flat offset ``i (2T-1) + T-1-i+j = i (2T-2) + j + T-1`` of each ``(T, 2T-1)`` block.
-    """
+    with ``out[..., i, j] = x[..., i, T-1-i+j]``, the score at relative position ``i - j``
+    (Transformer-XL's shift, done as a view rather than by zero-padding and copying)."""
     b, h, t, n = x.shape
     if n != 2 * t - 1:
         raise ValueError(f"rel_shift expects (B, H, T, 2T-1) scores; got {tuple(x.shape)}")
-    x = x.contiguous()
-    sb, sh = x.stride(0), x.stride(1)
-    return x.as_strided((b, h, t, t), (sb, sh, n - 1, 1), storage_offset=x.storage_offset() + t - 1)
+    return _skew(x, t)
 
 
-def relative_position_scores(q: torch.Tensor, p: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """``rel_shift(q @ p^T)`` for ``q (B, H, T, d_k)`` and ``p (1 or B, H, 2T-1, d_k)``, contiguous.
+def relative_position_rows(q: torch.Tensor, p: torch.Tensor, chunk: int | None = None):
+    """Yields ``(first row, rel_shift(q @ p^T) for rows first .. first+c-1)``, each ``(B, H, c, T)``,
+    for ``q (B, H, T, d_k)`` and ``p (1 or B, H, 2T-1, d_k)``.
 
     Row ``i`` only needs positions ``T-1-i .. 2T-2-i``, so rows are taken ``chunk`` at a time,
     each against the ``T + chunk - 1`` positions it needs: ``T (T + chunk)`` dot products instead of
@@ -72,16 +111,18 @@ def relative_position_scores(q: torch.Tensor, p: torch.Tensor, chunk: int | None
     t = q.shape[-2]
     chunk = chunk or (t if t < 256 else max(32, -(-t // 8)))
     if chunk >= t:
-        return rel_shift(q @ p.transpose(-2, -1)).contiguous()
-    parts = []
+        yield 0, rel_shift(q @ p.transpose(-2, -1))
+        return
     for a in range(0, t, chunk):
         c = min(chunk, t - a)
         window = p[..., t - a - c: 2 * t - 1 - a, :]  # positions needed by rows a .. a+c-1
-        y = (q[..., a:a + c, :] @ window.transpose(-2, -1)).contiguous()  # (B, H, c, T + c - 1)
-        n = y.shape[-1]
-        parts.append(y.as_strided((*y.shape[:2], c, t), (y.stride(0), y.stride(1), n - 1, 1),
-                                  storage_offset=y.storage_offset() + c - 1))
-    return torch.cat(parts, dim=-2)
+        yield a, _skew(q[..., a:a + c, :] @ window.transpose(-2, -1), t)  # (B, H, c, T + c - 1) -> (B, H, c, T)
+
+
+def relative_position_scores(q: torch.Tensor, p: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """``rel_shift(q @ p^T)`` as one contiguous ``(B, H, T, T)`` tensor (see
+    :func:`relative_position_rows`)."""
+    return torch.cat([rows for _, rows in relative_position_rows(q, p, chunk)], dim=-2).contiguous()
 
 
 def weak_attention_suppression(attn: torch.Tensor, key_padding_mask: torch.Tensor | None, gamma: float) -> torch.Tensor:
@@ -131,19 +172,75 @@ class MultiHeadSelfAttention(nn.Module):
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout)
         self.was_gamma = was_gamma
+        self.position_source: RelPositionalEncoding | None = None  # set by the encoder (not a submodule)
+        self._position_cache: tuple | None = None
+
+    def __setattr__(self, name, value):
+        if name == "position_source":  # a reference, not a child: keep it out of modules() / state_dict
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def position_keys(self, pos_emb: torch.Tensor) -> torch.Tensor:
+        """``linear_pos(pos_emb)`` as heads, ``(1, H, 2T-1, d_k)``.
+
+        Positions do not depend on the input: in inference (eval mode, no autograd), when
+        ``pos_emb`` is a slice of :attr:`position_source`'s table, the projection of the whole
+        table is computed once (again only when the table or ``linear_pos`` changes) and sliced alike,
+        so each layer projects its positions once rather than once per batch.
+        """
+        src, w = self.position_source, self.linear_pos.weight
+        offset = None
+        if (src is not None and not torch.compiler.is_compiling() and not self.training
+                and not torch.is_grad_enabled() and not w.is_inference()):
+            offset = src.table_offset(pos_emb)  # (weights made in inference mode have no version to watch)
+        if offset is None:
+            return self._heads(self.linear_pos(pos_emb), self.d_k)
+        key = (w.data_ptr(), w._version, w.dtype, torch.is_inference_mode_enabled())
+        cached = self._position_cache
+        if cached is None or cached[0] is not src.table or cached[1] != key:
+            projected = self._heads(self.linear_pos(src.table), self.d_k).contiguous()
+            cached = self._position_cache = (src.table, key, projected)
+        return cached[2][:, :, offset: offset + pos_emb.size(1)]
 
     def _heads(self, x: torch.Tensor, width: int) -> torch.Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, width).transpose(1, 2)  # (B, H, T, width)
 
-    def _score_terms(self, x, pos_emb):
-        """(q + u), k and the scaled positional bias ``rel_shift((q + v) p^T) / sqrt(d_k)``."""
+    def _score_inputs(self, x, pos_emb):
+        """``q + u``, ``(q + v) / sqrt(d_k)``, ``k`` and the position keys ``p``, as heads."""
         q = self._heads(self.linear_q(x), self.d_k)
         k = self._heads(self.linear_k(x), self.d_k)
-        p = self._heads(self.linear_pos(pos_emb), self.d_k)  # (1, H, 2T-1, d_k)
+        p = self.position_keys(pos_emb)  # (1, H, 2T-1, d_k)
         q_u = q + self.pos_bias_u[None, :, None, :]
         q_v = (q + self.pos_bias_v[None, :, None, :]) / math.sqrt(self.d_k)  # scale the (T, d_k) side
+        return q_u, q_v, k, p
+
+    def _score_terms(self, x, pos_emb):
+        """(q + u), k and the scaled positional bias ``rel_shift((q + v) p^T) / sqrt(d_k)``."""
+        q_u, q_v, k, p = self._score_inputs(x, pos_emb)
         return q_u, k, relative_position_scores(q_v, p)
+
+    def _fused_attention(self, x, pos_emb, v, key_padding_mask):
+        """Attention output ``(B, H, T, d_v)`` by ``scaled_dot_product_attention`` with the positional
+        term as its additive mask; the probabilities are never materialised.
+
+        On CPU the query rows go in chunks, each with the positional bias of its rows only, so no
+        ``T x T`` tensor is built: at 768 frames this is faster and, unlike one large bias per
+        layer, does not depend on how the C allocator recycles big blocks. On GPU one call takes
+        the whole bias."""
+        q_u, q_v, k, p = self._score_inputs(x, pos_emb)
+        dropout_p = self.dropout_p if self.training else 0.0
+        pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        t = q_u.shape[-2]
+        chunk = max(64, -(-t // 4)) if x.device.type == "cpu" and t >= 256 else t
+        parts = []
+        for a, bias in relative_position_rows(q_v, p, chunk):
+            if pad is not None:
+                bias = bias.masked_fill(pad, float("-inf"))
+            parts.append(F.scaled_dot_product_attention(q_u[..., a:a + bias.shape[-2], :], k, v, attn_mask=bias,
+                                                        dropout_p=dropout_p))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     def attention_map(self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """The ``(B, H, T, T)`` row-stochastic map (before dropout); padded keys get zero weight."""
@@ -176,12 +273,7 @@ class MultiHeadSelfAttention(nn.Module):
         if self.reuse and shared_attn is None:
             raise ValueError("a reuse layer needs the shared attention map (shared_attn)")
         if shared_attn is None and not need_weights and self.was_gamma is None:
-            q_u, k, pos_bias = self._score_terms(x, pos_emb)
-            if key_padding_mask is not None:
-                pos_bias = pos_bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            context = F.scaled_dot_product_attention(q_u, k, v, attn_mask=pos_bias,
-                                                     dropout_p=self.dropout_p if self.training else 0.0)
-            attn = None
+            context, attn = self._fused_attention(x, pos_emb, v, key_padding_mask), None
         else:
             attn = shared_attn if shared_attn is not None else self.attention_map(x, pos_emb, key_padding_mask)
             if attn.shape[1] != self.num_heads:

@@ -97,6 +97,9 @@ class ConformerEncoder(nn.Module):
             ConformerBlock(d_model, ffn_dim, kernel_size, p, dropout, attention_dropout, was_gamma, bn_momentum)
             for p in plans
         )
+        for layer in self.layers:
+            if not layer.plan.reuses:
+                layer.self_attn.position_source = self.pos_enc
         reused = {p.source for p in plans if p.reuses}
         self._map_needed = [i in reused for i in range(len(plans))]
 

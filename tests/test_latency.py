@@ -38,7 +38,10 @@ def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
         for T in ("16", "32"):
             r = e["by_length"][T]
             assert r["runs"] == 3 and 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["speedup_vs_first"] > 0
+            assert r["gflop"] > 0
     assert data["inference"][0]["by_length"]["16"]["speedup_vs_first"] == 1.0
+    gflop = {e["config"]: e["by_length"]["32"]["gflop"] for e in data["inference"]}
+    assert gflop["2(H4)x2"] < gflop["1(H4)x4"] and gflop["torchaudio"] < gflop["1(H4)x4"]
     assert [r["config"] for r in data["training"]] == ["1(H4)x4", "2(H4)x2"]
     assert all(r["median_ms"] > 0 for r in data["training"])
     # inference timings ran under inference_mode; training steps did not
@@ -47,6 +50,24 @@ def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "r.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "1(H4)x4+materialised" in table and "torchaudio" in table and "training step" in table
+    assert "GFLOP per forward" in table
+
+
+def test_flop_count_matches_the_architecture():
+    """An independent count of the matrix products of one encoder forward (d 32, FFN 64, kernel 5,
+    4 layers, T 16, batch 1): ours adds the positional projection-free rel-pos term to the peer's."""
+    a = latency.parser().parse_args(TINY)
+    bench = latency.Bench(a)
+    T, d, f, k, n = 16, 32, 64, 5, 4
+    common = 8 * T * d * f + 8 * T * d * d + 4 * T * T * d + 6 * T * d * d + 2 * T * d * k  # FFNs, q k v o, SDPA, conv
+    rel_pos = 2 * T * (2 * T - 1) * d  # (q + v) p^T against all 2T-1 positions (one chunk below 256 frames)
+    model, peer = bench.model("1(H4)x4").eval(), bench.peer().eval()
+    with torch.inference_mode():
+        ours = bench.forward_fn("fused", model, T)
+        assert latency.count_flops(ours) == n * (common + rel_pos + 2 * (2 * T - 1) * d * d)  # + linear_pos
+        # the projection of the position table is cached after the first call
+        assert latency.count_flops(ours) == n * (common + rel_pos)
+        assert latency.count_flops(bench.forward_fn("peer", peer, T)) == n * common
 
 
 def test_reuse_model_matches_parameter_budget_of_peer_shape():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import ConformerCTC
-from models.attention import MultiHeadSelfAttention, rel_shift, weak_attention_suppression
+from models.attention import MultiHeadSelfAttention, RelPositionalEncoding, rel_shift, weak_attention_suppression
 from models.summary import PAPER_MILLIONS, count
 
 CONFIGS = ["1(H4)x4", "2(H4)x2", "4(H2)", "2(H8)+2(H4)", "1(H2)+3(H4)", "1(H4)+2(H4)+1(H2)"]
@@ -220,6 +220,77 @@ def test_chunked_relative_scores_equal_full_shift(T, chunk):
     assert torch.allclose(gq, gq_full, atol=1e-4) and torch.allclose(gp, gp_full, atol=1e-4)
 
 
+@pytest.mark.parametrize("T", [40, 300])  # one SDPA call; query rows in chunks (CPU, T >= 256)
+def test_fused_attention_equals_materialised_with_padding(T):
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(32, 4, dropout=0.0)
+    enc = RelPositionalEncoding(32, dropout=0.0)
+    x = torch.randn(2, T, 32, requires_grad=True)
+    mask = torch.arange(T)[None] >= torch.tensor([T, T - 37])[:, None]
+    pos = enc.encodings(T)
+    fused, none = attn(x, pos, mask)
+    ref, maps = attn(x, pos, mask, need_weights=True)
+    assert none is None and maps is not None
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-4)
+    g_fused = torch.autograd.grad(fused.pow(2).sum(), [x, attn.linear_pos.weight, attn.pos_bias_v])
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), [x, attn.linear_pos.weight, attn.pos_bias_v])
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_position_table_grows_and_slices():
+    enc = RelPositionalEncoding(8, dropout=0.0)
+    long = enc.encodings(9)
+    assert long.shape == (1, 17, 8) and enc.table.shape == (1, 17, 8)
+    short = enc.encodings(5)
+    assert enc.table.shape == (1, 17, 8)  # shorter inputs slice the table, no rebuild
+    assert enc.table_offset(short) == 4 and enc.table_offset(long) == 0
+    assert torch.equal(short, RelPositionalEncoding(8).encodings(5))
+    # row k is relative position length-1-k: the centre row is position 0 (sin 0, cos 0)
+    assert torch.equal(short[0, 4], torch.tensor([0.0, 1.0] * 4))
+    pos = torch.arange(4, -5, -1, dtype=torch.float32)
+    assert torch.allclose(short[0, :, 0], torch.sin(pos)) and torch.allclose(short[0, :, 1], torch.cos(pos))
+    assert enc.table_offset(short.clone()) is None  # not a slice of the table
+    assert enc.encodings(12).shape == (1, 23, 8) and enc.table.shape == (1, 23, 8)
+
+
+def test_position_projection_cached_in_inference_only():
+    model = make("1(H4)+3(H4)", num_layers=4).eval()
+    x, lens = batch()
+    feats, out_lens = model.frontend(x, lens)
+    feats = feats.detach()
+    mask = torch.arange(feats.shape[1])[None] >= out_lens[:, None]
+    computing = model.encoder.layers[0].self_attn
+    assert computing.position_source is model.encoder.pos_enc
+    reuser = next(i for i, plan in enumerate(model.plans) if plan.reuses)
+    assert model.encoder.layers[reuser].self_attn.position_source is None  # a reuse layer projects nothing
+    assert not any("position" in k and "linear_pos" not in k for k in model.state_dict())
+
+    def uncached(h, m):
+        with torch.enable_grad():
+            return model.encoder(h, m)[0].detach()
+
+    for T in (feats.shape[1], 5, feats.shape[1] + 4):  # same, shorter (slice), longer (table grows)
+        h = feats[:, :T] if T <= feats.shape[1] else torch.cat([feats, feats[:, :4]], 1)
+        m = mask[:, :T] if T <= mask.shape[1] else torch.cat([mask, mask[:, :4]], 1)
+        with torch.inference_mode():
+            fast = model.encoder(h, m)[0]
+        assert computing._position_cache is not None
+        torch.testing.assert_close(fast, uncached(h, m), atol=1e-5, rtol=1e-5)
+    # new weights invalidate the cache
+    with torch.no_grad():
+        before = model.encoder(feats, mask)[0]
+        computing.linear_pos.weight.mul_(3.0)
+        after = model.encoder(feats, mask)[0]
+    assert not torch.allclose(before, after, atol=1e-4)
+    torch.testing.assert_close(after, uncached(feats, mask), atol=1e-5, rtol=1e-5)
+    # training right after inference-mode calls: no cache, full gradient to linear_pos
+    model.train()
+    model.zero_grad()
+    model.encoder(feats, mask)[0].pow(2).sum().backward()
+    assert computing.linear_pos.weight.grad.abs().sum() > 0
+
+
 def test_weak_attention_suppression():
     torch.manual_seed(0)
     attn = torch.softmax(torch.randn(2, 3, 9, 9) * 2, -1)
@@ -257,3 +328,14 @@ def test_paper_parameter_counts():
     base = count(ConformerCTC(129, reuse="1(H4)x16"))["blocks_and_head"]
     one = count(ConformerCTC(129, reuse="2(H4)+1(H4)x14"))["blocks_and_head"]
     assert math.isclose(base - one, 66_304)  # one reuse layer: linear_pos + biases gone, values doubled
+
+
+@pytest.mark.parametrize("reuse", ["1(H4)x4", "2(H4)x2"])
+def test_encoder_traces_as_one_graph(reuse):
+    """``torch.compile`` (used by ``analysis.latency --compile``) captures the whole encoder: the
+    shift, the chunked positional term and the position cache break no graph."""
+    model = make(reuse).eval()
+    x = torch.randn(2, 300, 32)  # long enough for the chunked positional term
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(lambda h: model.encoder(h, None)[0])(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
