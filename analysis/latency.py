@@ -71,6 +71,23 @@ def measure(fn, device: str, warmup: int, runs: int) -> list[float]:
     return times
 
 
+def steady_malloc() -> bool:
+    """Make glibc's allocator keep freed large blocks (mmap threshold 32 MiB, trim threshold 1 GiB),
+    as jemalloc / tcmalloc do: by default each freed multi-MiB tensor goes back to the system and
+    the next one is page-faulted in afresh, and how often depends on the history of earlier
+    allocations, which on CPU moves a layer's time by 10-20 % from run to run. False where the C
+    library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -154,14 +171,28 @@ class Bench:
             return graph.replay
         return fn
 
-    def latency(self, kind: str, module, T: int) -> dict:
-        module = module.to(self.device, self.dtype).eval()
+    def prepare(self, kind: str, module, T: int):
+        """``(timed callable, GFLOP of one call)`` for ``kind`` at length ``T``; call under inference mode."""
+        plain = self.forward_fn(kind, module, T)
+        plain()  # steady state: input-independent work cached by the model is not counted
+        return self.wrap(plain), count_flops(plain) / 1e9
+
+    def latencies(self, entries: list[tuple[str, object]], T: int) -> list[dict]:
+        """Time every ``(kind, module)`` at length ``T``, interleaved: ``rounds`` passes over all of
+        them, each timing ``runs / rounds`` calls, so that drift of the machine (clock, neighbours,
+        allocator state) spreads over every configuration instead of biasing whichever ran last."""
+        a = self.a
         with torch.inference_mode():
-            plain = self.forward_fn(kind, module, T)
-            plain()  # steady state: input-independent work cached by the model is not counted
-            gflop = count_flops(plain) / 1e9
-            fn = self.wrap(plain)
-            return {**summarise(measure(fn, self.device, self.a.warmup, self.a.runs)), "gflop": gflop}
+            prepared = [self.prepare(kind, module, T) for kind, module in entries]
+            for fn, _ in prepared:
+                measure(fn, self.device, a.warmup, 0)
+            times: list[list[float]] = [[] for _ in entries]
+            rounds = max(1, min(a.rounds, a.runs))
+            for r in range(rounds):
+                n = a.runs // rounds + (r < a.runs % rounds)
+                for i, (fn, _) in enumerate(prepared):
+                    times[i] += measure(fn, self.device, 0, n)
+        return [{**summarise(t), "gflop": gflop} for t, (_, gflop) in zip(times, prepared)]
 
     def train_step(self, reuse: str) -> dict:
         """Median time of one training step and peak GPU memory."""
@@ -198,6 +229,9 @@ def run(a) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    malloc = "default"
+    if a.malloc == "steady" and not a.device.startswith("cuda"):
+        malloc = "steady (glibc mmap threshold 32 MiB, trim threshold 1 GiB)" if steady_malloc() else "default (not glibc)"
     bench = Bench(a)
     rows: list[tuple[str, str, object]] = [(r, "fused", None) for r in a.reuse]
     if not a.no_materialised:
@@ -206,19 +240,21 @@ def run(a) -> dict:
         rows.insert(len(rows), ("torchaudio", "peer", None))
     results = {"device": device_name(a.device), "device_type": a.device, "torch": torch.__version__, "dtype": a.dtype,
                "threads": torch.get_num_threads(), "batch_size": a.batch_size, "include_frontend": a.include_frontend,
-               "compile": a.compile, "cuda_graphs": a.cuda_graphs, "lengths": a.lengths,
+               "compile": a.compile, "cuda_graphs": a.cuda_graphs, "lengths": a.lengths, "malloc": malloc,
+               "warmup": a.warmup, "runs": a.runs, "rounds": a.rounds,
                "model": {k: getattr(a, k) for k in ("d_model", "num_layers", "ffn_dim", "kernel_size")},
                "inference": [], "training": []}
-    with tqdm(total=len(rows) * len(a.lengths), desc="latency", unit="run", disable=a.quiet) as bar:
-        for name, kind, _ in rows:
-            module = bench.peer() if kind == "peer" else bench.model(name)
-            entry = {"config": name if kind != "materialised" else f"{name}+materialised", "kind": kind,
-                     "parameters": sum(p.numel() for p in module.parameters()), "by_length": {}}
-            for T in a.lengths:
-                entry["by_length"][str(T)] = bench.latency(kind, module, T)
-                bar.update(1)
-            results["inference"].append(entry)
-            del module
+    modules, entries = [], []
+    for name, kind, _ in rows:
+        module = bench.peer() if kind == "peer" else bench.model(name)
+        modules.append((kind, module.to(bench.device, bench.dtype).eval()))
+        entries.append({"config": name if kind != "materialised" else f"{name}+materialised", "kind": kind,
+                        "parameters": sum(p.numel() for p in module.parameters()), "by_length": {}})
+    for T in tqdm(a.lengths, desc="latency", unit="length", disable=a.quiet):
+        for entry, r in zip(entries, bench.latencies(modules, T)):
+            entry["by_length"][str(T)] = r
+    results["inference"] = entries
+    del modules
     first = results["inference"][0]["by_length"]
     for entry in results["inference"]:
         for T, r in entry["by_length"].items():
@@ -236,7 +272,8 @@ def run(a) -> dict:
 def print_table(results: dict) -> None:
     lengths = results["lengths"]
     print(f"# {results['device']} | torch {results['torch']} | {results['dtype']} | {results['threads']} threads | "
-          f"batch {results['batch_size']} | front-end {'included' if results['include_frontend'] else 'excluded'}")
+          f"batch {results['batch_size']} | front-end {'included' if results['include_frontend'] else 'excluded'} | "
+          f"{results['runs']} runs in {results['rounds']} interleaved rounds | malloc {results['malloc']}")
     print(f"{'configuration':26s}" + "".join(f"{f'{T} ms':>11s}{'x':>6s}" for T in lengths))
     for e in results["inference"]:
         cells = "".join(f"{e['by_length'][str(T)]['median_ms']:11.2f}{e['by_length'][str(T)]['speedup_vs_first']:6.2f}"
@@ -288,7 +325,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the timed function")
     p.add_argument("--cuda-graphs", action="store_true", help="replay a captured CUDA graph")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--runs", type=int, default=50, help="timed calls per configuration and length")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved passes over the configurations that share the runs")
+    p.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                   help="CPU: keep freed large blocks in glibc's heap (steady) or leave the allocator as it is")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--no-peer", action="store_true", help="skip torchaudio's Conformer")
     p.add_argument("--no-materialised", action="store_true", help="skip the materialised-path baseline")

@@ -28,9 +28,11 @@ def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
                         "--png", str(tmp_path / "r.png")])
     data = json.loads((tmp_path / "r.json").read_text())
     assert data == json.loads(json.dumps(out))
-    for key in ("device", "device_type", "torch", "dtype", "threads", "batch_size", "lengths", "inference", "training"):
+    for key in ("device", "device_type", "torch", "dtype", "threads", "batch_size", "lengths", "inference", "training",
+                "malloc", "runs", "rounds", "warmup"):
         assert key in data, key
     assert data["torch"] == torch.__version__ and data["dtype"] == "fp32" and data["threads"] >= 1
+    assert data["malloc"].startswith("steady") or data["malloc"] == "default (not glibc)"
     configs = [e["config"] for e in data["inference"]]
     assert configs == ["1(H4)x4", "1(H4)x4+materialised", "2(H4)x2", "torchaudio"]
     for e in data["inference"]:
@@ -90,3 +92,25 @@ def test_bad_arguments():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             latency.main(["--device", "cuda", *TINY])
+
+
+def test_runs_interleaved_over_configurations(monkeypatch):
+    calls = []
+    real = latency.measure
+
+    def spy(fn, device, warmup, runs):
+        calls.append((fn, warmup, runs))
+        return real(fn, device, warmup, runs)
+
+    monkeypatch.setattr(latency, "measure", spy)
+    args = list(TINY)
+    i = args.index("--lengths")
+    del args[i + 2]  # one length: 16
+    args[args.index("--runs") + 1] = "5"
+    out = latency.main(["--reuse", "1(H4)x4", "2(H4)x2", "--no-materialised", *args, "--train-runs", "0",
+                        "--rounds", "2"])
+    timed = [(fn, runs) for fn, warmup, runs in calls if runs]
+    fns = [fn for fn, _ in timed[:3]]
+    assert len(set(fns)) == 3  # the two configurations and the peer
+    assert [fn for fn, _ in timed] == fns * 2 and [r for _, r in timed] == [3, 3, 3, 2, 2, 2]
+    assert all(e["by_length"]["16"]["runs"] == 5 for e in out["inference"])
