@@ -233,28 +233,30 @@ def run(a) -> dict:
     if a.malloc == "steady" and not a.device.startswith("cuda"):
         malloc = "steady (glibc mmap threshold 32 MiB, trim threshold 1 GiB)" if steady_malloc() else "default (not glibc)"
     bench = Bench(a)
-    rows: list[tuple[str, str, object]] = [(r, "fused", None) for r in a.reuse]
+    rows: list[tuple[str, str]] = [(r, "fused") for r in a.reuse]
     if not a.no_materialised:
-        rows.insert(1, (a.reuse[0], "materialised", None))
+        rows.insert(1, (a.reuse[0], "materialised"))
     if not a.no_peer:
-        rows.insert(len(rows), ("torchaudio", "peer", None))
+        rows.append(("torchaudio", "peer"))
     results = {"device": device_name(a.device), "device_type": a.device, "torch": torch.__version__, "dtype": a.dtype,
                "threads": torch.get_num_threads(), "batch_size": a.batch_size, "include_frontend": a.include_frontend,
                "compile": a.compile, "cuda_graphs": a.cuda_graphs, "lengths": a.lengths, "malloc": malloc,
                "warmup": a.warmup, "runs": a.runs, "rounds": a.rounds,
                "model": {k: getattr(a, k) for k in ("d_model", "num_layers", "ffn_dim", "kernel_size")},
                "inference": [], "training": []}
-    modules, entries = [], []
-    for name, kind, _ in rows:
-        module = bench.peer() if kind == "peer" else bench.model(name)
-        modules.append((kind, module.to(bench.device, bench.dtype).eval()))
+    built, modules, entries = {}, [], []
+    for name, kind in rows:
+        if name not in built:  # the materialised row runs the same model as its fused row
+            built[name] = (bench.peer() if kind == "peer" else bench.model(name)).to(bench.device, bench.dtype).eval()
+        module = built[name]
+        modules.append((kind, module))
         entries.append({"config": name if kind != "materialised" else f"{name}+materialised", "kind": kind,
                         "parameters": sum(p.numel() for p in module.parameters()), "by_length": {}})
     for T in tqdm(a.lengths, desc="latency", unit="length", disable=a.quiet):
         for entry, r in zip(entries, bench.latencies(modules, T)):
             entry["by_length"][str(T)] = r
     results["inference"] = entries
-    del modules
+    del built, modules
     first = results["inference"][0]["by_length"]
     for entry in results["inference"]:
         for T, r in entry["by_length"].items():

@@ -238,6 +238,8 @@ class MultiHeadSelfAttention(nn.Module):
         for a, bias in relative_position_rows(q_v, p, chunk):
             if pad is not None:
                 bias = bias.masked_fill(pad, float("-inf"))
+            elif chunk >= t:
+                bias = bias.contiguous()  # one dense, aligned (B, H, T, T) mask, as the GPU kernels want
             parts.append(F.scaled_dot_product_attention(q_u[..., a:a + bias.shape[-2], :], k, v, attn_mask=bias,
                                                         dropout_p=dropout_p))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
