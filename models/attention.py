@@ -110,10 +110,7 @@ def relative_position_rows(q: torch.Tensor, p: torch.Tensor, chunk: int | None =
     """
     t = q.shape[-2]
     chunk = chunk or (t if t < 256 else max(32, -(-t // 8)))
-    if chunk >= t:
-        yield 0, rel_shift(q @ p.transpose(-2, -1))
-        return
-    for a in range(0, t, chunk):
+    for a in range(0, t, chunk):  # one chunk (chunk >= T): all 2T-1 positions, rel_shift's case
         c = min(chunk, t - a)
         window = p[..., t - a - c: 2 * t - 1 - a, :]  # positions needed by rows a .. a+c-1
         yield a, _skew(q[..., a:a + c, :] @ window.transpose(-2, -1), t)  # (B, H, c, T + c - 1) -> (B, H, c, T)
