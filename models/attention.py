@@ -20,6 +20,41 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# Bumped after every optimizer step (any optimizer, fused or not, in any mode): part of the key of
+# the inference position cache, since fused optimizers (e.g. fused AdamW) update the weights
+# without bumping ``weight._version``. Only compared for equality.
+_parameter_generation = 0
+
+
+def _note_optimizer_step(optimizer, args, kwargs) -> None:
+    global _parameter_generation
+    _parameter_generation += 1
+
+
+_OPTIMIZER_HOOK = register_optimizer_step_post_hook(_note_optimizer_step)  # once, at import
+
+
+def _autocast_state(device_type: str) -> tuple:
+    """``(enabled, dtype or None)`` of autocast for ``device_type`` (part of the cache key)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return True, torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know: it cannot be on
+        pass
+    return False, None
+
+
+def clear_position_caches(module: nn.Module) -> int:
+    """Drops the inference position cache of every :class:`MultiHeadSelfAttention` in ``module``
+    (see :meth:`MultiHeadSelfAttention.clear_position_cache`); returns how many were cleared."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, MultiHeadSelfAttention):
+            m.clear_position_cache()
+            n += 1
+    return n
 
 
 class RelPositionalEncoding(nn.Module):
@@ -183,8 +218,20 @@ class MultiHeadSelfAttention(nn.Module):
 
         Positions do not depend on the input: in inference (eval mode, no autograd), when
         ``pos_emb`` is a slice of :attr:`position_source`'s table, the projection of the whole
-        table is computed once (again only when the table or ``linear_pos`` changes) and sliced alike,
-        so each layer projects its positions once rather than once per batch.
+        table is computed once and sliced alike, so each layer projects its positions once rather
+        than once per batch.
+
+        The cached projection is recomputed when any of these changes: the table; the storage,
+        ``_version`` or dtype of ``linear_pos.weight``; inference mode; the autocast state (on or
+        off, and its dtype) of the table's device; or the global count of optimizer steps (a
+        post-hook on every optimizer, so fused optimizers, which do not bump ``_version``, count
+        too). It is also dropped by every :meth:`train` / ``eval()`` call, by ``.to()`` /
+        ``.half()`` / ``.cuda()`` (``_apply``) and by ``load_state_dict``.
+
+        Not detected: writing the weights in place outside an optimizer without bumping their
+        version (through ``.data``, or by a foreign kernel) while the model stays in eval mode.
+        Call :meth:`clear_position_cache` (or :func:`clear_position_caches` on the whole model)
+        after such a write, or toggle ``model.train(); model.eval()``.
         """
         src, w = self.position_source, self.linear_pos.weight
         offset = None
@@ -193,12 +240,30 @@ class MultiHeadSelfAttention(nn.Module):
             offset = src.table_offset(pos_emb)  # (weights made in inference mode have no version to watch)
         if offset is None:
             return self._heads(self.linear_pos(pos_emb), self.d_k)
-        key = (w.data_ptr(), w._version, w.dtype, torch.is_inference_mode_enabled())
+        key = (w.data_ptr(), w._version, w.dtype, torch.is_inference_mode_enabled(),
+               _autocast_state(pos_emb.device.type), _parameter_generation)
         cached = self._position_cache
         if cached is None or cached[0] is not src.table or cached[1] != key:
             projected = self._heads(self.linear_pos(src.table), self.d_k).contiguous()
             cached = self._position_cache = (src.table, key, projected)
         return cached[2][:, :, offset: offset + pos_emb.size(1)]
+
+    def clear_position_cache(self) -> None:
+        """Drops the cached projection of the position table (:meth:`position_keys`); the next
+        inference call projects it afresh. Needed only after in-place weight writes it cannot see."""
+        self._position_cache = None
+
+    def train(self, mode: bool = True):
+        self._position_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._position_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._position_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _heads(self, x: torch.Tensor, width: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -209,8 +274,10 @@ class MultiHeadSelfAttention(nn.Module):
         q = self._heads(self.linear_q(x), self.d_k)
         k = self._heads(self.linear_k(x), self.d_k)
         p = self.position_keys(pos_emb)  # (1, H, 2T-1, d_k)
-        q_u = q + self.pos_bias_u[None, :, None, :]
-        q_v = (q + self.pos_bias_v[None, :, None, :]) / math.sqrt(self.d_k)  # scale the (T, d_k) side
+        # biases in the query's dtype: under autocast fp32 biases would promote the low-precision
+        # query back to fp32 (a no-op in fp32)
+        q_u = q + self.pos_bias_u.to(q.dtype)[None, :, None, :]
+        q_v = (q + self.pos_bias_v.to(q.dtype)[None, :, None, :]) / math.sqrt(self.d_k)  # scale the (T, d_k) side
         return q_u, q_v, k, p
 
     def _score_terms(self, x, pos_emb):

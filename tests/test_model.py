@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from models import ConformerCTC
-from models.attention import MultiHeadSelfAttention, RelPositionalEncoding, rel_shift, weak_attention_suppression
+from models.attention import (MultiHeadSelfAttention, RelPositionalEncoding, clear_position_caches, rel_shift,
+                              weak_attention_suppression)
 from models.summary import PAPER_MILLIONS, count
 
 CONFIGS = ["1(H4)x4", "2(H4)x2", "4(H2)", "2(H8)+2(H4)", "1(H2)+3(H4)", "1(H4)+2(H4)+1(H2)"]
@@ -289,6 +290,134 @@ def test_position_projection_cached_in_inference_only():
     model.zero_grad()
     model.encoder(feats, mask)[0].pow(2).sum().backward()
     assert computing.linear_pos.weight.grad.abs().sum() > 0
+
+
+
+def _tiny_encoder_inputs():
+    """A 2-layer d=32 model in eval mode (one computing, one reuse layer) and encoder inputs."""
+    model = make("2(H4)", num_layers=2).eval()
+    x, lens = batch()
+    feats, out_lens = model.frontend(x, lens)
+    mask = torch.arange(feats.shape[1])[None] >= out_lens[:, None]
+    return model, feats.detach(), mask
+
+
+def _uncached(model, h, m):
+    with torch.enable_grad():  # autograd on: position_keys projects afresh
+        return model.encoder(h, m)[0].detach()
+
+
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("step_mode", ["eval", "train"])
+def test_position_cache_sees_fused_optimizer_step(step_mode, context):
+    """Fused AdamW changes the weights without bumping their ``_version``: the global optimizer
+    step hook still invalidates the cached projection (whether the step ran in eval mode or
+    between train() and eval())."""
+    model, feats, mask = _tiny_encoder_inputs()
+    computing = model.encoder.layers[0].self_attn
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ctx = getattr(torch, context)
+    # gradients first: a forward outside inference mode after the fill would rebuild the position
+    # table (and so drop the cache by itself); only the step may change anything here
+    model.encoder(feats, mask)[0].pow(2).sum().backward()
+    with ctx():  # cache filled in this context, checked below in the same one (same cache key)
+        model.encoder(feats, mask)
+    assert computing._position_cache is not None
+    before = computing.linear_pos.weight.detach().clone()
+    if step_mode == "train":  # train() and eval() drop the cache
+        model.train()
+        opt.step()
+        model.eval()
+    else:  # the model stays in eval mode: only the optimizer step hook can tell
+        opt.step()
+    assert not torch.equal(before, computing.linear_pos.weight)
+    with ctx():
+        after = model.encoder(feats, mask)[0]
+    torch.testing.assert_close(after, _uncached(model, feats, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_position_cache_cleared_by_mode_switch_apply_and_load():
+    model, feats, mask = _tiny_encoder_inputs()
+    computing = model.encoder.layers[0].self_attn
+
+    def fill():
+        with torch.no_grad():
+            out = model.encoder(feats, mask)[0]
+        assert computing._position_cache is not None
+        return out
+
+    fill()
+    model.train()
+    assert computing._position_cache is None
+    model.eval()
+    fill()
+    model.eval()  # every call clears, not only a change of mode
+    assert computing._position_cache is None
+    # a write through .data bumps no version: train()/eval() or clear_position_cache() picks it up
+    fill()
+    computing.linear_pos.weight.data.mul_(3.0)
+    model.train().eval()
+    torch.testing.assert_close(fill(), _uncached(model, feats, mask), atol=1e-5, rtol=1e-5)
+    computing.linear_pos.weight.data.mul_(0.5)
+    computing.clear_position_cache()
+    torch.testing.assert_close(fill(), _uncached(model, feats, mask), atol=1e-5, rtol=1e-5)
+    computing.linear_pos.weight.data.mul_(0.5)
+    assert clear_position_caches(model) == 2  # both attention modules (the reuse layer has no cache)
+    assert computing._position_cache is None
+    torch.testing.assert_close(fill(), _uncached(model, feats, mask), atol=1e-5, rtol=1e-5)
+    # .to() / .double() (_apply) and load_state_dict drop it too
+    model.double()
+    assert computing._position_cache is None
+    model.float()
+    fill()
+    other = make("2(H4)", num_layers=2)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    model.load_state_dict(other.state_dict(), assign=True)
+    assert computing._position_cache is None
+    torch.testing.assert_close(fill(), _uncached(model, feats, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("autocast_first", [True, False])
+def test_position_cache_keyed_on_autocast(autocast_first):
+    """An fp32 model run with and without CPU bf16 autocast, in either order: the cached projection
+    (bf16 under autocast) is not reused across the switch."""
+    model, feats, mask = _tiny_encoder_inputs()
+    ref_fp32 = _uncached(model, feats, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf16 = _uncached(model, feats, mask)
+    computing, outs = model.encoder.layers[0].self_attn, {}
+    for autocast in ([True, False] if autocast_first else [False, True]):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs[autocast] = model.encoder(feats, mask)[0]
+        assert computing._position_cache[2].dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(outs[False], ref_fp32, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[True], ref_bf16, atol=1e-3, rtol=1e-3)  # same bf16 ops as uncached
+    assert not torch.allclose(outs[True], ref_fp32, atol=1e-5)  # bf16 really ran
+
+
+def test_score_inputs_in_query_dtype():
+    """The fp32 biases ``u``, ``v`` do not promote a bf16 query under autocast; in fp32 the inputs
+    are exactly ``q + u``, ``(q + v) / sqrt(d_k)``, ``k``, ``linear_pos(pos_emb)``."""
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(32, 4).eval()
+    x = torch.randn(2, 7, 32)
+    pos_emb = RelPositionalEncoding(32).encodings(7)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = attn._score_inputs(x, pos_emb)
+            fused_low = attn(x, pos_emb)[0]
+        assert [t.dtype for t in low] == [torch.bfloat16] * 4
+        assert fused_low.dtype == torch.bfloat16
+        got = attn._score_inputs(x, pos_emb)
+        assert [t.dtype for t in got] == [torch.float32] * 4
+        q = attn._heads(attn.linear_q(x), attn.d_k)
+        expected = (q + attn.pos_bias_u[None, :, None, :],
+                    (q + attn.pos_bias_v[None, :, None, :]) / math.sqrt(attn.d_k),
+                    attn._heads(attn.linear_k(x), attn.d_k), attn._heads(attn.linear_pos(pos_emb), attn.d_k))
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 def test_weak_attention_suppression():
