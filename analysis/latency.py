@@ -2,7 +2,8 @@
 
     python -m analysis.latency [--reuse "1(H4)x16" "4(H4)x4" ...] [--lengths 128 256 512 768]
         [--batch-size 1] [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--include-frontend]
-        [--compile] [--cuda-graphs] [--train-length 512 --train-batch 8] [--json F] [--png F]
+        [--compile [--compile-backend inductor]] [--cuda-graphs] [--train-length 512 --train-batch 8]
+        [--json F] [--png F]
 
 Inference: random (seeded) encoder inputs ``(B, T, d)`` after the front end (``--include-frontend``
 times from fbank features instead), ``torch.inference_mode``, warm-up, then the median and spread
@@ -11,7 +12,17 @@ of many runs (CUDA events on GPU, a monotonic clock on CPU). Baselines in the sa
 - our ``1x16`` on its fused path (SDPA; every row of the table) and on the materialised path
   (``+materialised``: maps computed explicitly, as a reuse model must for its computing layers);
 - ``torchaudio.models.Conformer`` of the same width, depth, heads, FFN and kernel (absolute
-  positions, no rel-pos): the peer (``torchaudio``).
+  positions, no rel-pos): the peer (``torchaudio``). Its layers run with no padding mask, which is
+  its ``forward`` on inputs of full length (all of ours are) without the host read of
+  ``lengths.max()`` by which that builds its mask; with ``--include-frontend`` behind a front end
+  like ours (:class:`Peer`), so that every row times front end + encoder.
+
+``--compile`` compiles each row at each length (``torch.compile(dynamic=False)``, backend
+``--compile-backend``) before timing it, from a fresh dynamo cache. The rows' callables share code
+objects, on which dynamo keeps one entry per (row, length): its recompile limit is raised to cover
+them, and hitting it is an error instead of dynamo's silent fall-back to eager (settings restored
+after the run). ``--cuda-graphs`` captures each callable, which therefore reads no tensor back to
+the host (``ConformerCTC`` skips its checks of input values while a capture is under way).
 
 Work: the GFLOP of one forward at each length, counted by ``torch.utils.flop_counter`` (matrix
 products, convolutions and attention kernels; element-wise work is not counted), beside the times, so
@@ -23,6 +34,7 @@ median time, and peak GPU memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -32,6 +44,7 @@ from pathlib import Path
 import torch
 
 from models import ConformerCTC
+from models.subsampling import Conv2dSubsampling
 
 PAPER = ["1(H4)x16", "2(H4)x8", "4(H4)x4", "8(H4)x2", "4(H8)x4"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,8 +120,43 @@ def count_flops(fn) -> int:
 
 
 def summarise(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    # inclusive: deciles within the range of the runs (the default extrapolates beyond it, below 0 for few runs)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "runs": len(times)}
+
+
+def compile_settings(entries: int) -> dict:
+    """``torch._dynamo.config`` of a ``--compile`` run of ``entries`` (row, length) pairs. The rows'
+    callables are lambdas of a few source lines, so they share code objects, and dynamo keeps one
+    cache entry per (row, length) on each: its recompile limit (8 by default) must cover them all,
+    and reaching it must be an error, as dynamo otherwise runs the code eagerly, silently."""
+    return {"recompile_limit": max(8, entries), "accumulated_recompile_limit": max(256, entries),
+            "fail_on_recompile_limit_hit": True}
+
+
+class Peer(torch.nn.Module):
+    """The peer row: ``torchaudio.models.Conformer`` (:attr:`conformer`), behind :attr:`frontend`
+    (our :class:`~models.subsampling.Conv2dSubsampling` at our rows' sizes) when the rows time the
+    front end too, else None.
+
+    ``forward(x (B, T, d), lengths (B,))``, or fbank features ``(B, 4T + 3, 80)`` with the front
+    end, -> ``(B, T, d)``: the conformer's layers on the ``(T, B, d)``-transposed input with no key
+    padding mask. That is ``conformer(x, lengths)`` where every length is full, as in the benchmark
+    (its mask is then all False), without the host read (``lengths.max().item()``) by which it
+    builds the mask, which a CUDA graph capture does not allow. Not for padded batches.
+    """
+
+    def __init__(self, conformer: torch.nn.Module, frontend: Conv2dSubsampling | None = None):
+        super().__init__()
+        self.conformer, self.frontend = conformer, frontend
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.frontend is not None:
+            x, lengths = self.frontend(x, lengths)
+        x = x.transpose(0, 1)
+        for layer in self.conformer.conformer_layers:
+            x = layer(x, None)
+        return x.transpose(0, 1)
 
 
 class Bench:
@@ -125,13 +173,15 @@ class Bench:
         return ConformerCTC(a.vocab_size, d_model=a.d_model, num_layers=a.num_layers, ffn_dim=a.ffn_dim,
                             kernel_size=a.kernel_size, reuse=reuse, subsampling_channels=a.d_model)
 
-    def peer(self):
+    def peer(self) -> Peer:
         import torchaudio
 
         torch.manual_seed(0)
         a = self.a
-        return torchaudio.models.Conformer(input_dim=a.d_model, num_heads=a.peer_heads, ffn_dim=a.ffn_dim,
-                                           num_layers=a.num_layers, depthwise_conv_kernel_size=a.kernel_size)
+        conformer = torchaudio.models.Conformer(input_dim=a.d_model, num_heads=a.peer_heads, ffn_dim=a.ffn_dim,
+                                                num_layers=a.num_layers, depthwise_conv_kernel_size=a.kernel_size)
+        # the front end of self.model()'s: 80 fbank bins, d_model channels
+        return Peer(conformer, Conv2dSubsampling(80, a.d_model, a.d_model) if a.include_frontend else None)
 
     def inputs(self, T: int):
         g = torch.Generator().manual_seed(T)
@@ -144,7 +194,8 @@ class Bench:
         return x.to(self.device), torch.full((B,), x.shape[1], dtype=torch.long, device=self.device)
 
     def forward_fn(self, kind: str, module, T: int):
-        """A zero-argument callable running one encoder forward of ``kind`` at length ``T``."""
+        """A zero-argument callable running one encoder forward of ``kind`` at length ``T``: what
+        :meth:`wrap` compiles and captures (so, while captured, it reads no tensor back to the host)."""
         x, lengths = self.inputs(T)
         x = x.to(self.dtype)
         if kind == "peer":
@@ -154,8 +205,11 @@ class Bench:
         return lambda: module.encoder(x, None, return_attentions=(kind == "materialised"))
 
     def wrap(self, fn):
+        """``fn`` as timed: compiled (and called once, so that it is compiled before any timing) with
+        ``--compile``, a captured CUDA graph's replay with ``--cuda-graphs``."""
         if self.a.compile:
-            fn = torch.compile(fn)
+            fn = torch.compile(fn, backend=self.a.compile_backend, dynamic=False)
+            fn()
         if self.a.cuda_graphs:
             if not self.device.startswith("cuda"):
                 raise ValueError("--cuda-graphs needs --device cuda")
@@ -175,7 +229,13 @@ class Bench:
         """``(timed callable, GFLOP of one call)`` for ``kind`` at length ``T``; call under inference mode."""
         plain = self.forward_fn(kind, module, T)
         plain()  # steady state: input-independent work cached by the model is not counted
-        return self.wrap(plain), count_flops(plain) / 1e9
+        try:
+            timed = self.wrap(plain)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            name = getattr(module, "reuse", "torchaudio")
+            raise RuntimeError(f"--compile: compiling {name} ({kind}) at length {T} hit dynamo's recompile limit "
+                               f"({torch._dynamo.config.recompile_limit}); refusing to time it eagerly") from e
+        return timed, count_flops(plain) / 1e9
 
     def latencies(self, entries: list[tuple[str, object]], T: int) -> list[dict]:
         """Time every ``(kind, module)`` at length ``T``, interleaved: ``rounds`` passes over all of
@@ -240,7 +300,8 @@ def run(a) -> dict:
         rows.append(("torchaudio", "peer"))
     results = {"device": device_name(a.device), "device_type": a.device, "torch": torch.__version__, "dtype": a.dtype,
                "threads": torch.get_num_threads(), "batch_size": a.batch_size, "include_frontend": a.include_frontend,
-               "compile": a.compile, "cuda_graphs": a.cuda_graphs, "lengths": a.lengths, "malloc": malloc,
+               "compile": a.compile, "compile_backend": a.compile_backend if a.compile else None,
+               "cuda_graphs": a.cuda_graphs, "lengths": a.lengths, "malloc": malloc,
                "warmup": a.warmup, "runs": a.runs, "rounds": a.rounds,
                "model": {k: getattr(a, k) for k in ("d_model", "num_layers", "ffn_dim", "kernel_size")},
                "inference": [], "training": []}
@@ -252,9 +313,14 @@ def run(a) -> dict:
         modules.append((kind, module))
         entries.append({"config": name if kind != "materialised" else f"{name}+materialised", "kind": kind,
                         "parameters": sum(p.numel() for p in module.parameters()), "by_length": {}})
-    for T in tqdm(a.lengths, desc="latency", unit="length", disable=a.quiet):
-        for entry, r in zip(entries, bench.latencies(modules, T)):
-            entry["by_length"][str(T)] = r
+    compiling = contextlib.nullcontext()
+    if a.compile:  # (torch._dynamo is imported on first use)
+        torch._dynamo.reset()  # entries of earlier runs on the shared code objects would count to the limit
+        compiling = torch._dynamo.config.patch(**compile_settings(len(rows) * len(a.lengths)))
+    with compiling:
+        for T in tqdm(a.lengths, desc="latency", unit="length", disable=a.quiet):
+            for entry, r in zip(entries, bench.latencies(modules, T)):
+                entry["by_length"][str(T)] = r
     results["inference"] = entries
     del built, modules
     first = results["inference"][0]["by_length"]
@@ -275,7 +341,9 @@ def print_table(results: dict) -> None:
     lengths = results["lengths"]
     print(f"# {results['device']} | torch {results['torch']} | {results['dtype']} | {results['threads']} threads | "
           f"batch {results['batch_size']} | front-end {'included' if results['include_frontend'] else 'excluded'} | "
-          f"{results['runs']} runs in {results['rounds']} interleaved rounds | malloc {results['malloc']}")
+          f"{results['runs']} runs in {results['rounds']} interleaved rounds | malloc {results['malloc']}"
+          + (f" | torch.compile ({results.get('compile_backend')})" if results.get("compile") else "")
+          + (" | CUDA graphs" if results.get("cuda_graphs") else ""))
     print(f"{'configuration':26s}" + "".join(f"{f'{T} ms':>11s}{'x':>6s}" for T in lengths))
     for e in results["inference"]:
         cells = "".join(f"{e['by_length'][str(T)]['median_ms']:11.2f}{e['by_length'][str(T)]['speedup_vs_first']:6.2f}"
@@ -325,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--include-frontend", action="store_true", help="time from fbank features (Table 3 excludes it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the timed function")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (with --compile)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay a captured CUDA graph")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=50, help="timed calls per configuration and length")

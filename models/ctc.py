@@ -12,6 +12,16 @@ from models.reuse import format_reuse_config, parse_reuse_config
 from models.subsampling import Conv2dSubsampling
 
 
+def host_reads_allowed() -> bool:
+    """Whether code may read a tensor's value back to the host (``.item()``, ``bool(t.any())``):
+    not while ``torch.compile`` traces (a graph break) nor while a CUDA stream is being captured
+    into a graph (an error). Checks of input values are skipped there; shape checks, which read no
+    tensor, still run."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 @dataclasses.dataclass
 class EncoderOutput:
     """What :meth:`ConformerCTC.encode` returns.
@@ -62,10 +72,13 @@ class ConformerCTC(nn.Module):
         return [p.num_heads for p in self.plans]
 
     def _check_inputs(self, features: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Shapes always; the values of ``lengths`` only where :func:`host_reads_allowed`."""
         if features.dim() != 3 or features.shape[-1] != self.input_dim:
             raise ValueError(f"features must be (B, T, {self.input_dim}); got {tuple(features.shape)}")
         if lengths.dim() != 1 or lengths.shape[0] != features.shape[0]:
             raise ValueError(f"lengths must be ({features.shape[0]},) to match the batch; got {tuple(lengths.shape)}")
+        if not host_reads_allowed():
+            return
         if (lengths > features.shape[1]).any() or (lengths < 1).any():
             raise ValueError(f"lengths {lengths.tolist()} must lie in 1..{features.shape[1]} (the padded length)")
         short = int(lengths.min())
