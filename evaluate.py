@@ -20,9 +20,9 @@ import jiwer
 import torch
 
 from data.datamodule import ManifestDataset, ordered_loader
-from data.features import GlobalCMVN, atomic_write_text
+from data.features import atomic_write_text
 from models.decoding import BeamSearch, greedy_decode, write_lexicon
-from models.checkpoint import load_model
+from models.checkpoint import load_model, model_cmvn, save_model_checkpoint
 
 def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""
@@ -34,9 +34,19 @@ def score(refs: list[str], hyps: list[str]) -> dict:
             "deletions": m.deletions, "insertions": m.insertions, "words": words, "utterances": len(refs)}
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Waits for the device's queued work (CUDA), so that host timers measure it; no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def evaluate_set(model, tokenizer, cmvn, manifest: Path, beam: BeamSearch | None, max_frames: int = 20000,
                  device: str = "cpu", progress: bool = True) -> tuple[dict, list[tuple[str, ...]]]:
+    """Decodes one manifest. Data-side work stays on the CPU (features, ``cmvn``); each batch is
+    moved to ``device`` explicitly and the log-probabilities come back to the CPU for decoding
+    (torchaudio's beam search reads CPU tensors). The real-time factors time the model with the
+    device synchronised."""
     from tqdm import tqdm
 
     ds = ManifestDataset([manifest], tokenizer=None, cmvn=cmvn)
@@ -46,8 +56,10 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path, beam: BeamSearch | None
     for batch in tqdm(loader, desc=manifest.stem, unit="batch", disable=not progress):
         if batch is None:
             continue
+        synchronize(device)
         t0 = time.perf_counter()
         log_probs, lengths = model(batch["features"].to(device), batch["feature_lengths"].to(device))
+        log_probs, lengths = log_probs.cpu(), lengths.cpu()  # waits for the device
         t1 = time.perf_counter()
         g = [tokenizer.decode(h) for h in greedy_decode(log_probs, lengths)]
         t2 = time.perf_counter()
@@ -71,25 +83,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
     p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
     p.add_argument("--sets", nargs="+", required=True, help="manifest names under DATA_DIR/manifests, or .jsonl paths")
-    p.add_argument("--data-dir", help="prepared data folder (default: the tokenizer's folder in the checkpoint)")
+    p.add_argument("--data-dir", help="prepared data folder holding manifests/ (default: the folder the checkpoint "
+                                      "was trained from); the tokenizer and CMVN come from the checkpoint")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
     p.add_argument("--beam-size", type=int, default=32)
     p.add_argument("--no-beam", action="store_true", help="greedy decoding only")
     p.add_argument("--lexicon", help="restrict the beam search to a word list: a flashlight lexicon file, or "
                                      "'train' to spell the words of the data dir's *train* manifests")
     p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (features are made on the CPU and moved per batch)")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
     p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
     a = p.parse_args(argv)
     try:
         model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
-        data_dir = Path(a.data_dir or Path(tokenizer.path).parent)
-        cmvn = GlobalCMVN.load(data_dir / "cmvn.json").to(a.device)
+        # the checkpoint's own data folder, if it is still where training left it
+        data_dir = Path(a.data_dir) if a.data_dir else Path(hp.get("tokenizer_path", ".")).parent
+        cmvn = model_cmvn(hp, data_dir)  # on the CPU, where the dataset applies it
         manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
         for m in manifests:
             if not m.is_file():
-                raise FileNotFoundError(f"manifest {m} does not exist")
+                raise FileNotFoundError(f"manifest {m} does not exist" + ("" if a.data_dir or m.suffix == ".jsonl" else
+                                        " (has the data folder moved? give --data-dir or the .jsonl path)"))
         ckpt = Path(a.ckpt)
         out = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent).parent / "eval"
         lexicon = a.lexicon
@@ -108,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if a.save_averaged:
-        torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-                   a.save_averaged)
+        save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
     report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "beam_size": None if a.no_beam else a.beam_size,
               "lexicon": None if lexicon is None else str(lexicon),
               "device": a.device, "threads": torch.get_num_threads(), "sets": {}}

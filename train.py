@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.datamodule import ASRDataModule
-from data.tokenizer import BLANK, Tokenizer, tokenizer_digest
+from data.tokenizer import BLANK, Tokenizer
 from models import ConformerCTC
 from models.decoding import greedy_decode
 
@@ -60,18 +60,19 @@ class CTCModule(L.LightningModule):
                  weight_noise: float = 0.0, weight_noise_start: int = 0):
         super().__init__()
         self.tokenizer = Tokenizer(tokenizer_path)
+        # hyper-parameters are exactly the init arguments (LightningCLI parses them back from a
+        # checkpoint given as --ckpt_path FILE); the tokenizer itself, its digest and the CMVN
+        # statistics go into the checkpoint beside them (:meth:`on_save_checkpoint`)
         self.save_hyperparameters()
-        self.hparams["vocab_size"] = self.tokenizer.vocab_size
-        self.hparams["tokenizer_sha256"] = tokenizer_digest(tokenizer_path)
         self.model = ConformerCTC(self.tokenizer.vocab_size, input_dim=input_dim, d_model=d_model,
                                   num_layers=num_layers, ffn_dim=ffn_dim, kernel_size=kernel_size, reuse=reuse,
                                   dropout=dropout, attention_dropout=attention_dropout,
                                   subsampling_channels=subsampling_channels, was_gamma=was_gamma,
                                   bn_momentum=bn_momentum)
         self.skipped_steps = 0
-        self._noise: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._val_hyps: list[str] = []
-        self._val_refs: list[str] = []
+        self._skip_this_step = False
+        self._clean_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_counts = torch.zeros(4, dtype=torch.float64)  # errors, words, loss sum, utterances
 
     def ctc_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         log_probs, out_lengths = self.model(batch["features"], batch["feature_lengths"])
@@ -81,64 +82,97 @@ class CTCModule(L.LightningModule):
 
     # --- variational weight noise ----------------------------------------------------------
     def _add_weight_noise(self) -> None:
+        """Adds Gaussian noise to every weight matrix for one forward/backward; the clean values are
+        kept and copied back (not the noise subtracted: ``w + n - n`` is not ``w`` in floating point,
+        and DDP replicas, whose noise differs per rank, would drift apart)."""
         std = self.hparams.weight_noise
         if std <= 0 or self.global_step < self.hparams.weight_noise_start:
             return
-        for p in self.model.parameters():
-            if p.requires_grad and p.dim() > 1:
-                n = torch.randn_like(p) * std
-                p.data.add_(n)
-                self._noise.append((p, n))
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.requires_grad and p.dim() > 1:
+                    self._clean_weights.append((p, p.detach().clone()))
+                    p.add_(torch.randn_like(p) * std)
 
     def _remove_weight_noise(self) -> None:
-        for p, n in self._noise:
-            p.data.sub_(n)
-        self._noise.clear()
+        with torch.no_grad():
+            for p, clean in self._clean_weights:
+                p.copy_(clean)
+        self._clean_weights.clear()
 
     def on_after_backward(self) -> None:
         self._remove_weight_noise()
 
     # --- steps -------------------------------------------------------------------------------
+    def _zero_loss(self) -> torch.Tensor:
+        """0 times the sum of every trainable parameter: a loss whose backward gives zero gradients
+        and still visits every parameter, so DDP's gradient all-reduce runs on this rank too."""
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
     def training_step(self, batch, batch_idx):
-        if batch is None:  # every utterance of the batch failed to load
-            return None
-        self._add_weight_noise()
-        loss, _, _ = self.ctc_loss(batch)
-        if not torch.isfinite(loss):
+        """A batch that failed to load (None) or a non-finite loss skips the step. Under DDP the
+        decision is taken jointly (one all-reduce of a flag): every rank then backpropagates a zero
+        loss (the gradient all-reduce is entered on every rank, nothing hangs) and
+        :meth:`on_before_optimizer_step` drops the gradients, so no rank changes its weights."""
+        self._skip_this_step = False
+        loss = None
+        if batch is not None:
+            self._add_weight_noise()
+            loss, _, _ = self.ctc_loss(batch)
+        bad = torch.full((), float(loss is None or not torch.isfinite(loss)), device=self.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() > 0:
             self._remove_weight_noise()
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-            return None  # Lightning skips backward and the optimiser step
+            self._skip_this_step = True
+            return self._zero_loss()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["ids"]))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
         return loss
 
+    def _count_skip(self) -> None:
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Drops the step when :meth:`training_step` decided to skip it or a gradient is not finite
+        (checked with one fused reduction and one host read; under DDP the gradients are already
+        all-reduced, so every rank decides alike). AdamW leaves parameters without gradient untouched."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        skip = self._skip_this_step
+        if not skip and grads:
+            norms = torch._foreach_norm(grads)
+            skip = not bool(torch.isfinite(torch.stack(norms)).all())
+        if skip:
             for p in self.parameters():
-                p.grad = None  # AdamW leaves parameters without gradient untouched
-            self.skipped_steps += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+                p.grad = None
+            self._count_skip()
+        self._skip_this_step = False
 
     def validation_step(self, batch, batch_idx):
         if batch is None:
             return
         loss, log_probs, out_lengths = self.ctc_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["ids"]))
-        self._val_hyps += [self.tokenizer.decode(h) for h in greedy_decode(log_probs, out_lengths)]
-        self._val_refs += batch["texts"]
+        hyps = [self.tokenizer.decode(h) for h in greedy_decode(log_probs, out_lengths)]
+        m = jiwer.process_words(batch["texts"], hyps)
+        n = len(batch["ids"])
+        self._val_counts += torch.tensor([m.substitutions + m.deletions + m.insertions,
+                                          m.hits + m.substitutions + m.deletions, float(loss) * n, n],
+                                         dtype=torch.float64)
 
     def on_validation_epoch_end(self) -> None:
-        if self._val_refs:
-            m = jiwer.process_words(self._val_refs, self._val_hyps)
-            errors, words = m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions
-            t = torch.tensor([errors, words], dtype=torch.float64, device=self.device)
-            if self.trainer.world_size > 1:
-                t = self.trainer.strategy.reduce(t, reduce_op="sum")
-            self.log("val_wer", float(100.0 * t[0] / max(1.0, float(t[1]))), prog_bar=True)
-        self._val_hyps.clear()
-        self._val_refs.clear()
+        """``val_wer`` and ``val/loss`` over every utterance of every rank: one all-reduce of the
+        counts, entered by every rank (also one that got no batch), then logged unsynchronised."""
+        t = self._val_counts.to(self.device)
+        self._val_counts = torch.zeros_like(self._val_counts)
+        if self.trainer.world_size > 1:
+            t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        errors, words, loss_sum, utterances = t.tolist()
+        if utterances == 0:
+            return
+        self.log("val_wer", 100.0 * errors / max(1.0, words), prog_bar=True)
+        self.log("val/loss", loss_sum / utterances, prog_bar=True)
+        self.log("val/utterances", utterances)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -160,15 +194,31 @@ class CTCModule(L.LightningModule):
         torch.manual_seed(zlib.crc32(f"{seed}/{self.global_step}/{self.global_rank}".encode()))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Makes the checkpoint self-contained: the SentencePiece model itself (with its digest and
+        the vocabulary size) and the CMVN statistics of the data it was trained on, so that
+        evaluation, analysis and resumption work from any folder, after the data folder is gone."""
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["tokenizer"] = {"sha256": self.tokenizer.digest, "vocab_size": self.tokenizer.vocab_size,
+                                   "model": self.tokenizer.model_bytes, "name": Path(self.tokenizer.path).name}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        cmvn = getattr(dm, "cmvn", None)
+        if cmvn is not None:
+            checkpoint["cmvn"] = {"mean": cmvn.mean.detach().cpu().clone(), "std": cmvn.std.detach().cpu().clone()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint trained with another tokenizer (clear message before any step)."""
-        saved = checkpoint.get("hyper_parameters", {}).get("tokenizer_sha256")
-        if saved is not None and saved != self.hparams.tokenizer_sha256:
+        saved = checkpoint_tokenizer_digest(checkpoint)
+        if saved is not None and saved != self.tokenizer.digest:
             raise ValueError(f"checkpoint was trained with another tokenizer (sha256 {saved}) than "
-                             f"{self.hparams.tokenizer_path} (sha256 {self.hparams.tokenizer_sha256})")
+                             f"{self.hparams.tokenizer_path} (sha256 {self.tokenizer.digest})")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+
+def checkpoint_tokenizer_digest(checkpoint: dict) -> str | None:
+    """The tokenizer digest a checkpoint records (embedded tokenizer, or older checkpoints' hparams)."""
+    if isinstance(checkpoint.get("tokenizer"), dict):
+        return checkpoint["tokenizer"].get("sha256")
+    return checkpoint.get("hyper_parameters", {}).get("tokenizer_sha256")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

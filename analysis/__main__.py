@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--utterance", help="utterance id for the context-mixing figure (default: the first)")
         s.add_argument("--probe-epochs", type=int, default=15)
         s.add_argument("--max-frames", type=int, default=20000)
+        s.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (features stay on the CPU "
+                                                       "and each batch is moved)")
     a = p.parse_args(argv)
     try:
         report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
                         a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
-                        data_dir=a.data_dir)
+                        data_dir=a.data_dir, device=a.device)
         results = report.run(None if a.command == "report" else [a.command])
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")

@@ -25,14 +25,15 @@ METHODS = ("attention", "attention_norm", "value_zeroing")
 
 
 def _group_mask(groups: list[list[int]], T: int, device) -> torch.Tensor:
-    m = torch.zeros(len(groups), T, device=device)
+    """``(G, T)`` 0/1 membership of frames in groups, built on the CPU and moved once."""
+    m = torch.zeros(len(groups), T)
     for g, frames in enumerate(groups):
         if not frames:
             raise ValueError(f"group {g} has no frame")
         if max(frames) >= T or min(frames) < 0:
             raise ValueError(f"group {g} names frame {max(frames)} outside 0..{T - 1}")
         m[g, frames] = 1.0
-    return m
+    return m.to(device)
 
 
 @torch.inference_mode()
@@ -47,7 +48,7 @@ def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[lis
     if unknown:
         raise ValueError(f"unknown context-mixing method(s) {sorted(unknown)}; expected {METHODS}")
     model.eval()
-    lengths = torch.tensor([features.shape[0]], device=features.device)
+    lengths = torch.full((1,), features.shape[0], dtype=torch.long, device=features.device)
     enc = model.encode(features[None], lengths, return_attentions=True, return_hidden_states=True)
     T = enc.output.shape[1]
     layers = list(range(model.num_layers)) if layers is None else layers

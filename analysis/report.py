@@ -21,8 +21,8 @@ from analysis.runner import (accumulated_coverage, aligned_manifest, attention_s
                              reference_par, save_par)
 from data.alignments import PHONE_CLASSES, read_textgrid
 from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW, encoder_frames
-from data.features import GlobalCMVN, atomic_write_text, fbank, load_audio
-from models.checkpoint import load_model
+from data.features import atomic_write_text, fbank, load_audio
+from models.checkpoint import load_model, model_cmvn
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
@@ -53,8 +53,10 @@ class Report:
     def __init__(self, ckpt: str | None, manifest: str, out: str, alignments: str | None = None,
                  reference: str | None = None, probe_train: str | None = None, limit: int | None = None,
                  utterance: str | None = None, max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True,
-                 upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None):
+                 upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None,
+                 device: str = "cpu"):
         self.out = Path(out)
+        self.device = device
         self.out.mkdir(parents=True, exist_ok=True)
         self.upstream = upstream
         self.featurizer = self.framing = None
@@ -66,7 +68,7 @@ class Report:
                 raise ValueError(f"unknown upstream {upstream!r}; expected one of {', '.join(UPSTREAMS)}")
             if not upstream_ckpt:
                 raise ValueError(f"--upstream {upstream} needs --upstream-ckpt (the .ckpt s3prl's hub downloads)")
-            self.model = TeraUpstream.from_checkpoint(upstream_ckpt)
+            self.model = TeraUpstream.from_checkpoint(upstream_ckpt).to(device)
             self.hp = {"checkpoints": [str(upstream_ckpt)], "reuse": f"{upstream} ({self.model.num_layers} layers)"}
             self.data_dir = Path(data_dir) if data_dir else None
             self.cmvn = None  # the upstream normalises its own features
@@ -75,9 +77,10 @@ class Report:
         else:
             if not ckpt:
                 raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
-            self.model, self.tokenizer, self.hp = load_model(ckpt)
-            self.data_dir = Path(data_dir) if data_dir else Path(self.tokenizer.path).parent
-            self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
+            self.model, self.tokenizer, self.hp = load_model(ckpt, device=device)
+            # manifests by name from the folder the model was trained on, if it is still there
+            self.data_dir = Path(data_dir) if data_dir else Path(self.hp.get("tokenizer_path", ".")).parent
+            self.cmvn = model_cmvn(self.hp, self.data_dir)  # CPU: the dataset applies it
         self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
@@ -109,7 +112,7 @@ class Report:
     def stats(self):
         if self._stats is None:
             t0 = time.perf_counter()
-            self._stats, skipped = attention_stats(self.model, self.loader(), self.progress)
+            self._stats, skipped = attention_stats(self.model, self.loader(), self.progress, self.device)
             self.results["attention_pass"] = {"utterances": self._stats.utterances, "skipped_too_short": skipped,
                                               "seconds": round(time.perf_counter() - t0, 2)}
             if self._stats.utterances == 0:
@@ -130,8 +133,8 @@ class Report:
         ref = Path(self.reference)
         if ref.suffix == ".json":
             return reference_par(load_par(ref)), f"{ref} (lower half)"
-        model, _, _ = load_model(ref)
-        stats, _ = attention_stats(model, self.loader(), self.progress)
+        model, _, _ = load_model(ref, device=self.device)
+        stats, _ = attention_stats(model, self.loader(), self.progress, self.device)
         return reference_par(stats.par_layers()), f"{ref} (lower half)"
 
     def step_par(self):
@@ -186,8 +189,8 @@ class Report:
     def step_probe(self):
         train_m, test_m = self._probe_sets()
         self._test_loader = self.loader(test_m)
-        train_cache = collect(self.model, self.loader(train_m), progress=self.progress)
-        test_cache = collect(self.model, self._test_loader, progress=self.progress)
+        train_cache = collect(self.model, self.loader(train_m), device=self.device, progress=self.progress)
+        test_cache = collect(self.model, self._test_loader, device=self.device, progress=self.progress)
         self._probes = train_probes(train_cache, epochs=self.probe_epochs, progress=self.progress)
         acc = probe_accuracy(self._probes, test_cache)
         self.results["probe"] = {"accuracy": acc.tolist(), "train_frames": int(train_cache.labels.numel()),
@@ -206,7 +209,7 @@ class Report:
         last = len(heads)
 
         def metric(mask):
-            cache = collect(self.model, self._test_loader, head_mask=mask)
+            cache = collect(self.model, self._test_loader, head_mask=mask, device=self.device)
             return float(probe_accuracy(self._probes, cache)[last])
 
         result = cumulative_ablation(ranking, heads, metric, progress=self.progress)
@@ -229,7 +232,8 @@ class Report:
         words = read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)
         if len(words) < 2:
             raise ValueError(f"utterance {e['id']} has fewer than two aligned words")
-        scores = context_mixing(self.model, feats, [f for _, f in words])
+        scores = context_mixing(self.model, feats.to(self.device), [f for _, f in words])
+        scores = {m: v.cpu() for m, v in scores.items()}
         names = [w for w, _ in words]
         self.results["mixing"] = {"utterance": e["id"], "words": names,
                                   **{m: v.tolist() for m, v in scores.items()}}

@@ -145,7 +145,7 @@ def attention_stats(model, loader, progress: bool = True, device: str = "cpu") -
         if batch is None:
             continue
         enc = model.encode(batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True)
-        for b, n in enumerate(enc.lengths.tolist()):
+        for b, n in enumerate(enc.lengths.cpu().tolist()):
             labels = batch["labels"][b, :n]
             maps = [a[b, :, :n, :n].float().cpu() for a in enc.attentions]
             if not stats.add(maps, labels):

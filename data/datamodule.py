@@ -147,13 +147,23 @@ class FrameBucketSampler(Sampler[list[int]]):
 
     Utterances are sorted by length into ``num_buckets`` buckets; with ``shuffle`` the
     utterances inside each bucket and the order of the batches are shuffled, differently each
-    epoch (:meth:`set_epoch`) but deterministically for a seed. Under DDP each rank takes every
-    ``world_size``-th batch, and all ranks get the same number of batches. With ``tag_epoch`` the
-    batches hold ``(index, epoch)`` pairs (for per-epoch augmentation in the dataset).
+    epoch (:meth:`set_epoch`) but deterministically for a seed. With ``tag_epoch`` the batches
+    hold ``(index, epoch)`` pairs (for per-epoch augmentation in the dataset).
+
+    Under DDP (``world_size > 1``) each rank takes every ``world_size``-th batch. With ``even``
+    (training) every rank gets the same number of batches, the last ``len % world_size`` being
+    left out (DDP needs one gradient all-reduce per step on every rank); without it (evaluation)
+    no batch is left out and the ranks' counts may differ by one, so that every utterance is
+    scored exactly once.
+
+    Resumable: :meth:`state_dict` / :meth:`load_state_dict` hold ``(epoch, position)``, the
+    epoch and the number of its batches already consumed; after :meth:`load_state_dict` the next
+    iteration yields that epoch's batches from ``position`` on (or, if it was complete, the next
+    epoch's), whatever epoch a trainer announces in between.
     """
 
     def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, num_buckets: int = 30, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, tag_epoch: bool = False):
+                 rank: int | None = None, world_size: int | None = None, tag_epoch: bool = False, even: bool | None = None):
         if max_frames <= 0:
             raise ValueError(f"max_frames must be positive, got {max_frames}")
         too_long = [i for i, n in enumerate(lengths) if n > max_frames]
@@ -162,6 +172,7 @@ class FrameBucketSampler(Sampler[list[int]]):
                           stacklevel=2)
         self.lengths, self.max_frames, self.shuffle = list(lengths), max_frames, shuffle
         self.num_buckets, self.seed, self.epoch, self.tag_epoch = max(1, num_buckets), seed, 0, tag_epoch
+        self.even = shuffle if even is None else even
         if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank or 0, world_size or 1
@@ -169,9 +180,19 @@ class FrameBucketSampler(Sampler[list[int]]):
         # point that attribute at ourselves so that shuffling really changes every epoch.
         self.sampler = self
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if self._resume is None:  # a restored state decides the epoch of the next iteration
+            self.epoch = epoch
+
+    def state_dict(self, position: int = 0) -> dict:
+        """``{"epoch", "position"}``: ``position`` batches of the current epoch were consumed (the
+        caller knows how many: loaders fetch ahead)."""
+        return {"epoch": self.epoch, "position": int(position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["position"]))
 
     def _batches(self) -> list[list[int]]:
         """This epoch's batches, built once per epoch (``len`` and ``iter`` share them)."""
@@ -201,17 +222,63 @@ class FrameBucketSampler(Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1:
-            per_rank = len(batches) // self.world_size
-            batches = batches[self.rank: per_rank * self.world_size: self.world_size]
+            end = len(batches) // self.world_size * self.world_size if self.even else len(batches)
+            batches = batches[self.rank: end: self.world_size]
         return batches
 
     def __iter__(self):
         # a generator: the batches are drawn at the first ``next``, after Lightning's ``set_epoch``
-        for b in self._batches():
+        start = 0
+        if self._resume is not None:
+            self.epoch, start = self._resume
+            self._resume = None
+            if start >= len(self._batches()):  # that epoch was complete: the next one
+                self.epoch, start = self.epoch + 1, 0
+        for b in self._batches()[start:]:
             yield [(i, self.epoch) for i in b] if self.tag_epoch else b
 
     def __len__(self) -> int:
+        """Batches of the whole epoch (also while a resumed epoch yields only its remainder: the
+        trainer counts the consumed ones itself)."""
+        if self._resume is not None:
+            epoch, start = self._resume
+            n = len(self._batches_of(epoch))
+            return n if start < n else len(self._batches_of(epoch + 1))
         return len(self._batches())
+
+    def _batches_of(self, epoch: int) -> list[list[int]]:
+        saved, self.epoch = self.epoch, epoch
+        try:
+            return self._batches()
+        finally:
+            self.epoch = saved
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: Lightning saves its :meth:`state_dict` with every checkpoint and
+    restores it on resumption (its ``_Stateful`` protocol), so a run resumed at an epoch boundary
+    or at step ``k`` inside an epoch draws the uninterrupted run's batches.
+
+    The state is the batch sampler's epoch and the number of its batches the trainer has
+    completed, read from the trainer through ``progress() -> (completed, batches per epoch)``
+    (the loader itself cannot count them: loaders and Lightning fetch ahead). A complete epoch
+    (``completed`` >= batches per epoch, which ``limit_train_batches`` may cut) is recorded as the
+    start of the next one.
+    """
+
+    def __init__(self, dataset, progress, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict:
+        completed, per_epoch = self._progress()
+        state = self.batch_sampler.state_dict(completed)
+        if completed >= per_epoch:
+            state = {"epoch": state["epoch"] + 1, "position": 0}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 def ordered_loader(dataset: ManifestDataset, max_frames: int, num_workers: int = 0) -> DataLoader:
@@ -273,7 +340,16 @@ class ASRDataModule(_lightning_base()):
                           persistent_workers=train and self.hparams.num_workers > 0)
 
     def train_dataloader(self):
-        return self.loader(self.hparams.train_sets, train=True)
+        ds = self.dataset(self.hparams.train_sets, train=True)
+        sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], self.hparams.max_frames, shuffle=True,
+                                     num_buckets=self.hparams.num_buckets, seed=self.hparams.seed, tag_epoch=True)
+        return ResumableLoader(ds, self._train_progress, batch_sampler=sampler, collate_fn=collate,
+                               num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def _train_progress(self) -> tuple[int, int | float]:
+        """(batches of this epoch the trainer has completed, batches in its epoch)."""
+        t = self.trainer
+        return t.fit_loop.epoch_loop.batch_progress.current.completed, t.num_training_batches
 
     def val_dataloader(self):
         return self.loader(self.hparams.valid_sets)

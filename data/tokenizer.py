@@ -12,21 +12,34 @@ from pathlib import Path
 BLANK = 0
 
 
-def tokenizer_digest(path: str | Path) -> str:
-    """Short SHA-256 of a SentencePiece model file: checkpoints record it to refuse another one."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def tokenizer_digest(path: str | Path | bytes) -> str:
+    """Short SHA-256 of a SentencePiece model (its file, or its bytes): checkpoints record it to
+    refuse another one."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 class Tokenizer:
-    """Text <-> CTC output indices through a SentencePiece model file."""
+    """Text <-> CTC output indices through a SentencePiece model file.
 
-    def __init__(self, model_path: str | Path):
+    ``model_bytes``: the serialised model itself (as a checkpoint embeds it); ``model_path`` is
+    then only its name (the file need not exist).
+    """
+
+    def __init__(self, model_path: str | Path, model_bytes: bytes | None = None):
         import sentencepiece as spm
 
         self.path = str(model_path)
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"{model_path}: no such SentencePiece model")
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        if model_bytes is None:
+            if not Path(model_path).is_file():
+                raise FileNotFoundError(f"{model_path}: no such SentencePiece model")
+            model_bytes = Path(model_path).read_bytes()
+        self.model_bytes = model_bytes
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+    @property
+    def digest(self) -> str:
+        return tokenizer_digest(self.model_bytes)
 
     @property
     def vocab_size(self) -> int:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import Tokenizer, tokenizer_digest
+from data.features import GlobalCMVN
+from data.tokenizer import Tokenizer
 from models.ctc import ConformerCTC
 
 MODEL_KEYS = ("reuse", "d_model", "num_layers", "ffn_dim", "kernel_size", "dropout", "attention_dropout",
@@ -41,24 +42,78 @@ def average_state_dicts(states: list[dict]) -> dict:
     return out
 
 
+def _tokenizer_record(checkpoint: dict) -> tuple[int | None, str | None, bytes | None]:
+    """``(vocab_size, sha256, model bytes or None)`` of a checkpoint: from its embedded tokenizer, or
+    (checkpoints written before tokenizers were embedded) from its hyper-parameters."""
+    tok = checkpoint.get("tokenizer")
+    if isinstance(tok, dict):
+        return tok.get("vocab_size"), tok.get("sha256"), tok.get("model")
+    hp = checkpoint.get("hyper_parameters") or {}
+    return hp.get("vocab_size"), hp.get("tokenizer_sha256"), None
+
+
 def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | None = None,
                device: str = "cpu") -> tuple[ConformerCTC, Tokenizer, dict]:
     """Model (eval mode), tokenizer and hyper-parameters from a training checkpoint (or several,
-    averaged). A tokenizer other than the one the model was trained with is refused."""
+    averaged). The tokenizer is the one embedded in the checkpoint (older checkpoints: the file
+    they name); ``tokenizer_path`` may name a file, which must be the same model. The returned
+    hyper-parameters carry ``vocab_size``, ``tokenizer_sha256``, ``checkpoints`` and ``cmvn``
+    (the embedded statistics ``{"mean", "std"}``, or None; see :func:`model_cmvn`)."""
     paths = checkpoint_paths(ckpt, average)
-    loaded = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    loaded = []
+    for p in paths:
+        try:
+            loaded.append(torch.load(p, map_location="cpu", weights_only=False))
+        except Exception as e:  # truncated, empty or not a torch file at all
+            raise ValueError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     hp = loaded[-1].get("hyper_parameters") if isinstance(loaded[-1], dict) else None
-    if not hp or "vocab_size" not in hp or "reuse" not in hp:
+    vocab_size, digest, model_bytes = _tokenizer_record(loaded[-1]) if hp else (None, None, None)
+    if not hp or vocab_size is None or "reuse" not in hp:
         raise ValueError(f"{paths[-1]}: not a checkpoint of train.py's CTCModule (no model hyper-parameters)")
-    tokenizer_path = Path(tokenizer_path or hp["tokenizer_path"])
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size != hp["vocab_size"] or tokenizer_digest(tokenizer_path) != hp.get("tokenizer_sha256"):
-        raise ValueError(f"tokenizer {tokenizer_path} ({tokenizer.vocab_size} outputs) is not the one {paths[-1]} "
-                         f"was trained with ({hp['vocab_size']} outputs, sha256 {hp.get('tokenizer_sha256')})")
-    model = ConformerCTC(hp["vocab_size"], **{k: hp[k] for k in MODEL_KEYS if k in hp})
+    if tokenizer_path is not None or model_bytes is None:
+        tokenizer_path = Path(tokenizer_path or hp["tokenizer_path"])
+        tokenizer = Tokenizer(tokenizer_path)
+    else:
+        tokenizer = Tokenizer(hp.get("tokenizer_path", "bpe.model"), model_bytes)
+    if tokenizer.vocab_size != vocab_size or (digest is not None and tokenizer.digest != digest):
+        raise ValueError(f"tokenizer {tokenizer.path} ({tokenizer.vocab_size} outputs) is not the one {paths[-1]} "
+                         f"was trained with ({vocab_size} outputs, sha256 {digest})")
+    model = ConformerCTC(vocab_size, **{k: hp[k] for k in MODEL_KEYS if k in hp})
     states = [{k[len("model."):]: v for k, v in c["state_dict"].items() if k.startswith("model.")} for c in loaded]
     try:
         model.load_state_dict(average_state_dicts(states) if len(states) > 1 else states[0])
     except RuntimeError as e:
         raise ValueError(f"{paths[-1]}: weights do not fit the model its hyper-parameters describe ({e})") from None
-    return model.to(device).eval(), tokenizer, {**hp, "checkpoints": [str(p) for p in paths]}
+    info = {**hp, "vocab_size": vocab_size, "tokenizer_sha256": digest, "checkpoints": [str(p) for p in paths],
+            "cmvn": loaded[-1].get("cmvn")}
+    return model.to(device).eval(), tokenizer, info
+
+
+def model_cmvn(hp: dict, data_dir: str | Path | None = None) -> GlobalCMVN:
+    """The feature normalisation a model was trained with: the statistics embedded in its
+    checkpoint, or (older checkpoints) ``data_dir/cmvn.json``. Stays on the CPU, where the
+    dataset applies it; batches are moved to the model's device afterwards."""
+    if hp.get("cmvn") is not None:
+        return GlobalCMVN(hp["cmvn"]["mean"], hp["cmvn"]["std"], dim=len(hp["cmvn"]["mean"]))
+    if data_dir is None:
+        raise ValueError(f"{hp['checkpoints'][-1]}: the checkpoint holds no CMVN statistics; give --data-dir "
+                         "(the prepared data folder with cmvn.json)")
+    return GlobalCMVN.load(Path(data_dir) / "cmvn.json")
+
+
+def save_model_checkpoint(path: str | Path, model: ConformerCTC, tokenizer: Tokenizer, hp: dict) -> None:
+    """A self-contained checkpoint (weights, hyper-parameters, tokenizer, CMVN) that
+    :func:`load_model` reads, e.g. averaged weights."""
+    from data.features import atomic_write_bytes
+
+    init = {k: v for k, v in hp.items() if k not in ("checkpoints", "cmvn", "vocab_size", "tokenizer_sha256")}
+    ckpt = {"hyper_parameters": init, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "tokenizer": {"sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size,
+                          "model": tokenizer.model_bytes, "name": Path(tokenizer.path).name}}
+    if hp.get("cmvn") is not None:
+        ckpt["cmvn"] = hp["cmvn"]
+    import io
+
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())

@@ -24,21 +24,37 @@ TINY = dict(reuse="1(H2)+1(H2)", d_model=32, num_layers=2, ffn_dim=64, kernel_si
 
 class Recorder(L.Callback):
     def __init__(self):
-        self.losses = []
+        self.losses, self.batches = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.batches.append((trainer.current_epoch, tuple(batch["ids"])))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if outputs:  # a skipped step returns nothing
+        if outputs and not module._skip_this_step:  # a skipped step returns a zero loss
             self.losses.append(float(outputs["loss"]))
 
 
-def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4, **model_kw):
+class StopAt(L.Callback):
+    """Stops training (as a killed job would, but cleanly) once ``step`` optimiser steps are done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4, stop_at=None, val_every=None,
+         recorder=None, **model_kw):
     L.seed_everything(0, workers=True)
     dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
     module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
-    rec = Recorder()
+    rec = recorder or Recorder()
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=limit,
                         limit_val_batches=1, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=[rec, *train.default_callbacks(2)], default_root_dir=str(root),
+                        callbacks=[rec, *train.default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
+                        default_root_dir=str(root), val_check_interval=val_every,
                         use_distributed_sampler=False, enable_model_summary=False)
     for cb in trainer.checkpoint_callbacks:
         cb.dirpath = str(root / "checkpoints")
@@ -55,15 +71,61 @@ def test_training_reduces_loss(prepared, tmp_path):
     assert last < 0.85 * first, losses  # measured: about 0.80 after 5 epochs of this tiny model
 
 
-def test_resume_reproduces_uninterrupted_run(prepared, tmp_path):
-    full, _, _ = _fit(prepared, tmp_path / "a", max_epochs=3, limit=3)
-    first, _, _ = _fit(prepared, tmp_path / "b", max_epochs=1, limit=3)
-    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    resumed, _, _ = _fit(prepared, tmp_path / "b", max_epochs=3, limit=3, ckpt_path=str(ckpt))
-    assert first == pytest.approx(full[:3], abs=1e-5)
-    assert len(resumed) == 6
-    assert resumed == pytest.approx(full[3:], abs=1e-5)
+@pytest.fixture(scope="module")
+def uninterrupted(prepared, tmp_path_factory):
+    """3 epochs of 4 batches, validated (and checkpointed) every 2 batches."""
+    rec = Recorder()
+    _, module, _ = _fit(prepared, tmp_path_factory.mktemp("full"), max_epochs=3, limit=4, val_every=2, recorder=rec)
+    return rec, {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_at, resumed_at", [(6, 4), (3, 2)], ids=["epoch-boundary", "inside-epoch"])
+def test_resume_reproduces_uninterrupted_run(prepared, tmp_path, uninterrupted, stop_at, resumed_at):
+    """Stopped at step 6 (last.ckpt: end of epoch 0, step 4) or step 3 (last.ckpt: step 2 of epoch 0),
+    resumed with the last checkpoint: the same batches, per-step losses and final weights."""
+    full, full_weights = uninterrupted
+    _fit(prepared, tmp_path, max_epochs=3, limit=4, val_every=2, stop_at=stop_at)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved_step = saved["global_step"]
+    assert saved_step in (resumed_at, stop_at)  # last.ckpt: the latest validation or the stop
+    rec = Recorder()
+    _, module, _ = _fit(prepared, tmp_path, max_epochs=3, limit=4, val_every=2, ckpt_path=str(ckpt), recorder=rec)
+    assert rec.batches == full.batches[saved_step:]
+    assert rec.losses == pytest.approx(full.losses[saved_step:], abs=1e-5)
+    for k, v in module.state_dict().items():
+        assert torch.allclose(v.float(), full_weights[k].float(), atol=1e-5), k
+
+
+def test_sampler_resumes_at_position_and_epoch():
+    from data.datamodule import FrameBucketSampler
+
+    lengths = [100 + 7 * i for i in range(40)]
+    s = FrameBucketSampler(lengths, 500, num_buckets=4, seed=3)
+    s.set_epoch(1)
+    epoch1 = list(s)
+    s.set_epoch(2)
+    epoch2 = list(s)
+    r = FrameBucketSampler(lengths, 500, num_buckets=4, seed=3)
+    r.load_state_dict({"epoch": 1, "position": 3})
+    r.set_epoch(0)  # what a trainer announces is overruled by the restored state
+    assert len(r) == len(epoch1) and list(r) == epoch1[3:] and r.epoch == 1
+    r.load_state_dict({"epoch": 1, "position": len(epoch1)})  # a complete epoch: the next one
+    assert list(r) == epoch2
+    r.set_epoch(5)
+    assert r.epoch == 5
+
+
+def test_validation_sharding_scores_every_utterance_once():
+    from data.datamodule import FrameBucketSampler
+
+    lengths = [100 + 13 * i for i in range(23)]
+    whole = [i for b in FrameBucketSampler(lengths, 400, shuffle=False) for i in b]
+    for world in (2, 3, 8):
+        shards = [list(FrameBucketSampler(lengths, 400, shuffle=False, rank=r, world_size=world)) for r in range(world)]
+        assert sorted(i for sh in shards for b in sh for i in b) == sorted(whole)
+        train_shards = [len(FrameBucketSampler(lengths, 400, rank=r, world_size=world)) for r in range(world)]
+        assert len(set(train_shards)) == 1  # training: equal batch counts on every rank
 
 
 def test_lr_schedule_shape():
@@ -101,13 +163,41 @@ def test_non_finite_gradient_is_dropped(prepared):
     assert all(p.grad is None for p in module.parameters()) and module.skipped_steps == 1
 
 
-def test_weight_noise_is_removed_after_backward(prepared):
+def test_weight_noise_is_removed_exactly(prepared):
+    """Noise added and removed restores the weights bit for bit (DDP replicas must not drift)."""
     module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, "weight_noise": 0.02})
-    w = module.model.head.weight.detach().clone()
-    module._add_weight_noise()
-    assert not torch.equal(module.model.head.weight, w)
-    module.on_after_backward()
-    assert torch.allclose(module.model.head.weight, w, atol=1e-7)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for _ in range(5):
+        module._add_weight_noise()
+        assert not torch.equal(module.model.head.weight, before["model.head.weight"])
+        module.on_after_backward()
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_gradient_check_reads_the_host_once(prepared):
+    """The non-finite gradient check costs one host read per optimiser step, not one per tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                        torch.ops.aten.item.default, torch.ops.aten.equal.default):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
+    module.log = lambda *a, **k: None
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    with HostReads() as probe:
+        module.on_before_optimizer_step(None)
+    assert probe.count == 1 and len(list(module.parameters())) > 20
+    assert all(p.grad is not None for p in module.parameters()) and module.skipped_steps == 0
 
 
 @pytest.fixture(scope="module")
