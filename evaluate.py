@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = Path(a.data_dir) if a.data_dir else Path(hp.get("tokenizer_path", ".")).parent
         cmvn = model_cmvn(hp, data_dir)  # on the CPU, where the dataset applies it
         manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
-        for m in manifests:
+        for name, m in zip(a.sets, manifests):
             if not m.is_file():
-                raise FileNotFoundError(f"manifest {m} does not exist" + ("" if a.data_dir or m.suffix == ".jsonl" else
+                raise FileNotFoundError(f"manifest {m} does not exist" + ("" if a.data_dir or name.endswith(".jsonl") else
                                         " (has the data folder moved? give --data-dir or the .jsonl path)"))
         ckpt = Path(a.ckpt)
         out = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent).parent / "eval"

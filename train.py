@@ -270,6 +270,28 @@ class ASRCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.data_dir", "model.tokenizer_path", compute_fn=tokenizer_of)
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path FILE``: Lightning parses the checkpoint's hyper-parameters back as the
+        model's init arguments. Only real init arguments are kept: not ``tokenizer_path`` (linked
+        from ``data.data_dir``, the data given now; the checkpoint's tokenizer digest is checked
+        against it on loading) nor what older checkpoints recorded beside them (``vocab_size``,
+        ``tokenizer_sha256``)."""
+        import inspect
+
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise SystemExit(f"error: --ckpt_path {ckpt_path}: not a readable checkpoint ({type(e).__name__}: {e})")
+        init = set(inspect.signature(CTCModule.__init__).parameters) - {"self", "tokenizer_path"}
+        hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in init}
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
 
 def default_callbacks(keep_last: int = 5):
     """``last.ckpt``, the best by dev WER, and the ``keep_last`` latest epochs (for averaging)."""

@@ -2,6 +2,7 @@
 jiwer's, beam vs greedy, and each bad input's message."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -322,3 +323,49 @@ def test_recipe_errors_before_training(prepared, tmp_path):
     r = _cli(base + ["--model.reuse", "2(H4)x3"], tmp_path)
     assert r.returncode != 0 and "'2(H4)x3' has 6 layers; the encoder has 4" in r.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _cli_run(subcommand, args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), subcommand, "--config",
+                           str(ROOT / "recipes/mini/base.yaml"), "--trainer.max_time", "null",
+                           "--trainer.enable_progress_bar", "false", "--data.num_workers", "0", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, monkeypatch):
+    """``--ckpt_path FILE`` for fit / validate (also a checkpoint written before tokenizers were
+    embedded), and evaluation and analysis from another folder, once the data folder is gone."""
+    import shutil
+
+    from analysis.report import Report
+
+    data_a, data_b, work = tmp_path / "data_a", tmp_path / "moved" / "data_b", tmp_path / "elsewhere"
+    shutil.copytree(prepared, data_a)
+    _fit(data_a, tmp_path / "run", max_epochs=1, limit=3)
+    ckpts = tmp_path / "run" / "checkpoints"
+    epoch0 = ckpts / "epoch000.ckpt"
+    old = torch.load(epoch0, map_location="cpu", weights_only=False)  # as train.py wrote them before
+    old["hyper_parameters"].update(vocab_size=old["tokenizer"]["vocab_size"], tokenizer_sha256=old["tokenizer"]["sha256"])
+    del old["tokenizer"], old["cmvn"]
+    torch.save(old, ckpts / "old-style.ckpt")
+    shutil.move(str(data_a), str(data_b))  # the data folder the checkpoints name is gone
+    work.mkdir()
+    data = ["--data.data_dir", str(data_b), "--trainer.limit_val_batches", "1"]
+    for ckpt in (epoch0, ckpts / "old-style.ckpt"):
+        r = _cli_run("validate", [*data, "--ckpt_path", str(ckpt)], work)
+        assert r.returncode == 0 and "val_wer" in r.stdout, r.stderr[-2000:]
+    r = _cli_run("fit", [*data, "--ckpt_path", str(epoch0), "--trainer.max_epochs", "2", "--trainer.limit_train_batches",
+                         "3", "--trainer.default_root_dir", str(tmp_path / "resumed")], work)
+    assert r.returncode == 0 and "Restored all states" in r.stderr + r.stdout, r.stderr[-2000:]
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+    monkeypatch.chdir(work)
+    test_set = str(data_b / "manifests" / "mini-test.jsonl")
+    evaluate.main(["--ckpt", str(epoch0), "--sets", test_set, "--out", "e", "--no-beam"])
+    assert json.loads((work / "e" / "results.json").read_text())["sets"]["mini-test"]["greedy"]["utterances"] > 0
+    with pytest.raises(SystemExit, match="has the data folder moved"):
+        evaluate.main(["--ckpt", str(epoch0), "--sets", "mini-test", "--out", "e2", "--no-beam"])
+    results = Report(str(epoch0), test_set, "report", progress=False).run(["cad"])
+    assert len(results["cad"]["layer_median"]) == TINY["num_layers"]
+    model, tok, hp = load_model(epoch0)
+    assert tok.digest == hp["tokenizer_sha256"] and hp["cmvn"] is not None
