@@ -119,7 +119,8 @@ class CTCModule(L.LightningModule):
         if batch is not None:
             self._add_weight_noise()
             loss, _, _ = self.ctc_loss(batch)
-        bad = torch.full((), float(loss is None or not torch.isfinite(loss)), device=self.device)
+        # on the device, read once after the all-reduce: one host sync per step
+        bad = torch.ones((), device=self.device) if loss is None else (~torch.isfinite(loss.detach())).float()
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if bad.item() > 0:
