@@ -2,7 +2,9 @@
 
     python train.py fit --config recipes/mini/conformer_1x4.yaml
     python train.py fit --config recipes/librispeech/conformer_m_4x4.yaml --trainer.devices 8
-    python train.py fit --config ... --ckpt_path last            # resume
+    python train.py fit --config ... --ckpt_path last            # resume (exactly, also inside an epoch)
+    python train.py fit --config ... --ckpt_path RUN/checkpoints/epoch003.ckpt
+    python train.py validate --config ... --ckpt_path FILE        # also test; DDP too
 
 Everything is configured by the recipe YAML (``--print_config`` shows every key); an unknown key
 or a bad value stops the run before anything is trained. Logs, checkpoints (``last.ckpt``, the
