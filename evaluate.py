@@ -20,7 +20,7 @@ import jiwer
 import torch
 
 from data.datamodule import ManifestDataset, ordered_loader
-from data.features import atomic_write_text
+from data.features import atomic_write_text, check_writable
 from models.decoding import BeamSearch, greedy_decode, write_lexicon
 from models.checkpoint import load_model, model_cmvn, save_model_checkpoint
 
@@ -41,19 +41,21 @@ def synchronize(device: str | torch.device) -> None:
 
 
 @torch.inference_mode()
-def evaluate_set(model, tokenizer, cmvn, manifest: Path, beam: BeamSearch | None, max_frames: int = 20000,
-                 device: str = "cpu", progress: bool = True) -> tuple[dict, list[tuple[str, ...]]]:
-    """Decodes one manifest. Data-side work stays on the CPU (features, ``cmvn``); each batch is
-    moved to ``device`` explicitly and the log-probabilities come back to the CPU for decoding
-    (torchaudio's beam search reads CPU tensors). The real-time factors time the model with the
-    device synchronised."""
+def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam: BeamSearch | None,
+                 max_frames: int = 20000, device: str = "cpu", progress: bool = True) -> tuple[dict, list[tuple[str, ...]]]:
+    """Decodes one manifest (or its dataset). Data-side work stays on the CPU (features, ``cmvn``);
+    each batch is moved to ``device`` explicitly and the log-probabilities come back to the CPU for
+    decoding (torchaudio's beam search reads CPU tensors). The real-time factors time the model
+    with the device synchronised. Utterances left out (too short, unreadable) are listed under
+    ``skipped`` with their reason."""
     from tqdm import tqdm
 
-    ds = ManifestDataset([manifest], tokenizer=None, cmvn=cmvn)
+    ds = manifest if isinstance(manifest, ManifestDataset) else ManifestDataset([manifest], tokenizer=None, cmvn=cmvn)
+    name = Path(ds.manifests[0]).stem
     loader = ordered_loader(ds, max_frames)
     rows, compute, audio = [], {"greedy": 0.0, "beam": 0.0}, 0.0
     durations = {e["id"]: e["duration"] for e in ds.entries}
-    for batch in tqdm(loader, desc=manifest.stem, unit="batch", disable=not progress):
+    for batch in tqdm(loader, desc=name, unit="batch", disable=not progress):
         if batch is None:
             continue
         synchronize(device)
@@ -69,13 +71,51 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path, beam: BeamSearch | None
         compute["beam"] += (t1 - t0) + (t3 - t2)
         audio += sum(durations[i] for i in batch["ids"])
         rows += list(zip(batch["ids"], batch["texts"], g, b))
+    decoded = {r[0] for r in rows}
+    skipped = [{"id": i, "reason": r} for i, r in ds.skipped.items()]
+    skipped += [{"id": e["id"], "reason": "failed to load"} for e in ds.entries
+                if e["id"] not in decoded and e["id"] not in ds.skipped]
+    if not rows:
+        raise ValueError(f"{name}: no utterance could be decoded ({len(skipped)} skipped)")
     refs = [r[1] for r in rows]
     results = {"greedy": {**score(refs, [r[2] for r in rows]), "rtf": round(compute["greedy"] / max(audio, 1e-9), 5)}}
     if beam:
         results["beam"] = {**score(refs, [r[3] for r in rows]), "rtf": round(compute["beam"] / max(audio, 1e-9), 5)}
     for r in results.values():
         r["audio_hours"] = round(audio / 3600, 4)
+    results["skipped"] = skipped
     return results, rows
+
+
+def default_out(ckpt: Path, paths: list[str], average: int) -> Path:
+    """``RUN/eval/<checkpoint>``: one folder per checkpoint (``last``, ``epoch003``,
+    ``avg5-epoch009`` for an average), so evaluations of different checkpoints never share one."""
+    run = (ckpt if ckpt.is_dir() else ckpt.parent).parent
+    name = Path(paths[-1]).stem
+    return run / "eval" / (f"avg{len(paths)}-{name}" if average > 1 else name)
+
+
+def merge_results(path: Path, report: dict, set_name: str, results: dict) -> dict:
+    """Adds one set's results to ``path`` (results.json) under a lock, keeping the sets already
+    there; refuses a file that holds results of other checkpoints."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**report, "sets": {}}
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a results file ({e})") from None
+            if old.get("checkpoints") != report["checkpoints"]:
+                raise ValueError(f"{path} holds results of other checkpoints ({', '.join(old.get('checkpoints', []))}); "
+                                 f"give another --out")
+            merged["sets"] = old.get("sets", {})
+        merged["sets"][set_name] = results
+        atomic_write_text(path, json.dumps(merged, indent=2))
+    return merged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise FileNotFoundError(f"manifest {m} does not exist" + ("" if a.data_dir or name.endswith(".jsonl") else
                                         " (has the data folder moved? give --data-dir or the .jsonl path)"))
         ckpt = Path(a.ckpt)
-        out = Path(a.out) if a.out else (ckpt if ckpt.is_dir() else ckpt.parent).parent / "eval"
+        out = Path(a.out) if a.out else default_out(ckpt, hp["checkpoints"], a.average)
+        check_writable(out)
+        # every set is read (and its audio found) before any is decoded
+        datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn) for m in manifests]
         lexicon = a.lexicon
         if lexicon == "train":
             from data.prepare import read_manifest
@@ -121,26 +164,33 @@ def main(argv: list[str] | None = None) -> None:
         elif lexicon is not None and not Path(lexicon).is_file():
             raise FileNotFoundError(f"lexicon {lexicon} does not exist")
         beam = None if a.no_beam else BeamSearch(tokenizer, a.beam_size, lexicon)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if a.save_averaged:
         save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
-    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "beam_size": None if a.no_beam else a.beam_size,
-              "lexicon": None if lexicon is None else str(lexicon),
-              "device": a.device, "threads": torch.get_num_threads(), "sets": {}}
-    for m in manifests:
+    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "device": a.device,
+              "threads": torch.get_num_threads()}
+    decoder = {"beam_size": None if a.no_beam else a.beam_size, "lexicon": None if lexicon is None else str(lexicon)}
+    merged = None
+    for m, ds in zip(manifests, datasets):
         try:
-            results, rows = evaluate_set(model, tokenizer, cmvn, m, beam, a.max_frames, a.device)
-        except (FileNotFoundError, ValueError) as e:
+            results, rows = evaluate_set(model, tokenizer, cmvn, ds, beam, a.max_frames, a.device)
+            # written set by set: a later failure keeps what was computed
+            atomic_write_text(out / f"{m.stem}.hyp.tsv",
+                              "id\treference\tgreedy\tbeam\n" + "".join("\t".join(r) + "\n" for r in rows))
+            merged = merge_results(out / "results.json", report, m.stem, {**results, "decoder": decoder})
+        except (FileNotFoundError, ValueError, OSError) as e:
             sys.exit(f"error: {e}")
-        report["sets"][m.stem] = results
-        atomic_write_text(out / f"{m.stem}.hyp.tsv", "id\treference\tgreedy\tbeam\n" + "".join("\t".join(r) + "\n" for r in rows))
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2))
     print(f"{'set':14s} {'decoder':8s} {'WER%':>7s} {'CER%':>7s} {'sub':>6s} {'del':>6s} {'ins':>6s} {'words':>7s} {'RTF':>8s}")
-    for s, res in report["sets"].items():
-        for dec, r in res.items():
-            print(f"{s:14s} {dec:8s} {r['wer']:7.2f} {r['cer']:7.2f} {r['substitutions']:6d} {r['deletions']:6d} "
-                  f"{r['insertions']:6d} {r['words']:7d} {r['rtf']:8.4f}")
+    for s, res in merged["sets"].items():
+        for dec in ("greedy", "beam"):
+            if dec in res:
+                r = res[dec]
+                print(f"{s:14s} {dec:8s} {r['wer']:7.2f} {r['cer']:7.2f} {r['substitutions']:6d} {r['deletions']:6d} "
+                      f"{r['insertions']:6d} {r['words']:7d} {r['rtf']:8.4f}")
+    for s, res in merged["sets"].items():
+        for skip in res.get("skipped", []):
+            print(f"skipped {s} {skip['id']}: {skip['reason']}")
     print(f"wrote {out / 'results.json'} and {out}/<set>.hyp.tsv")
 
 

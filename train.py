@@ -13,6 +13,7 @@ best by dev WER, and the latest ``keep_last`` for averaging) go to ``trainer.def
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -231,13 +232,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         if "://" in str(path):  # remote storage: leave it to fsspec
             return super().save_checkpoint(checkpoint, path, storage_options)
+        from data.features import current_umask
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*"):  # left by a write that was killed (SIGKILL)
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:
             torch.save(checkpoint, tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # disk full: torch reports "unexpected pos"
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); is the disk full? "
+                          f"The previous checkpoint there is intact") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -251,7 +261,7 @@ class ASRCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         for cb in trainer.checkpoint_callbacks:  # one predictable folder, not per logger version
-            if cb.dirpath is None:
+            if hasattr(cb, "dirpath") and cb.dirpath is None:
                 cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -296,25 +306,105 @@ class ASRCLI(LightningCLI):
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
 
+def _epoch_complete(trainer) -> bool:
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
+
+
+def _complete_epoch_checkpoint():
+    """A ModelCheckpoint written only at the end of a *complete* epoch (never after a run cut by
+    ``max_time`` or a stop inside it), named ``epochNNN.ckpt`` once per epoch (a resumed run
+    overwrites, no ``-v1``), so that averaging takes distinct, whole epochs."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class CompleteEpochCheckpoint(ModelCheckpoint):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            if _epoch_complete(trainer):
+                super().on_train_epoch_end(trainer, pl_module)
+
+    return CompleteEpochCheckpoint
+
+
+def _stop_checkpoint():
+    from lightning.pytorch.callbacks import Checkpoint
+
+    class StopCheckpoint(Checkpoint):
+        """When training stops inside an epoch (``max_time``, a stop signal, early stopping), saves
+        ``last.ckpt`` at the step where it stopped, resumable exactly (the loader's position is in it),
+        and says loudly, at the end of training, how far the schedule got, so that a cut run is never
+        mistaken for a whole one. (A ``Checkpoint``: Lightning runs it after the other callbacks, so it
+        sees the stop that ``Timer`` decides at the same batch.)"""
+
+        def __init__(self):
+            self.saved: tuple[Path, int, int] | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            last = trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+            ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+            if trainer.should_stop and not last and ckpt_dir:
+                path = Path(ckpt_dir) / "last.ckpt"
+                trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+                self.saved = (path, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            planned, step = _planned_steps(trainer), trainer.global_step
+            if planned is None or step >= planned:
+                return
+            from lightning.pytorch.callbacks import Timer
+
+            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+            remaining = timer.time_remaining() if timer is not None else None
+            why = "max_time" if remaining is not None and remaining <= 0 else "a stop before the end"
+            h = pl_module.hparams
+            schedule = h.warmup_steps + h.hold_steps + h.decay_steps
+            where = (f"epoch {self.saved[1]} stopped after {self.saved[2]} of {trainer.num_training_batches} batches; "
+                     if self.saved else "")
+            saved = f"{self.saved[0]} holds step {step}; " if self.saved else ""
+            if trainer.is_global_zero:
+                print(f"warning: TRAINING CUT SHORT by {why}: step {step} of {planned} planned "
+                      f"({100 * step / planned:.0f} %), {where}the LR schedule ({schedule} steps) reached step "
+                      f"{min(step, schedule)} (lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}). {saved}No "
+                      f"checkpoint names the incomplete epoch. Resume with --ckpt_path last.", file=sys.stderr)
+
+    return StopCheckpoint
+
+
+def _planned_steps(trainer) -> int | None:
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.num_training_batches != float("inf"):
+        return int(trainer.max_epochs * -(-trainer.num_training_batches // trainer.accumulate_grad_batches))
+    return None
+
+
 def default_callbacks(keep_last: int = 5):
-    """``last.ckpt``, the best by dev WER, and the ``keep_last`` latest epochs (for averaging)."""
+    """``last.ckpt``, the best by dev WER, the ``keep_last`` latest complete epochs (for averaging),
+    and the end-of-training report of a cut schedule. A step interval for checkpoints (e.g. to
+    lose little on an interruption) is one more callback in the recipe:
+    ``trainer.callbacks: [{class_path: ModelCheckpoint, init_args: {every_n_train_steps: 1000}}]``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return [
         ModelCheckpoint(filename="best-{epoch}-{step}-{val_wer:.2f}", monitor="val_wer", mode="min", save_top_k=1,
                         save_last=True, auto_insert_metric_name=False),
-        ModelCheckpoint(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
-                        auto_insert_metric_name=False),
+        _complete_epoch_checkpoint()(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
+                                     auto_insert_metric_name=False, save_on_train_epoch_end=True,
+                                     enable_version_counter=False),
+        _stop_checkpoint()(),
     ]
 
 
 def main(args=None):
     torch.set_float32_matmul_precision("high")
-    ASRCLI(
-        CTCModule, ASRDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": default_callbacks(), "use_distributed_sampler": False},
-        args=args,
-    )
+    try:
+        ASRCLI(
+            CTCModule, ASRDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": default_callbacks(), "use_distributed_sampler": False},
+            args=args,
+        )
+    except (OSError, ValueError) as e:  # bad data, paths, checkpoints: one line naming what is at fault
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}\n(set TRAIN_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                         a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
                         data_dir=a.data_dir, device=a.device)
         results = report.run(None if a.command == "report" else [a.command])
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     for name, path in results["figures"].items():
         print(f"{name:10s} {path}")

@@ -21,7 +21,7 @@ from analysis.runner import (accumulated_coverage, aligned_manifest, attention_s
                              reference_par, save_par)
 from data.alignments import PHONE_CLASSES, read_textgrid
 from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW, encoder_frames
-from data.features import atomic_write_text, fbank, load_audio
+from data.features import atomic_write_text, check_writable, fbank, load_audio
 from models.checkpoint import load_model, model_cmvn
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
@@ -55,9 +55,8 @@ class Report:
                  utterance: str | None = None, max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True,
                  upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None,
                  device: str = "cpu"):
-        self.out = Path(out)
+        self.out = check_writable(out)
         self.device = device
-        self.out.mkdir(parents=True, exist_ok=True)
         self.upstream = upstream
         self.featurizer = self.framing = None
         if upstream is not None:
@@ -89,6 +88,33 @@ class Report:
                               "manifest": str(manifest), "alignment_counts": counts, "figures": {}}
         self._stats = None
         self._probes = None
+        self._mixing_entry = None
+        # --reference is read now, not after the attention pass: a bad file fails before any work
+        self._reference_par = self._reference_model = None
+        if reference is not None:
+            if Path(reference).suffix == ".json":
+                self._reference_par = load_par(reference)
+            else:
+                self._reference_model, _, _ = load_model(reference, device=device)
+
+    def _check_mixing_utterance(self) -> dict:
+        """The utterance of the context-mixing figure, checked before any work: it must be in the
+        manifest and hold at least two aligned words."""
+        from data.prepare import read_manifest
+
+        entries = read_manifest(self.manifest)
+        if self.utterance:
+            entries = [e for e in entries if e["id"] == self.utterance]
+            if not entries:
+                raise ValueError(f"--utterance {self.utterance} is not among the aligned utterances of {self.manifest}")
+        for e in entries:  # the first with two words or more (the named one must have them)
+            T = encoder_frames(int(e.get("num_frames") or round(e["duration"] * 100)))
+            if len(read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)) >= 2:
+                return e
+            if self.utterance:
+                raise ValueError(f"--utterance {self.utterance} has fewer than two aligned words (context mixing "
+                                 f"compares words)")
+        raise ValueError(f"{self.manifest}: no utterance with two aligned words for context mixing")
 
     def _manifest_path(self, name: str) -> Path:
         p = Path(name)
@@ -131,9 +157,9 @@ class Report:
         if self.reference is None:
             return reference_par(own_layers), "self (lower half)"
         ref = Path(self.reference)
-        if ref.suffix == ".json":
-            return reference_par(load_par(ref)), f"{ref} (lower half)"
-        model, _, _ = load_model(ref, device=self.device)
+        if self._reference_par is not None:
+            return reference_par(self._reference_par), f"{ref} (lower half)"
+        model = self._reference_model
         stats, _ = attention_stats(model, self.loader(), self.progress, self.device)
         return reference_par(stats.par_layers()), f"{ref} (lower half)"
 
@@ -217,16 +243,9 @@ class Report:
         self.results["figures"]["ablation"] = str(plots.ablation(result, self.out / "ablation.png"))
 
     def step_mixing(self):
-        from data.prepare import read_manifest
-
         if self.upstream is not None:
             raise ValueError("context mixing needs the Conformer's layers; it is not available for upstream models")
-        entries = read_manifest(self.manifest)
-        if self.utterance:
-            entries = [e for e in entries if e["id"] == self.utterance]
-            if not entries:
-                raise ValueError(f"utterance {self.utterance} is not in {self.manifest}")
-        e = entries[0]
+        e = self._mixing_entry or self._check_mixing_utterance()
         feats = self.cmvn(fbank(load_audio(e["audio"])))
         T = encoder_frames(feats.shape[0])
         words = read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)
@@ -242,8 +261,17 @@ class Report:
             self.out / "context_mixing.png"))
 
     def run(self, steps=None) -> dict:
+        """Runs the steps; ``report.json`` is rewritten after each, so a failing step keeps what the
+        earlier ones computed (and names itself under ``failed_step``)."""
         steps = steps or (UPSTREAM_STEPS if self.upstream else STEPS)
+        if "mixing" in steps and self.upstream is None:
+            self._mixing_entry = self._check_mixing_utterance()  # a bad --utterance fails before any work
         for s in steps:
-            getattr(self, f"step_{s}")()
-        atomic_write_text(self.out / "report.json", json.dumps(_nan_to_none(self.results), indent=1))
+            try:
+                getattr(self, f"step_{s}")()
+            except BaseException as e:
+                self.results["failed_step"] = {"step": s, "error": f"{type(e).__name__}: {e}"}
+                raise
+            finally:
+                atomic_write_text(self.out / "report.json", json.dumps(_nan_to_none(self.results), indent=1))
         return self.results

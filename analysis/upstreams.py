@@ -89,7 +89,10 @@ class TeraUpstream(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such TERA / Mockingjay checkpoint")
-        states = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a text file, a truncated download
+            raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
         if not isinstance(states, Mapping) or "Transformer" not in states:
             raise ValueError(f"{path}: not a TERA / Mockingjay checkpoint (no 'Transformer' weights)")
         return cls(upstream_config(states, path), states["Transformer"])

@@ -76,8 +76,9 @@ class Alignment:
         return out
 
     def check_covers(self, audio_duration: float, tolerance: float = 0.05) -> None:
-        """Raise :class:`AlignmentError` when the TextGrid ends before the audio does."""
-        if self.duration + tolerance < audio_duration:
+        """Raise :class:`AlignmentError` when the TextGrid's span differs from the audio's by more
+        than ``tolerance`` seconds (ends before it, or runs past it: the TextGrid of another file)."""
+        if abs(self.duration - audio_duration) > tolerance:
             raise AlignmentError(
                 f"{self.path}: TextGrid covers {self.duration:.3f} s but the audio lasts {audio_duration:.3f} s"
             )

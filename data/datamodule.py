@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.alignments import AlignmentError, read_textgrid
-from data.features import AudioError, GlobalCMVN, SpecAugment, fbank, load_audio
-from data.prepare import read_manifest
+from data.features import MIN_FRAMES, AudioError, GlobalCMVN, SpecAugment, fbank, load_audio
+from data.prepare import check_prepared, read_manifest
+from data.text import normalise
 from data.tokenizer import Tokenizer
 
 IGNORE_LABEL = -100
@@ -65,6 +66,7 @@ class ManifestDataset(Dataset):
                  spec_augment: SpecAugment | None = None, with_labels: bool = False, max_duration: float | None = None,
                  seed: int = 0, featurizer=None, framing: LabelFraming | None = None):
         self.entries = []
+        self.manifests = [str(m) for m in manifests]
         for m in manifests:
             entries = read_manifest(m)
             missing = [e for e in entries if not os.path.isfile(e["audio"])]
@@ -72,6 +74,17 @@ class ManifestDataset(Dataset):
                 raise FileNotFoundError(f"{m}: audio of {len(missing)} of {len(entries)} utterances is missing, "
                                         f"e.g. {missing[0]['id']}: {missing[0]['audio']}")
             self.entries += entries
+        # utterances left out, with the reason: too short here, unreadable when first loaded
+        self.skipped: dict[str, str] = {}
+        for e in self.entries:
+            e["text"] = normalise(e["text"])  # one rule for targets and references (data.text)
+            n = int(e.get("num_frames") or round(e["duration"] * 100))
+            if n < MIN_FRAMES:
+                self.skipped[e["id"]] = f"too short: {n} frames of 10 ms, the model needs >= {MIN_FRAMES}"
+        if self.skipped:
+            warnings.warn(f"{', '.join(map(str, manifests))}: {len(self.skipped)} utterances are too short for the "
+                          f"model and skipped, e.g. {next(iter(self.skipped))}", stacklevel=2)
+            self.entries = [e for e in self.entries if e["id"] not in self.skipped]
         if max_duration is not None:
             self.entries = [e for e in self.entries if e["duration"] <= max_duration]
         if with_labels:
@@ -83,7 +96,6 @@ class ManifestDataset(Dataset):
         self.seed = seed
         self.featurizer = featurizer or fbank
         self.framing = framing or LabelFraming()
-        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -98,6 +110,8 @@ class ManifestDataset(Dataset):
         e = self.entries[i]
         try:
             feats = self.featurizer(load_audio(e["audio"]))
+            if self.framing.subsampled and feats.shape[0] < MIN_FRAMES:
+                raise ValueError(f"too short: {feats.shape[0]} frames of 10 ms, the model needs >= {MIN_FRAMES}")
             item = {"id": e["id"], "text": e["text"]}
             if self.cmvn is not None:
                 feats = self.cmvn(feats)
@@ -115,8 +129,8 @@ class ManifestDataset(Dataset):
                 item["labels"] = read_textgrid(e["alignment"]).frame_labels(n, self.framing.shift, self.framing.window)
             return item
         except (AudioError, AlignmentError, ValueError) as err:
-            if e["id"] not in self._reported:
-                self._reported.add(e["id"])
+            if e["id"] not in self.skipped:
+                self.skipped[e["id"]] = str(err)
                 warnings.warn(f"skipping utterance {e['id']}: {err}", stacklevel=1)
             return None
 
@@ -260,9 +274,9 @@ class ResumableLoader(DataLoader):
     or at step ``k`` inside an epoch draws the uninterrupted run's batches.
 
     The state is the batch sampler's epoch and the number of its batches the trainer has
-    completed, read from the trainer through ``progress() -> (completed, batches per epoch)``
+    processed, read from the trainer through ``progress() -> (processed, batches per epoch)``
     (the loader itself cannot count them: loaders and Lightning fetch ahead). A complete epoch
-    (``completed`` >= batches per epoch, which ``limit_train_batches`` may cut) is recorded as the
+    (``processed`` >= batches per epoch, which ``limit_train_batches`` may cut) is recorded as the
     start of the next one.
     """
 
@@ -271,9 +285,9 @@ class ResumableLoader(DataLoader):
         self._progress = progress
 
     def state_dict(self) -> dict:
-        completed, per_epoch = self._progress()
-        state = self.batch_sampler.state_dict(completed)
-        if completed >= per_epoch:
+        done, per_epoch = self._progress()
+        state = self.batch_sampler.state_dict(done)
+        if done >= per_epoch:
             state = {"epoch": state["epoch"] + 1, "position": 0}
         return state
 
@@ -313,7 +327,7 @@ class ASRDataModule(_lightning_base()):
                  max_duration: float | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir)
+        self.data_dir = check_prepared(data_dir)
         for required in ("bpe.model", "cmvn.json"):
             if not (self.data_dir / required).is_file():
                 raise FileNotFoundError(f"{self.data_dir / required}: missing; run `python -m data.prepare --out {data_dir}` first")
@@ -347,9 +361,11 @@ class ASRDataModule(_lightning_base()):
                                num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def _train_progress(self) -> tuple[int, int | float]:
-        """(batches of this epoch the trainer has completed, batches in its epoch)."""
+        """(batches of this epoch the trainer has processed, batches in its epoch). Processed, not
+        completed: a checkpoint written at a batch's end (``every_n_train_steps``, a stop) is saved
+        after the batch's step and before Lightning counts it completed."""
         t = self.trainer
-        return t.fit_loop.epoch_loop.batch_progress.current.completed, t.num_training_batches
+        return t.fit_loop.epoch_loop.batch_progress.current.processed, t.num_training_batches
 
     def val_dataloader(self):
         return self.loader(self.hparams.valid_sets)

@@ -21,6 +21,10 @@ FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 
 
+# The fewest 10 ms frames the model's Conv2d front end takes (models.subsampling.Conv2dSubsampling.MIN_FRAMES):
+# shorter utterances are dropped at preparation and skipped (and reported) wherever a manifest is read.
+MIN_FRAMES = 7
+
 class AudioError(ValueError):
     """Audio that cannot be used; the message names the file."""
 
@@ -145,6 +149,25 @@ class SpecAugment(torch.nn.Module):
         return spec.squeeze(0).t()
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Creates ``folder`` if needed and proves a file can be written there, before long work
+    starts; raises ``OSError`` naming the folder otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"{folder}: cannot write there ({e.strerror or e})") from None
+    return folder
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never a half file."""
     atomic_write_bytes(path, text.encode())
@@ -158,6 +181,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

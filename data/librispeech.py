@@ -73,8 +73,14 @@ def scan_subset(root: str | Path, subset: str, audio_ext: str = ".flac") -> tupl
     for trans in sorted(folder.glob("*/*/*.trans.txt")):
         chapter_dir = trans.parent
         listed: set[str] = set()
-        for n, raw in enumerate(trans.read_text(errors="replace").splitlines(), 1):
-            line = raw.strip()
+        for n, raw_bytes in enumerate(trans.read_bytes().splitlines(), 1):
+            try:
+                line = raw_bytes.decode("utf-8").strip()
+            except UnicodeDecodeError as e:  # e.g. a Latin-1 file: report, never guess
+                problems.append(Problem(f"{trans}:{n}", f"not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at column "
+                                                        f"{e.start + 1})"))
+                listed.add(raw_bytes.split(b" ", 1)[0].decode("ascii", "replace"))
+                continue
             if not line:
                 continue
             utt_id, _, text = line.partition(" ")

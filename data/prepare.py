@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from data import librispeech
 from data.alignments import AlignmentError, read_textgrid
-from data.features import AudioError, GlobalCMVN, atomic_write_text, fbank, load_audio, num_frames
+from data.features import (MIN_FRAMES, AudioError, GlobalCMVN, atomic_write_text, check_writable, fbank, load_audio,
+                           num_frames)
 from data.librispeech import Problem
-from data.tokenizer import Tokenizer
+from data.text import normalise, unsupported
+from data.tokenizer import Tokenizer, tokenizer_digest
+
 
 
 def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
@@ -106,10 +110,59 @@ def read_manifest(path: str | Path) -> list[dict]:
     return out
 
 
+def normalise_entries(entries: list[dict]) -> tuple[list[dict], list[Problem], int]:
+    """Transcripts in LibriSpeech's form (:func:`data.text.normalise`); utterances with characters
+    that cannot be spelt in its alphabet (digits, other scripts) are skipped. Returns (kept,
+    problems, number of transcripts the normalisation changed)."""
+    kept, problems, changed = [], [], 0
+    for e in entries:
+        text = normalise(e["text"])
+        bad = unsupported(text)
+        if bad:
+            problems.append(Problem(e["audio"], f"transcript has characters outside LibriSpeech's alphabet: {bad!r}"))
+            continue
+        if not text:
+            problems.append(Problem(e["audio"], "transcript is empty once normalised"))
+            continue
+        changed += text != e["text"]
+        kept.append({**e, "text": text})
+    return kept, problems, changed
+
+
+def check_audio(entries: list[dict], progress: bool = True, desc: str = "audio") -> tuple[list[dict], list[Problem]]:
+    """Decodes every utterance: those that do not decode, or give fewer frames than the model
+    needs, are skipped (dev and test sets must not shrink silently at evaluation)."""
+    from tqdm import tqdm
+
+    kept, problems = [], []
+    for e in tqdm(entries, desc=desc, unit="utt", disable=not progress):
+        try:
+            n = fbank(load_audio(e["audio"])).shape[0]
+        except (AudioError, ValueError) as err:
+            problems.append(Problem(e["audio"], str(err).split(": ", 1)[-1]))
+            continue
+        if n < MIN_FRAMES:
+            problems.append(Problem(e["audio"], f"too short: {n} frames of 10 ms, the model needs >= {MIN_FRAMES}"))
+            continue
+        kept.append(e)
+    return kept, problems
+
+
+INCOMPLETE = ".incomplete"
+
+
 def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = None, subsets: list[str] | None = None,
             train_subsets: list[str] | None = None, vocab_size: int = 128, cmvn_utterances: int = 2000,
-            progress: bool = True) -> dict:
-    """Run the whole preparation; returns the report (also written to ``out/report.json``)."""
+            progress: bool = True, force: bool = False) -> dict:
+    """Run the whole preparation; returns the report (also written to ``out/report.json``).
+
+    Outputs are made in a staging folder and moved into ``out`` at the end, ``out/.incomplete``
+    marking the folder while they are moved (a folder so marked is refused by the loaders). A
+    tokenizer different from the one already in ``out`` (which checkpoints trained on it need) is
+    not replaced unless ``force``."""
+    import shutil
+    import tempfile
+
     t0 = time.perf_counter()
     out = Path(out)
     subsets = subsets or librispeech.list_subsets(root)
@@ -121,17 +174,28 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
     unknown = sorted(set(train_subsets) - set(subsets))
     if unknown:
         raise ValueError(f"training subsets {unknown} are not among the subsets prepared {subsets}")
+    if alignments is not None and not Path(alignments).is_dir():
+        raise FileNotFoundError(f"--alignments {alignments}: no such folder")
+    check_writable(out)
 
     manifests: dict[str, list[dict]] = {}
     problems: list[Problem] = []
     no_alignment: dict[str, int] = {}
+    normalised: dict[str, int] = {}
     for subset in subsets:
         entries, probs = librispeech.scan_subset(root, subset)
         problems += probs
+        entries, probs, normalised[subset] = normalise_entries(entries)
+        problems += probs
+        if subset not in train_subsets:  # evaluation sets: every utterance is decoded once here
+            entries, probs = check_audio(entries, progress, desc=f"check {subset}")
+            problems += probs
         if alignments is not None:
             entries, probs, no_alignment[subset] = attach_alignments(entries, Path(alignments), subset)
             problems += probs
         manifests[subset] = entries
+    if alignments is not None and not any(sum("alignment" in e for e in v) for v in manifests.values()):
+        raise ValueError(f"--alignments {alignments}: no TextGrid found for any utterance (is the path right?)")
 
     train_entries = [e for s in train_subsets for e in manifests[s]]
     if not train_entries:
@@ -139,27 +203,58 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
     cmvn, bad, probs = compute_cmvn(train_entries, cmvn_utterances, progress)
     problems += probs
     for subset in subsets:
-        manifests[subset] = [
-            {**e, "num_frames": num_frames(round(e["duration"] * 16000))} for e in manifests[subset] if e["id"] not in bad
-        ]
+        kept = []
+        for e in manifests[subset]:
+            n = num_frames(round(e["duration"] * 16000))
+            if e["id"] in bad:
+                continue
+            if n < MIN_FRAMES:
+                problems.append(Problem(e["audio"], f"too short: {n} frames of 10 ms, the model needs >= {MIN_FRAMES}"))
+                continue
+            kept.append({**e, "num_frames": n})
+        manifests[subset] = kept
 
-    tokenizer = Tokenizer.train((e["text"] for s in train_subsets for e in manifests[s]), out / "bpe", vocab_size)
-    cmvn.save(out / "cmvn.json")
-    for subset, entries in manifests.items():
-        write_manifest(out / "manifests" / f"{subset}.jsonl", entries)
-    report = {
-        "root": str(librispeech.find_root(root)),
-        "subsets": {s: {"utterances": len(v), "hours": round(sum(e["duration"] for e in v) / 3600, 3),
-                        "aligned": sum("alignment" in e for e in v)} for s, v in manifests.items()},
-        "train_subsets": train_subsets,
-        "vocab_size": tokenizer.vocab_size - 1,
-        "skipped": len(problems),
-        "problems": [str(p) for p in problems],
-        "no_alignment": no_alignment,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        tokenizer = Tokenizer.train((e["text"] for s in train_subsets for e in manifests[s]), stage / "bpe", vocab_size)
+        old = out / "bpe.model"
+        if old.is_file() and tokenizer_digest(old) != tokenizer.digest and not force:
+            raise ValueError(f"{old} exists and the new tokenizer differs from it (sha256 {tokenizer_digest(old)} -> "
+                             f"{tokenizer.digest}): checkpoints trained on it would no longer evaluate or resume. "
+                             f"Prepare into another --out, or pass --force to replace it")
+        cmvn.save(stage / "cmvn.json")
+        for subset, entries in manifests.items():
+            write_manifest(stage / "manifests" / f"{subset}.jsonl", entries)
+        report = {
+            "root": str(librispeech.find_root(root)),
+            "subsets": {s: {"utterances": len(v), "hours": round(sum(e["duration"] for e in v) / 3600, 3),
+                            "aligned": sum("alignment" in e for e in v)} for s, v in manifests.items()},
+            "train_subsets": train_subsets,
+            "vocab_size": tokenizer.vocab_size - 1,
+            "normalised_transcripts": normalised,
+            "skipped": len(problems),
+            "problems": [str(p) for p in problems],
+            "no_alignment": no_alignment,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        atomic_write_text(stage / "report.json", json.dumps(report, indent=2))
+        (out / INCOMPLETE).write_text("prepare was interrupted while moving its outputs into place; run it again\n")
+        (out / "manifests").mkdir(exist_ok=True)
+        for f in sorted(stage.rglob("*")):
+            if f.is_file():
+                os.replace(f, out / f.relative_to(stage))
+        (out / INCOMPLETE).unlink()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def check_prepared(data_dir: str | Path) -> Path:
+    """Refuses a prepared folder that a preparation left incomplete."""
+    data_dir = Path(data_dir)
+    if (data_dir / INCOMPLETE).exists():
+        raise ValueError(f"{data_dir}: preparation did not finish (it holds {INCOMPLETE}); run data.prepare again")
+    return data_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-subsets", nargs="+", help="subsets for BPE and CMVN (default: those named *train*)")
     p.add_argument("--vocab-size", type=int, default=128, help="BPE units, blank excluded (default 128)")
     p.add_argument("--cmvn-utterances", type=int, default=2000, help="training utterances read for CMVN")
+    p.add_argument("--force", action="store_true", help="replace a different tokenizer already in --out")
     p.add_argument("--download", nargs="+", metavar="SUBSET",
                    help=f"first download these subsets into --root ({', '.join(librispeech.SUBSETS)})")
     a = p.parse_args(argv)
@@ -179,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         for subset in a.download:
             librispeech.download(subset, a.root)
     try:
-        report = prepare(a.root, a.out, a.alignments, a.subsets, a.train_subsets, a.vocab_size, a.cmvn_utterances)
-    except (FileNotFoundError, ValueError) as e:
+        report = prepare(a.root, a.out, a.alignments, a.subsets, a.train_subsets, a.vocab_size, a.cmvn_utterances,
+                         force=a.force)
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     for line in report["problems"]:
         print(f"skipped {line}", file=sys.stderr)

@@ -47,7 +47,18 @@ class Tokenizer:
         return self.sp.get_piece_size() + 1
 
     def encode(self, text: str) -> list[int]:
-        return [i + 1 for i in self.sp.encode(text.upper())]
+        """CTC targets of ``text``; a character the model cannot spell raises ``ValueError``
+        (it would otherwise silently become an ``<unk>`` target)."""
+        ids = self.sp.encode(text.upper())
+        unk = self.sp.unk_id()
+        if unk in ids:
+            bad = sorted({c for c in text.upper() if not c.isspace() and unk in self.sp.encode(c)})
+            raise ValueError(f"{text!r}: characters outside the tokenizer's vocabulary: {''.join(bad)!r}")
+        return [i + 1 for i in ids]
+
+    def spellable(self, word: str) -> bool:
+        """Whether ``word`` is spelt by the tokenizer's pieces without ``<unk>``."""
+        return self.sp.unk_id() not in self.sp.encode(word.upper())
 
     def decode(self, ids) -> str:
         """Text of a sequence of output indices (blanks and repeats must already be removed)."""

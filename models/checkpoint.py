@@ -25,9 +25,14 @@ def checkpoint_paths(ckpt: str | Path, average: int = 1) -> list[Path]:
         raise FileNotFoundError(f"{ckpt}: no such checkpoint file or folder")
     if average <= 1 and (ckpt / "last.ckpt").is_file():
         return [ckpt / "last.ckpt"]
-    epochs = sorted(ckpt.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+    import re
+
+    # one file per complete epoch, ``epochNNN.ckpt`` (train.py writes no other): by epoch number,
+    # not by time, and never a versioned ``epochNNN-v1.ckpt`` of an older naming
+    numbered = {int(m.group(1)): p for p in ckpt.glob("epoch*.ckpt") if (m := re.fullmatch(r"epoch(\d+)\.ckpt", p.name))}
+    epochs = [numbered[e] for e in sorted(numbered)]
     if len(epochs) < max(1, average):
-        raise ValueError(f"{ckpt}: {len(epochs)} epoch checkpoints, fewer than --average {average}")
+        raise ValueError(f"{ckpt}: {len(epochs)} epoch checkpoints (epochNNN.ckpt), fewer than --average {average}")
     return epochs[-max(1, average):]
 
 

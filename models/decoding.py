@@ -17,11 +17,20 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[i
 
 
 def write_lexicon(words, tokenizer: Tokenizer, path) -> int:
-    """A flashlight lexicon (``WORD piece piece ...`` per line) spelling each word with the
-    tokenizer's pieces; returns the number of words."""
+    """A flashlight lexicon (``WORD piece piece ...`` per line) spelling each word, normalised
+    (:func:`data.text.normalise`), with the tokenizer's pieces; returns the number of words. Words
+    the pieces cannot spell (they would need ``<unk>``) are left out with a warning."""
+    import warnings
     from pathlib import Path
 
-    words = sorted({w for w in words if w})
+    from data.text import normalise
+
+    words = sorted({n for w in words for n in normalise(w).split()})
+    unspellable = [w for w in words if not tokenizer.spellable(w)]
+    if unspellable:
+        warnings.warn(f"lexicon {path}: {len(unspellable)} words the tokenizer cannot spell are left out, "
+                      f"e.g. {', '.join(unspellable[:5])}", stacklevel=2)
+        words = [w for w in words if w not in set(unspellable)]
     lines = [f"{w} {' '.join(tokenizer.sp.encode(w, out_type=str))}\n" for w in words]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(lines))

@@ -215,7 +215,8 @@ def test_evaluate_end_to_end_and_averaging(prepared, trained, tmp_path):
 
     report = json.loads((tmp_path / "e" / "results.json").read_text())
     lexicon = (tmp_path / "e" / "lexicon.txt").read_text().splitlines()
-    assert report["lexicon"].endswith("lexicon.txt") and all(len(l.split()) >= 2 for l in lexicon)
+    assert report["sets"]["mini-test"]["decoder"]["lexicon"].endswith("lexicon.txt")
+    assert all(len(l.split()) >= 2 for l in lexicon)
     for dec in ("greedy", "beam"):
         r = report["sets"]["mini-test"][dec]
         assert {"wer", "cer", "substitutions", "deletions", "insertions", "words", "rtf"} <= set(r)
