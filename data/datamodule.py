@@ -167,8 +167,9 @@ class FrameBucketSampler(Sampler[list[int]]):
     Under DDP (``world_size > 1``) each rank takes every ``world_size``-th batch. With ``even``
     (training) every rank gets the same number of batches, the last ``len % world_size`` being
     left out (DDP needs one gradient all-reduce per step on every rank); without it (evaluation)
-    no batch is left out and the ranks' counts may differ by one, so that every utterance is
-    scored exactly once.
+    no batch is left out, so that every utterance is scored exactly once, and a rank short of a
+    batch gets an empty one (which collates to None), so that every rank runs as many steps and
+    none skips the evaluation loop, and the reductions at its end, for having nothing to do.
 
     Resumable: :meth:`state_dict` / :meth:`load_state_dict` hold ``(epoch, position)``, the
     epoch and the number of its batches already consumed; after :meth:`load_state_dict` the next
@@ -236,8 +237,11 @@ class FrameBucketSampler(Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1:
-            end = len(batches) // self.world_size * self.world_size if self.even else len(batches)
-            batches = batches[self.rank: end: self.world_size]
+            if self.even:
+                batches = batches[self.rank: len(batches) // self.world_size * self.world_size: self.world_size]
+            else:  # every batch once; ranks short of one get an empty batch (None after collate)
+                share = batches[self.rank::self.world_size]
+                batches = share + [[]] * (-(-len(batches) // self.world_size) - len(share))
         return batches
 
     def __iter__(self):

@@ -113,3 +113,19 @@ def test_librispeech_recipe_runs_under_ddp(prepared, tmp_path):
     _assert_replicas_equal(out)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["reuse"] == "4(H4)x4" and ckpt["hyper_parameters"]["num_layers"] == 16
+
+
+def test_ddp_validation_with_a_rank_that_gets_no_batch(prepared, tmp_path):
+    """One dev utterance on two ranks: rank 1 validates nothing and must still enter the reduction
+    (before, a rank without references skipped the collective the other entered: a hang)."""
+    dev1 = tmp_path / "dev1.jsonl"
+    write_manifest(dev1, read_manifest(prepared / "manifests" / "mini-dev.jsonl")[:1])
+    out = tmp_path / "out"
+    r = _ddp(["--config", "recipes/mini/base.yaml", *TINY_ARGS, "--model.num_layers", "2", "--model.reuse", "1(H2)x2",
+              "--data.data_dir", str(prepared), "--data.valid_sets", f"[{dev1}]", "--data.max_frames", "2500",
+              "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.max_time", "null",
+              "--trainer.default_root_dir", str(tmp_path / "run")], out, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = _ranks(out)
+    assert sorted(len(x["validated"][-1]) for x in ranks) == [0, 1]
+    assert ranks[0]["val_wer"] == ranks[1]["val_wer"] is not None

@@ -125,6 +125,7 @@ def test_validation_sharding_scores_every_utterance_once():
     for world in (2, 3, 8):
         shards = [list(FrameBucketSampler(lengths, 400, shuffle=False, rank=r, world_size=world)) for r in range(world)]
         assert sorted(i for sh in shards for b in sh for i in b) == sorted(whole)
+        assert len({len(sh) for sh in shards}) == 1  # as many steps on every rank (short ones padded with [])
         train_shards = [len(FrameBucketSampler(lengths, 400, rank=r, world_size=world)) for r in range(world)]
         assert len(set(train_shards)) == 1  # training: equal batch counts on every rank
 
