@@ -3,6 +3,8 @@
     python -m analysis report --ckpt CKPT --manifest M --out DIR [--alignments A] [--reference REF]
     python -m analysis report --upstream tera --upstream-ckpt TERA.ckpt --manifest M.jsonl --out DIR
     python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
+    python -m analysis suggest-reuse --ckpt BASE --manifest M --out DIR [--groups K ...] [--limit N]
+                                            (which layers could share maps; see analysis/suggest.py)
     python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
 
 ``--manifest`` is a prepared subset name (``mini-test``) or a ``.jsonl`` path; utterances without
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.report import STEPS, UPSTREAMS, Report
+from analysis.report import OPTIONAL_STEPS, STEPS, UPSTREAMS, UPSTREAM_STEPS, Report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +27,18 @@ def main(argv: list[str] | None = None) -> None:
         return latency.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("report", *STEPS):
+    s = sub.add_parser("suggest-reuse", help="rank reuse plans for a trained baseline (map similarity, zero-shot WER, "
+                                            "GFLOP saved)")
+    s.add_argument("--ckpt", required=True, help="baseline checkpoint of train.py (every layer computes its maps)")
+    s.add_argument("--manifest", required=True, help="prepared subset name (e.g. mini-dev) or .jsonl manifest")
+    s.add_argument("--out", required=True, help="output folder: suggest.json, similarity.png, candidates.png")
+    s.add_argument("--groups", type=int, nargs="+", help="numbers of groups K to consider (default 2 .. L-1)")
+    s.add_argument("--per-k", type=int, default=8, help="best partitions kept per K by within-group similarity")
+    s.add_argument("--limit", type=int, help="only the first N utterances")
+    s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
+    s.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda")
+    s.add_argument("--max-frames", type=int, default=20000)
+    for name in ("report", *STEPS, *OPTIONAL_STEPS):
         s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
         s.add_argument("--ckpt", help="checkpoint of train.py (file, or folder with last.ckpt)")
         s.add_argument("--upstream", choices=UPSTREAMS, help="analyse a self-supervised upstream instead (s3prl)")
@@ -40,14 +53,31 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--utterance", help="utterance id for the context-mixing figure (default: the first)")
         s.add_argument("--probe-epochs", type=int, default=15)
         s.add_argument("--max-frames", type=int, default=20000)
+        if name == "report":
+            s.add_argument("--suggest", action="store_true", help="also rank reuse plans (suggest-reuse) into OUT/suggest")
         s.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (features stay on the CPU "
                                                        "and each batch is moved)")
     a = p.parse_args(argv)
+    if a.command == "suggest-reuse":
+        from analysis.suggest import print_table, suggest
+
+        try:
+            result = suggest(a.ckpt, a.manifest, a.out, a.groups, a.limit, a.per_k, a.device, a.data_dir,
+                             max_frames=a.max_frames)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print_table(result)
+        print(f"wrote {a.out}/suggest.json, similarity.png, candidates.png")
+        return
     try:
         report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
                         a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
                         data_dir=a.data_dir, device=a.device)
-        results = report.run(None if a.command == "report" else [a.command])
+        if a.command == "report":
+            steps = [*(UPSTREAM_STEPS if a.upstream else STEPS), *(["suggest"] if a.suggest else [])]
+        else:
+            steps = [a.command]
+        results = report.run(steps)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     for name, path in results["figures"].items():

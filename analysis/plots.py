@@ -133,3 +133,42 @@ def context_mixing(scores: dict[str, np.ndarray], words: list[str], layer_names:
             if c == 0:
                 ax.set_ylabel(m.replace("_", " "), fontsize=9)
     return _save(fig, path)
+
+
+def similarity_map(sim: np.ndarray, groups: list[list[int]], path: Path) -> Path:
+    """``L x L`` layer similarity of attention maps, with ``groups`` (a plan) outlined."""
+    from matplotlib.patches import Rectangle
+
+    L = sim.shape[0]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.35 * L), max(3.8, 1.0 + 0.35 * L)))
+    im = ax.imshow(sim, vmin=0, vmax=1, cmap="viridis")
+    for g in groups:
+        ax.add_patch(Rectangle((g[0] - 0.5, g[0] - 0.5), len(g), len(g), fill=False, edgecolor="red", lw=2))
+    ticks = list(range(L))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=[t + 1 for t in ticks], yticklabels=[t + 1 for t in ticks],
+           xlabel="layer", ylabel="layer", title="map similarity, 1 - JS / ln 2\n(outlined: best plan)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def reuse_candidates(candidates: list[dict], baseline_wer: float, path: Path) -> Path:
+    """Zero-shot WER against the GFLOP a trained plan would save, one point per candidate plan,
+    the Pareto front joined."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [c["gflop_saving"] for c in candidates]
+    ys = [c["zero_shot_wer"] for c in candidates]
+    ax.scatter(xs, ys, c=[c["num_groups"] for c in candidates], cmap="plasma", s=25, label="candidate plans")
+    front = sorted((c["gflop_saving"], c["zero_shot_wer"]) for c in candidates if c.get("pareto"))
+    if front:
+        ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
+    for c in candidates:
+        if c.get("pareto"):
+            ax.annotate(c["reuse"], (c["gflop_saving"], c["zero_shot_wer"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(baseline_wer, color="grey", lw=1, ls=":", label="baseline")
+    ax.set(xlabel="encoder GFLOP saved at 768 frames (trained plan)", ylabel="zero-shot WER (%)",
+           title="reuse candidates")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+

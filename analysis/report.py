@@ -27,6 +27,7 @@ from models.checkpoint import load_model, model_cmvn
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
 UPSTREAMS = ("tera", "mockingjay")
+OPTIONAL_STEPS = ("suggest",)  # run by ``report`` when asked (``--suggest``), or alone
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -57,6 +58,7 @@ class Report:
                  device: str = "cpu"):
         self.out = check_writable(out)
         self.device = device
+        self.ckpt = ckpt
         self.upstream = upstream
         self.featurizer = self.framing = None
         if upstream is not None:
@@ -259,6 +261,19 @@ class Report:
         self.results["figures"]["mixing"] = str(plots.context_mixing(
             {m: v.numpy() for m, v in scores.items()}, names, [f"layer {l + 1}" for l in range(self.model.num_layers)],
             self.out / "context_mixing.png"))
+
+    def step_suggest(self):
+        """Reuse-plan suggestion for this baseline (``analysis/suggest.py``) on the report's manifest:
+        the similarity heat map, the zero-shot table and its figure, under ``OUT/suggest/``."""
+        from analysis.suggest import suggest
+
+        if self.upstream is not None:
+            raise ValueError("suggest-reuse needs a Conformer baseline of ours")
+        r = suggest(self.ckpt, str(self.manifest), str(self.out / "suggest"), limit=self.limit, device=self.device,
+                    progress=self.progress, max_frames=self.max_frames)
+        self.results["suggest"] = {k: r[k] for k in ("baseline", "similarity", "candidates")}
+        self.results["figures"]["similarity"] = str(self.out / "suggest" / "similarity.png")
+        self.results["figures"]["candidates"] = str(self.out / "suggest" / "candidates.png")
 
     def run(self, steps=None) -> dict:
         """Runs the steps; ``report.json`` is rewritten after each, so a failing step keeps what the

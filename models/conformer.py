@@ -103,18 +103,30 @@ class ConformerEncoder(nn.Module):
         reused = {p.source for p in plans if p.reuses}
         self._map_needed = [i in reused for i in range(len(plans))]
 
-    def forward(self, x, padding_mask, return_attentions=False, return_hidden_states=False, head_mask=None):
+    def forward(self, x, padding_mask, return_attentions=False, return_hidden_states=False, head_mask=None,
+                map_sources: list[int] | None = None):
         """``x (B, T, d)`` -> ``(output, attentions list or None, hidden_states list or None)``;
-        ``head_mask`` is a list (one ``(H,)`` tensor or None per layer) or None."""
+        ``head_mask`` is a list (one ``(H,)`` tensor or None per layer) or None. ``map_sources``
+        (zero-shot reuse, checked by :meth:`ConformerCTC.map_sources`): layer ``i`` applies the map
+        that layer ``map_sources[i] <= i`` applied, to its own values (itself: its own map)."""
         x, pos_emb = self.pos_enc(x)
         attentions, hidden = [], [x]
-        maps: dict[int, torch.Tensor] = {}
+        applied: dict[int, torch.Tensor] = {}
+        needed = self._map_needed
+        if map_sources is not None:
+            borrowed = {s for i, s in enumerate(map_sources) if s != i}
+            needed = [n or i in borrowed for i, n in enumerate(needed)]
         for i, (layer, plan) in enumerate(zip(self.layers, self.plans)):
-            shared = maps[plan.source] if plan.reuses else None
-            need = return_attentions or self._map_needed[i]
+            if plan.reuses:
+                shared = applied[plan.source]
+            elif map_sources is not None and map_sources[i] != i:
+                shared = applied[map_sources[i]]
+            else:
+                shared = None
+            need = return_attentions or needed[i]
             x, attn = layer(x, pos_emb, padding_mask, shared, need, None if head_mask is None else head_mask[i])
-            if not plan.reuses and attn is not None:
-                maps[i] = attn
+            if attn is not None:
+                applied[i] = attn
             attentions.append(attn)
             hidden.append(x)
         return x, attentions if return_attentions else None, hidden if return_hidden_states else None

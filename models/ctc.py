@@ -116,17 +116,58 @@ class ConformerCTC(nn.Module):
                 raise ValueError(f"head mask masks a head >= {h} in layer {layer}, which has only {h} heads")
         return [mask[layer, :h].float() for layer, h in enumerate(heads)]
 
+    def map_sources(self, assignment) -> list[int] | None:
+        """Normalise a zero-shot reuse assignment to one source layer per layer (or None).
+
+        ``assignment``: a mapping ``{layer: source}`` (other layers keep their own maps) or a
+        sequence of ``num_layers`` sources. Layer ``l`` then applies the map that layer ``s`` applied,
+        to its own values: a model trained without reuse evaluated *as if* it reused maps. ``s``
+        must be ``l`` itself or an earlier layer with as many heads; ``l`` must compute its own map
+        in this model's plan (a reuse layer already applies its group's)."""
+        if assignment is None:
+            return None
+        L = self.num_layers
+        if isinstance(assignment, Mapping):
+            sources = list(range(L))
+            for layer, source in assignment.items():
+                if not 0 <= int(layer) < L:
+                    raise ValueError(f"map assignment names layer {layer}; the encoder has layers 0..{L - 1}")
+                sources[int(layer)] = int(source)
+        else:
+            sources = [int(s) for s in assignment]
+            if len(sources) != L:
+                raise ValueError(f"map assignment gives {len(sources)} sources; the encoder has {L} layers")
+        heads = self.num_heads
+        for layer, source in enumerate(sources):
+            if source == layer:
+                continue
+            if not 0 <= source < L:
+                raise ValueError(f"map assignment: layer {layer} takes the map of layer {source}, outside 0..{L - 1}")
+            if source > layer:
+                raise ValueError(f"map assignment: layer {layer} cannot take the map of the later layer {source}")
+            if heads[source] != heads[layer]:
+                raise ValueError(f"map assignment: layer {layer} has {heads[layer]} heads, layer {source} has "
+                                 f"{heads[source]}")
+            if self.plans[layer].reuses:
+                raise ValueError(f"map assignment: layer {layer} already reuses the map of layer "
+                                 f"{self.plans[layer].source} in this model's plan {self.reuse!r}")
+        return sources
+
     def encode(self, features: torch.Tensor, lengths: torch.Tensor, return_attentions: bool = False,
-               return_hidden_states: bool = False, head_mask=None) -> EncoderOutput:
-        """Run the front end and the encoder; see :class:`EncoderOutput`."""
+               return_hidden_states: bool = False, head_mask=None, map_sources=None) -> EncoderOutput:
+        """Run the front end and the encoder; see :class:`EncoderOutput`. ``head_mask``: see
+        :meth:`head_mask_tensor`; ``map_sources``: zero-shot reuse, see :meth:`map_sources`
+        (the identity assignment, or None, is the model as trained)."""
         self._check_inputs(features, lengths)
+        sources = self.map_sources(map_sources)
         x, out_lengths = self.frontend(features, lengths)
         padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]
         out, attentions, hidden = self.encoder(x, padding_mask, return_attentions, return_hidden_states,
-                                               self.head_mask_tensor(head_mask, x.device))
+                                               self.head_mask_tensor(head_mask, x.device), sources)
         return EncoderOutput(out, out_lengths, attentions, hidden)
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor, head_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor, head_mask=None,
+                map_sources=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``features (B, T, input_dim)``, ``lengths (B,)`` -> ``(log_probs (B, T', V) float32, out_lengths (B,))``."""
-        enc = self.encode(features, lengths, head_mask=head_mask)
+        enc = self.encode(features, lengths, head_mask=head_mask, map_sources=map_sources)
         return torch.log_softmax(self.head(enc.output).float(), dim=-1), enc.lengths
