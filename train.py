@@ -52,6 +52,9 @@ class CTCModule(L.LightningModule):
         lr, weight_decay, betas, eps: AdamW (SPEC: 1.5e-3, 1e-5, (0.9, 0.99), 1e-8).
         warmup_steps, hold_steps, decay_steps, final_lr_scale: the LR schedule, in optimiser steps.
         weight_noise, weight_noise_start: variational weight noise std and first step (0 = off).
+        init_from: start from a trained checkpoint of the same size (a retrofit when ``reuse`` is a
+            reuse plan and the checkpoint a baseline: see :mod:`models.retrofit`); its tokenizer must be
+            the data's. A resumed run (``--ckpt_path``) then restores its own weights over these.
     """
 
     def __init__(self, tokenizer_path: str, reuse: str = "1(H4)x16", d_model: int = 256, num_layers: int = 16,
@@ -60,7 +63,7 @@ class CTCModule(L.LightningModule):
                  input_dim: int = 80, lr: float = 1.5e-3, weight_decay: float = 1e-5,
                  betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8, warmup_steps: int = 5000,
                  hold_steps: int = 95000, decay_steps: int = 100000, final_lr_scale: float = 0.01,
-                 weight_noise: float = 0.0, weight_noise_start: int = 0):
+                 weight_noise: float = 0.0, weight_noise_start: int = 0, init_from: str | None = None):
         super().__init__()
         self.tokenizer = Tokenizer(tokenizer_path)
         # hyper-parameters are exactly the init arguments (LightningCLI parses them back from a
@@ -72,10 +75,28 @@ class CTCModule(L.LightningModule):
                                   dropout=dropout, attention_dropout=attention_dropout,
                                   subsampling_channels=subsampling_channels, was_gamma=was_gamma,
                                   bn_momentum=bn_momentum)
+        if init_from:
+            self._init_from(init_from)
         self.skipped_steps = 0
         self._skip_this_step = False
         self._clean_weights: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._val_counts = torch.zeros(4, dtype=torch.float64)  # errors, words, loss sum, utterances
+
+    def _init_from(self, path: str) -> None:
+        from models.checkpoint import load_model
+        from models.retrofit import retrofit
+
+        base, tokenizer, hp = load_model(path)
+        if tokenizer.digest != self.tokenizer.digest:
+            raise ValueError(f"--model.init_from {path}: trained with another tokenizer (sha256 {tokenizer.digest}) than "
+                             f"{self.hparams.tokenizer_path} (sha256 {self.tokenizer.digest})")
+        sizes = ("input_dim", "d_model", "num_layers", "ffn_dim", "kernel_size", "subsampling_channels")
+        differ = [f"{k} {base.config[k]} vs {self.model.config[k]}" for k in sizes if base.config[k] != self.model.config[k]]
+        if differ:
+            raise ValueError(f"--model.init_from {path}: the checkpoint's model is not this recipe's size ({', '.join(differ)})")
+        if base.reuse != self.model.reuse:
+            base = retrofit(base, self.model.reuse)
+        self.model.load_state_dict(base.state_dict())
 
     def ctc_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         log_probs, out_lengths = self.model(batch["features"], batch["feature_lengths"])
@@ -300,7 +321,8 @@ class ASRCLI(LightningCLI):
             ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as e:
             raise SystemExit(f"error: --ckpt_path {ckpt_path}: not a readable checkpoint ({type(e).__name__}: {e})")
-        init = set(inspect.signature(CTCModule.__init__).parameters) - {"self", "tokenizer_path"}
+        # not init_from either: a resumed run restores its own weights (the base need not be there)
+        init = set(inspect.signature(CTCModule.__init__).parameters) - {"self", "tokenizer_path", "init_from"}
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in init}
         if hparams:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)

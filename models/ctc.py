@@ -61,6 +61,11 @@ class ConformerCTC(nn.Module):
             raise ValueError(f"vocab_size must count the blank and at least one token, got {vocab_size}")
         self.plans = parse_reuse_config(reuse, num_layers, d_model)
         self.reuse = format_reuse_config(self.plans)
+        # the constructor's arguments (to build a model of the same size, e.g. with another plan)
+        self.config = dict(vocab_size=vocab_size, input_dim=input_dim, d_model=d_model, num_layers=num_layers,
+                           ffn_dim=ffn_dim, kernel_size=kernel_size, reuse=self.reuse, dropout=dropout,
+                           attention_dropout=attention_dropout, subsampling_channels=subsampling_channels,
+                           was_gamma=was_gamma, bn_momentum=bn_momentum)
         self.vocab_size, self.input_dim, self.d_model, self.num_layers = vocab_size, input_dim, d_model, num_layers
         self.frontend = Conv2dSubsampling(input_dim, d_model, subsampling_channels)
         self.encoder = ConformerEncoder(self.plans, d_model, ffn_dim, kernel_size, dropout, attention_dropout,

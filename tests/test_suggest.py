@@ -10,7 +10,7 @@ import torch
 from analysis.suggest import (LayerSimilarity, candidate_groups, js_divergence, pareto_front, partitions, plan_string,
                               suggest, zero_shot)
 from models import ConformerCTC
-from test_train import _fit
+from test_train import _fit, trained_checkpoint
 
 SMALL = dict(d_model=32, ffn_dim=64, kernel_size=5, subsampling_channels=8)
 
@@ -177,9 +177,7 @@ def test_layer_similarity_of_identical_and_different_maps():
 
 @pytest.fixture(scope="module")
 def three_layer(prepared, tmp_path_factory):
-    root = tmp_path_factory.mktemp("suggest")
-    _fit(prepared, root, max_epochs=1, limit=3, reuse="1(H2)x3", num_layers=3)
-    return root / "checkpoints" / "last.ckpt"
+    return trained_checkpoint(prepared, tmp_path_factory, "suggest", reuse="1(H2)x3", num_layers=3)
 
 
 def test_cli_end_to_end(prepared, three_layer, tmp_path, capsys):

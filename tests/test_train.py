@@ -64,6 +64,13 @@ def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4,
     return rec.losses, module, trainer
 
 
+def trained_checkpoint(prepared, tmp_path_factory, name: str, max_epochs: int = 1, **model_kw) -> Path:
+    """``last.ckpt`` of a tiny model trained on the mini corpus (3 batches an epoch), for module fixtures."""
+    root = tmp_path_factory.mktemp(name)
+    _fit(prepared, root, max_epochs=max_epochs, limit=3, **model_kw)
+    return root / "checkpoints" / "last.ckpt"
+
+
 def test_training_reduces_loss(prepared, tmp_path):
     losses, _, trainer = _fit(prepared, tmp_path, max_epochs=5, limit=None)
     per_epoch = len(losses) // 5
