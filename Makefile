@@ -20,23 +20,42 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # The main job on the embedded mini corpus: corpus -> preparation -> training of the mini baseline
-# -> evaluation on mini-test -> analysis report. About 17 minutes on 2 CPU cores.
+# -> evaluation on mini-test -> analysis report -> reuse-plan suggestion -> retrofit of the baseline
+# to the best two-group plan (short fine-tuning) -> its evaluation and PAR coverage against the
+# baseline -> CPU latency of both -> the final table. About 20 minutes on 2 CPU cores.
+MINI := --data.data_dir $(EXP)/data --trainer.enable_progress_bar false
+MINI_SIZE := --d-model 144 --num-layers 4 --ffn-dim 576 --kernel-size 15
+# $(call timed,NAME,COMMAND): run COMMAND and append "NAME<TAB>seconds" to $(EXP)/stages.tsv
+timed = s=$$(date +%s); $(2) && printf '%s\t%s\n' "$(1)" $$(( $$(date +%s) - s )) >> $(EXP)/stages.tsv
+
 demo: setup $(EXP)/data/.done
-	rm -rf $(EXP)/train
-	$(PY) train.py fit --config recipes/mini/base.yaml --config recipes/mini/conformer_1x4.yaml \
-		--data.data_dir $(EXP)/data --trainer.default_root_dir $(EXP)/train
+	rm -rf $(EXP)/train $(EXP)/retrofit $(EXP)/stages.tsv
+	$(call timed,train baseline,$(PY) train.py fit --config recipes/mini/base.yaml --config recipes/mini/conformer_1x4.yaml \
+		$(MINI) --trainer.default_root_dir $(EXP)/train)
 	$(PY) evaluate.py --ckpt $(EXP)/train/checkpoints/last.ckpt --sets mini-test --out $(EXP)/eval
-	$(PY) -m analysis report --ckpt $(EXP)/train/checkpoints/last.ckpt --manifest mini-test \
-		--probe-train mini-dev --out $(EXP)/report
+	$(call timed,report,$(PY) -m analysis report --ckpt $(EXP)/train/checkpoints/last.ckpt --manifest mini-test \
+		--probe-train mini-dev --out $(EXP)/report)
+	$(call timed,suggest-reuse,$(PY) -m analysis suggest-reuse --ckpt $(EXP)/train/checkpoints/last.ckpt \
+		--manifest mini-dev --out $(EXP)/suggest)
+	$(call timed,train retrofit,$(PY) train.py fit --config recipes/mini/base.yaml --config recipes/mini/retrofit.yaml \
+		--model.reuse "$$($(PY) -m analysis.demo best-plan $(EXP)/suggest/suggest.json --groups 2)" \
+		--model.init_from $(EXP)/train/checkpoints/last.ckpt $(MINI) --trainer.default_root_dir $(EXP)/retrofit)
+	$(PY) evaluate.py --ckpt $(EXP)/retrofit/checkpoints/last.ckpt --sets mini-test --out $(EXP)/eval_retrofit
+	$(PY) -m analysis par --ckpt $(EXP)/retrofit/checkpoints/last.ckpt --manifest mini-test \
+		--reference $(EXP)/train/checkpoints/last.ckpt --out $(EXP)/report_retrofit
+	$(call timed,latency,$(PY) -m analysis.latency --reuse "1(H4)x4" \
+		"$$($(PY) -m analysis.demo best-plan $(EXP)/suggest/suggest.json --groups 2)" $(MINI_SIZE) \
+		--lengths 64 128 256 --runs 60 --rounds 6 --warmup 5 --train-runs 0 --no-peer --no-materialised \
+		--include-frontend --quiet --json $(EXP)/latency.json > /dev/null)
 	@echo
 	@echo "corpus      $(EXP)/corpus (LibriSpeech layout + alignments)"
 	@echo "prepared    $(EXP)/data (manifests, bpe.model, cmvn.json, report.json)"
-	@echo "checkpoint  $(EXP)/train/checkpoints/last.ckpt (and the best by dev WER)"
-	@echo "logs        $(EXP)/train/csv, $(EXP)/train/tensorboard"
-	@echo "evaluation  $(EXP)/eval/results.json, $(EXP)/eval/mini-test.hyp.tsv"
-	@echo "analysis    $(EXP)/report/*.png, $(EXP)/report/report.json"
-	@$(PY) -c "import json; r = json.load(open('$(EXP)/eval/results.json'))['sets']['mini-test']; \
-		print(f\"mini-test WER: greedy {r['greedy']['wer']:.2f} %, beam {r['beam']['wer']:.2f} %\")"
+	@echo "checkpoints $(EXP)/train/checkpoints (baseline), $(EXP)/retrofit/checkpoints (retrofit)"
+	@echo "logs        $(EXP)/train/csv, $(EXP)/retrofit/csv (and tensorboard/)"
+	@echo "evaluation  $(EXP)/eval/results.json, $(EXP)/eval_retrofit/results.json (+ <set>.hyp.tsv)"
+	@echo "analysis    $(EXP)/report/*.png, report.json; $(EXP)/report_retrofit (PAR coverage vs the baseline)"
+	@echo "suggestion  $(EXP)/suggest/suggest.json, similarity.png, candidates.png"
+	@$(PY) -m analysis.demo table $(EXP)
 
 $(EXP)/corpus/.done: | setup
 	$(PY) -m data.mini $(EXP)/corpus

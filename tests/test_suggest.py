@@ -213,3 +213,15 @@ def test_bad_arguments(prepared, three_layer, tmp_path):
     with pytest.raises(SystemExit, match="a reuse model"):
         main(["suggest-reuse", "--ckpt", str(reuse_root / "checkpoints" / "last.ckpt"), "--manifest", "mini-dev",
               "--out", str(tmp_path / "s")])
+
+
+def test_demo_picks_the_best_plan_with_k_groups(tmp_path):
+    from analysis.demo import best_plan
+
+    path = tmp_path / "suggest.json"
+    path.write_text(json.dumps({"candidates": [{"num_groups": 3, "reuse": "2(H4)+1(H4)x2"},
+                                               {"num_groups": 2, "reuse": "3(H4)+1(H4)"},
+                                               {"num_groups": 2, "reuse": "2(H4)x2"}]}))
+    assert best_plan(path, 2) == "3(H4)+1(H4)" and best_plan(path, 3) == "2(H4)+1(H4)x2"
+    with pytest.raises(ValueError, match="no candidate plan with 4 groups"):
+        best_plan(path, 4)
