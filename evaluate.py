@@ -22,7 +22,7 @@ import torch
 from data.datamodule import ManifestDataset, ordered_loader
 from data.features import atomic_write_text, check_writable
 from models.decoding import BeamSearch, greedy_decode, write_lexicon
-from models.checkpoint import load_model, model_cmvn, save_model_checkpoint
+from models.checkpoint import load_model, model_cmvn, save_model_checkpoint, training_data_dir
 
 def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
-        # the checkpoint's own data folder, if it is still where training left it
-        data_dir = Path(a.data_dir) if a.data_dir else Path(hp.get("tokenizer_path", ".")).parent
+        data_dir = training_data_dir(hp, a.data_dir)
         cmvn = model_cmvn(hp, data_dir)  # on the CPU, where the dataset applies it
         manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
         for name, m in zip(a.sets, manifests):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -22,12 +21,15 @@ import jiwer
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.datamodule import ASRDataModule
+from data.features import atomic_write
 from data.tokenizer import BLANK, Tokenizer
 from models import ConformerCTC
+from models.checkpoint import embedded_tokenizer, tokenizer_record
 from models.decoding import greedy_decode
 
 
@@ -223,8 +225,7 @@ class CTCModule(L.LightningModule):
         the vocabulary size) and the CMVN statistics of the data it was trained on, so that
         evaluation, analysis and resumption work from any folder, after the data folder is gone."""
         checkpoint["skipped_steps"] = self.skipped_steps
-        checkpoint["tokenizer"] = {"sha256": self.tokenizer.digest, "vocab_size": self.tokenizer.vocab_size,
-                                   "model": self.tokenizer.model_bytes, "name": Path(self.tokenizer.path).name}
+        checkpoint["tokenizer"] = embedded_tokenizer(self.tokenizer)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         cmvn = getattr(dm, "cmvn", None)
         if cmvn is not None:
@@ -232,18 +233,11 @@ class CTCModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint trained with another tokenizer (clear message before any step)."""
-        saved = checkpoint_tokenizer_digest(checkpoint)
+        saved = tokenizer_record(checkpoint)[1]
         if saved is not None and saved != self.tokenizer.digest:
             raise ValueError(f"checkpoint was trained with another tokenizer (sha256 {saved}) than "
                              f"{self.hparams.tokenizer_path} (sha256 {self.tokenizer.digest})")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
-
-
-def checkpoint_tokenizer_digest(checkpoint: dict) -> str | None:
-    """The tokenizer digest a checkpoint records (embedded tokenizer, or older checkpoints' hparams)."""
-    if isinstance(checkpoint.get("tokenizer"), dict):
-        return checkpoint["tokenizer"].get("sha256")
-    return checkpoint.get("hyper_parameters", {}).get("tokenizer_sha256")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -253,25 +247,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         if "://" in str(path):  # remote storage: leave it to fsspec
             return super().save_checkpoint(checkpoint, path, storage_options)
-        from data.features import current_umask
-
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*"):  # left by a write that was killed (SIGKILL)
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
         try:
-            torch.save(checkpoint, tmp)
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         except (OSError, RuntimeError) as e:  # disk full: torch reports "unexpected pos"
-            Path(tmp).unlink(missing_ok=True)
             raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); is the disk full? "
                           f"The previous checkpoint there is intact") from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def tokenizer_of(data_dir: str) -> str:
@@ -329,65 +312,53 @@ class ASRCLI(LightningCLI):
 
 
 def _epoch_complete(trainer) -> bool:
-    return trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
+    """Whether the running epoch has processed its last batch (``limit_train_batches`` counted)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
 
 
-def _complete_epoch_checkpoint():
+class CompleteEpochCheckpoint(ModelCheckpoint):
     """A ModelCheckpoint written only at the end of a *complete* epoch (never after a run cut by
-    ``max_time`` or a stop inside it), named ``epochNNN.ckpt`` once per epoch (a resumed run
-    overwrites, no ``-v1``), so that averaging takes distinct, whole epochs."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    ``max_time`` or a stop inside it), so that averaging takes whole epochs."""
 
-    class CompleteEpochCheckpoint(ModelCheckpoint):
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if _epoch_complete(trainer):
-                super().on_train_epoch_end(trainer, pl_module)
-
-    return CompleteEpochCheckpoint
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if _epoch_complete(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
 
 
-def _stop_checkpoint():
-    from lightning.pytorch.callbacks import Checkpoint
+class StopCheckpoint(Checkpoint):
+    """When training stops inside an epoch (``max_time``, a stop signal, early stopping), saves
+    ``last.ckpt`` at the step where it stopped, resumable exactly (the loader's position is in it),
+    and says loudly, at the end of training, how far the schedule got, so that a cut run is never
+    mistaken for a whole one. (A ``Checkpoint``: Lightning runs it after the other callbacks, so it
+    sees the stop that ``Timer`` decides at the same batch.)"""
 
-    class StopCheckpoint(Checkpoint):
-        """When training stops inside an epoch (``max_time``, a stop signal, early stopping), saves
-        ``last.ckpt`` at the step where it stopped, resumable exactly (the loader's position is in it),
-        and says loudly, at the end of training, how far the schedule got, so that a cut run is never
-        mistaken for a whole one. (A ``Checkpoint``: Lightning runs it after the other callbacks, so it
-        sees the stop that ``Timer`` decides at the same batch.)"""
+    def __init__(self):
+        self.saved: tuple[Path, int, int] | None = None
 
-        def __init__(self):
-            self.saved: tuple[Path, int, int] | None = None
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if trainer.should_stop and not _epoch_complete(trainer) and ckpt_dir:
+            path = Path(ckpt_dir) / "last.ckpt"
+            trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+            self.saved = (path, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            last = trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
-            ckpt_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
-            if trainer.should_stop and not last and ckpt_dir:
-                path = Path(ckpt_dir) / "last.ckpt"
-                trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
-                self.saved = (path, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            planned, step = _planned_steps(trainer), trainer.global_step
-            if planned is None or step >= planned:
-                return
-            from lightning.pytorch.callbacks import Timer
-
-            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-            remaining = timer.time_remaining() if timer is not None else None
-            why = "max_time" if remaining is not None and remaining <= 0 else "a stop before the end"
-            h = pl_module.hparams
-            schedule = h.warmup_steps + h.hold_steps + h.decay_steps
-            where = (f"epoch {self.saved[1]} stopped after {self.saved[2]} of {trainer.num_training_batches} batches; "
-                     if self.saved else "")
-            saved = f"{self.saved[0]} holds step {step}; " if self.saved else ""
-            if trainer.is_global_zero:
-                print(f"warning: TRAINING CUT SHORT by {why}: step {step} of {planned} planned "
-                      f"({100 * step / planned:.0f} %), {where}the LR schedule ({schedule} steps) reached step "
-                      f"{min(step, schedule)} (lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}). {saved}No "
-                      f"checkpoint names the incomplete epoch. Resume with --ckpt_path last.", file=sys.stderr)
-
-    return StopCheckpoint
+    def on_train_end(self, trainer, pl_module) -> None:
+        planned, step = _planned_steps(trainer), trainer.global_step
+        if planned is None or step >= planned:
+            return
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        why = "max_time" if remaining is not None and remaining <= 0 else "a stop before the end"
+        h = pl_module.hparams
+        schedule = h.warmup_steps + h.hold_steps + h.decay_steps
+        where = (f"epoch {self.saved[1]} stopped after {self.saved[2]} of {trainer.num_training_batches} batches; "
+                 if self.saved else "")
+        saved = f"{self.saved[0]} holds step {step}; " if self.saved else ""
+        if trainer.is_global_zero:
+            print(f"warning: TRAINING CUT SHORT by {why}: step {step} of {planned} planned "
+                  f"({100 * step / planned:.0f} %), {where}the LR schedule ({schedule} steps) reached step "
+                  f"{min(step, schedule)} (lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}). {saved}No "
+                  f"checkpoint names the incomplete epoch. Resume with --ckpt_path last.", file=sys.stderr)
 
 
 def _planned_steps(trainer) -> int | None:
@@ -403,15 +374,14 @@ def default_callbacks(keep_last: int = 5):
     and the end-of-training report of a cut schedule. A step interval for checkpoints (e.g. to
     lose little on an interruption) is one more callback in the recipe:
     ``trainer.callbacks: [{class_path: ModelCheckpoint, init_args: {every_n_train_steps: 1000}}]``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     return [
         ModelCheckpoint(filename="best-{epoch}-{step}-{val_wer:.2f}", monitor="val_wer", mode="min", save_top_k=1,
                         save_last=True, auto_insert_metric_name=False),
-        _complete_epoch_checkpoint()(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
-                                     auto_insert_metric_name=False, save_on_train_epoch_end=True,
-                                     enable_version_counter=False),
-        _stop_checkpoint()(),
+        # epochNNN.ckpt once per epoch: a resumed run overwrites (no -v1), so averaging takes distinct epochs
+        CompleteEpochCheckpoint(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
+                                auto_insert_metric_name=False, save_on_train_epoch_end=True,
+                                enable_version_counter=False),
+        StopCheckpoint(),
     ]
 
 

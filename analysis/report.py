@@ -22,7 +22,7 @@ from analysis.runner import (accumulated_coverage, aligned_manifest, attention_s
 from data.alignments import PHONE_CLASSES, read_textgrid
 from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW, encoder_frames
 from data.features import atomic_write_text, check_writable, fbank, load_audio
-from models.checkpoint import load_model, model_cmvn
+from models.checkpoint import load_model, model_cmvn, training_data_dir
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
@@ -79,8 +79,7 @@ class Report:
             if not ckpt:
                 raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
             self.model, self.tokenizer, self.hp = load_model(ckpt, device=device)
-            # manifests by name from the folder the model was trained on, if it is still there
-            self.data_dir = Path(data_dir) if data_dir else Path(self.hp.get("tokenizer_path", ".")).parent
+            self.data_dir = training_data_dir(self.hp, data_dir)
             self.cmvn = model_cmvn(self.hp, self.data_dir)  # CPU: the dataset applies it
         self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
         self.probe_train = self._manifest_path(probe_train) if probe_train else None

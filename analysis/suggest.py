@@ -147,18 +147,13 @@ def reuse_layer_saving(hp: dict, num_heads: int, length: int = 768) -> float:
     """GFLOP one reuse layer (``num_heads`` heads, doubled values) saves over a computing layer, in
     the encoder at ``length`` frames: the difference of two 2-layer encoders, ``1(Hh)x2`` and ``2(Hh)``
     (layers add up, so the difference is exactly one layer's)."""
-    from analysis.latency import count_flops
     from models import ConformerCTC
 
-    flops = []
-    for plan in (f"1(H{num_heads})x2", f"2(H{num_heads})"):
-        m = ConformerCTC(hp.get("vocab_size", 2), d_model=hp["d_model"], num_layers=2, ffn_dim=hp["ffn_dim"],
-                         kernel_size=hp["kernel_size"], reuse=plan, subsampling_channels=8).eval()
-        x = torch.zeros(1, length, hp["d_model"])
-        with torch.inference_mode():
-            m.encoder(x, None)  # steady state (position tables)
-            flops.append(count_flops(lambda: m.encoder(x, None)))
-    return (flops[0] - flops[1]) / 1e9
+    computing, reusing = (ConformerCTC(hp.get("vocab_size", 2), d_model=hp["d_model"], num_layers=2,
+                                       ffn_dim=hp["ffn_dim"], kernel_size=hp["kernel_size"], reuse=plan,
+                                       subsampling_channels=8).eval()
+                          for plan in (f"1(H{num_heads})x2", f"2(H{num_heads})"))
+    return encoder_gflop(computing, length) - encoder_gflop(reusing, length)
 
 
 def encoder_gflop(model, length: int = 768) -> float:
@@ -167,7 +162,7 @@ def encoder_gflop(model, length: int = 768) -> float:
 
     x = torch.zeros(1, length, model.d_model, device=next(model.parameters()).device)
     with torch.inference_mode():
-        model.encoder(x, None)
+        model.encoder(x, None)  # steady state (position tables)
         return count_flops(lambda: model.encoder(x, None)) / 1e9
 
 
@@ -192,7 +187,7 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     from analysis.runner import AttentionStats, reference_par
     from data.datamodule import ManifestDataset, ordered_loader
     from data.features import atomic_write_text, check_writable
-    from models.checkpoint import load_model, model_cmvn
+    from models.checkpoint import load_model, model_cmvn, training_data_dir
 
     t0 = time.perf_counter()
     out = check_writable(out)
@@ -209,13 +204,13 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
         raise ValueError(f"--groups {bad[0]}: a plan of {L} layers has 1 to {L} groups")
     if per_k < 1:
         raise ValueError(f"--per-k must be at least 1, got {per_k}")
+    root = training_data_dir(hp, data_dir)
     path = Path(manifest)
     if path.suffix != ".jsonl":
-        root = Path(data_dir) if data_dir else Path(hp.get("tokenizer_path", ".")).parent
         path = root / "manifests" / f"{manifest}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    cmvn = model_cmvn(hp, data_dir or Path(hp.get("tokenizer_path", ".")).parent)
+    cmvn = model_cmvn(hp, root)
     ds = ManifestDataset([path], tokenizer=tokenizer, cmvn=cmvn)
     aligned = all(e.get("alignment") for e in ds.entries)
     if limit is not None:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.alignments import AlignmentError, read_textgrid
-from data.features import MIN_FRAMES, AudioError, GlobalCMVN, SpecAugment, fbank, load_audio
+from data.features import AudioError, GlobalCMVN, SpecAugment, fbank, load_audio, too_short
 from data.prepare import check_prepared, read_manifest
 from data.text import normalise
 from data.tokenizer import Tokenizer
@@ -78,9 +78,8 @@ class ManifestDataset(Dataset):
         self.skipped: dict[str, str] = {}
         for e in self.entries:
             e["text"] = normalise(e["text"])  # one rule for targets and references (data.text)
-            n = int(e.get("num_frames") or round(e["duration"] * 100))
-            if n < MIN_FRAMES:
-                self.skipped[e["id"]] = f"too short: {n} frames of 10 ms, the model needs >= {MIN_FRAMES}"
+            if why := too_short(int(e.get("num_frames") or round(e["duration"] * 100))):
+                self.skipped[e["id"]] = why
         if self.skipped:
             warnings.warn(f"{', '.join(map(str, manifests))}: {len(self.skipped)} utterances are too short for the "
                           f"model and skipped, e.g. {next(iter(self.skipped))}", stacklevel=2)
@@ -110,8 +109,8 @@ class ManifestDataset(Dataset):
         e = self.entries[i]
         try:
             feats = self.featurizer(load_audio(e["audio"]))
-            if self.framing.subsampled and feats.shape[0] < MIN_FRAMES:
-                raise ValueError(f"too short: {feats.shape[0]} frames of 10 ms, the model needs >= {MIN_FRAMES}")
+            if self.framing.subsampled and (why := too_short(feats.shape[0])):
+                raise ValueError(why)
             item = {"id": e["id"], "text": e["text"]}
             if self.cmvn is not None:
                 feats = self.cmvn(feats)
@@ -209,14 +208,16 @@ class FrameBucketSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["position"]))
 
-    def _batches(self) -> list[list[int]]:
-        """This epoch's batches, built once per epoch (``len`` and ``iter`` share them)."""
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._build())
+    def _batches(self, epoch: int | None = None) -> list[list[int]]:
+        """The batches of ``epoch`` (default: the current one), built once per epoch (``len`` and
+        ``iter`` share them)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self._build(epoch))
         return self._cache[1]
 
-    def _build(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+    def _build(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed + epoch)
         order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
         size = math.ceil(len(order) / self.num_buckets)
         batches = []
@@ -260,16 +261,9 @@ class FrameBucketSampler(Sampler[list[int]]):
         trainer counts the consumed ones itself)."""
         if self._resume is not None:
             epoch, start = self._resume
-            n = len(self._batches_of(epoch))
-            return n if start < n else len(self._batches_of(epoch + 1))
+            n = len(self._batches(epoch))
+            return n if start < n else len(self._batches(epoch + 1))
         return len(self._batches())
-
-    def _batches_of(self, epoch: int) -> list[list[int]]:
-        saved, self.epoch = self.epoch, epoch
-        try:
-            return self._batches()
-        finally:
-            self.epoch = saved
 
 
 class ResumableLoader(DataLoader):
@@ -351,18 +345,17 @@ class ASRDataModule(_lightning_base()):
                                h.max_duration if train else None, seed=h.seed)
 
     def loader(self, sets: list[str], train: bool = False) -> DataLoader:
+        """Frame-bounded batches of ``sets``; for training shuffled, tagged with the epoch, and
+        resumable (:class:`ResumableLoader`)."""
         ds = self.dataset(sets, train)
         sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], self.hparams.max_frames, shuffle=train,
                                      num_buckets=self.hparams.num_buckets, seed=self.hparams.seed, tag_epoch=train)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers,
-                          persistent_workers=train and self.hparams.num_workers > 0)
+        kw = dict(batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers,
+                  persistent_workers=train and self.hparams.num_workers > 0)
+        return ResumableLoader(ds, self._train_progress, **kw) if train else DataLoader(ds, **kw)
 
     def train_dataloader(self):
-        ds = self.dataset(self.hparams.train_sets, train=True)
-        sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], self.hparams.max_frames, shuffle=True,
-                                     num_buckets=self.hparams.num_buckets, seed=self.hparams.seed, tag_epoch=True)
-        return ResumableLoader(ds, self._train_progress, batch_sampler=sampler, collate_fn=collate,
-                               num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        return self.loader(self.hparams.train_sets, train=True)
 
     def _train_progress(self) -> tuple[int, int | float]:
         """(batches of this epoch the trainer has processed, batches in its epoch). Processed, not

@@ -25,6 +25,14 @@ FRAME_SHIFT_MS = 10.0
 # shorter utterances are dropped at preparation and skipped (and reported) wherever a manifest is read.
 MIN_FRAMES = 7
 
+
+def too_short(frames: int) -> str | None:
+    """Why an utterance of ``frames`` 10 ms frames cannot be used, or None if it can."""
+    if frames < MIN_FRAMES:
+        return f"too short: {frames} frames of 10 ms, the model needs >= {MIN_FRAMES}"
+    return None
+
+
 class AudioError(ValueError):
     """Audio that cannot be used; the message names the file."""
 
@@ -175,12 +183,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: never a half file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then given the umask's mode
+    and renamed into place: an interrupted write never leaves a half file, and leaves no temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:

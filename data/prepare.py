@@ -27,13 +27,11 @@ from pathlib import Path
 
 from data import librispeech
 from data.alignments import AlignmentError, read_textgrid
-from data.features import (MIN_FRAMES, AudioError, GlobalCMVN, atomic_write_text, check_writable, fbank, load_audio,
-                           num_frames)
+from data.features import (AudioError, GlobalCMVN, atomic_write_text, check_writable, fbank, load_audio, num_frames,
+                           too_short)
 from data.librispeech import Problem
 from data.text import normalise, unsupported
 from data.tokenizer import Tokenizer, tokenizer_digest
-
-
 
 def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
     """The TextGrid of an utterance under an MFA output root, trying the usual layouts."""
@@ -137,12 +135,11 @@ def check_audio(entries: list[dict], progress: bool = True, desc: str = "audio")
     kept, problems = [], []
     for e in tqdm(entries, desc=desc, unit="utt", disable=not progress):
         try:
-            n = fbank(load_audio(e["audio"])).shape[0]
+            why = too_short(fbank(load_audio(e["audio"])).shape[0])
         except (AudioError, ValueError) as err:
-            problems.append(Problem(e["audio"], str(err).split(": ", 1)[-1]))
-            continue
-        if n < MIN_FRAMES:
-            problems.append(Problem(e["audio"], f"too short: {n} frames of 10 ms, the model needs >= {MIN_FRAMES}"))
+            why = str(err).split(": ", 1)[-1]
+        if why:
+            problems.append(Problem(e["audio"], why))
             continue
         kept.append(e)
     return kept, problems
@@ -208,8 +205,8 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
             n = num_frames(round(e["duration"] * 16000))
             if e["id"] in bad:
                 continue
-            if n < MIN_FRAMES:
-                problems.append(Problem(e["audio"], f"too short: {n} frames of 10 ms, the model needs >= {MIN_FRAMES}"))
+            if why := too_short(n):
+                problems.append(Problem(e["audio"], why))
                 continue
             kept.append({**e, "num_frames": n})
         manifests[subset] = kept

@@ -47,7 +47,7 @@ def average_state_dicts(states: list[dict]) -> dict:
     return out
 
 
-def _tokenizer_record(checkpoint: dict) -> tuple[int | None, str | None, bytes | None]:
+def tokenizer_record(checkpoint: dict) -> tuple[int | None, str | None, bytes | None]:
     """``(vocab_size, sha256, model bytes or None)`` of a checkpoint: from its embedded tokenizer, or
     (checkpoints written before tokenizers were embedded) from its hyper-parameters."""
     tok = checkpoint.get("tokenizer")
@@ -55,6 +55,18 @@ def _tokenizer_record(checkpoint: dict) -> tuple[int | None, str | None, bytes |
         return tok.get("vocab_size"), tok.get("sha256"), tok.get("model")
     hp = checkpoint.get("hyper_parameters") or {}
     return hp.get("vocab_size"), hp.get("tokenizer_sha256"), None
+
+
+def embedded_tokenizer(tokenizer: Tokenizer) -> dict:
+    """The tokenizer as a checkpoint embeds it (what :func:`tokenizer_record` reads back)."""
+    return {"sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size, "model": tokenizer.model_bytes,
+            "name": Path(tokenizer.path).name}
+
+
+def training_data_dir(hp: dict, data_dir: str | Path | None = None) -> Path:
+    """``data_dir`` if given, else the prepared folder the model was trained from (its tokenizer's
+    folder at training time; it may have moved since)."""
+    return Path(data_dir) if data_dir else Path(hp.get("tokenizer_path", ".")).parent
 
 
 def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | None = None,
@@ -72,7 +84,7 @@ def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | 
         except Exception as e:  # truncated, empty or not a torch file at all
             raise ValueError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     hp = loaded[-1].get("hyper_parameters") if isinstance(loaded[-1], dict) else None
-    vocab_size, digest, model_bytes = _tokenizer_record(loaded[-1]) if hp else (None, None, None)
+    vocab_size, digest, model_bytes = tokenizer_record(loaded[-1]) if hp else (None, None, None)
     if not hp or vocab_size is None or "reuse" not in hp:
         raise ValueError(f"{paths[-1]}: not a checkpoint of train.py's CTCModule (no model hyper-parameters)")
     if tokenizer_path is not None or model_bytes is None:
@@ -109,16 +121,11 @@ def model_cmvn(hp: dict, data_dir: str | Path | None = None) -> GlobalCMVN:
 def save_model_checkpoint(path: str | Path, model: ConformerCTC, tokenizer: Tokenizer, hp: dict) -> None:
     """A self-contained checkpoint (weights, hyper-parameters, tokenizer, CMVN) that
     :func:`load_model` reads, e.g. averaged weights."""
-    from data.features import atomic_write_bytes
+    from data.features import atomic_write
 
     init = {k: v for k, v in hp.items() if k not in ("checkpoints", "cmvn", "vocab_size", "tokenizer_sha256")}
     ckpt = {"hyper_parameters": init, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "tokenizer": {"sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size,
-                          "model": tokenizer.model_bytes, "name": Path(tokenizer.path).name}}
+            "tokenizer": embedded_tokenizer(tokenizer)}
     if hp.get("cmvn") is not None:
         ckpt["cmvn"] = hp["cmvn"]
-    import io
-
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

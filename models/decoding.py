@@ -30,7 +30,7 @@ def write_lexicon(words, tokenizer: Tokenizer, path) -> int:
     if unspellable:
         warnings.warn(f"lexicon {path}: {len(unspellable)} words the tokenizer cannot spell are left out, "
                       f"e.g. {', '.join(unspellable[:5])}", stacklevel=2)
-        words = [w for w in words if w not in set(unspellable)]
+        words = sorted(set(words) - set(unspellable))
     lines = [f"{w} {' '.join(tokenizer.sp.encode(w, out_type=str))}\n" for w in words]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(lines))
