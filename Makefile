@@ -13,7 +13,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,s3prl]"
+	$(PY) -m pip install --quiet -e ".[dev,s3prl,onnx,espnet]"
+	@# espnet 202511 beside the venv's packages, without its dependencies (they would replace the pinned
+	@# torch): the reference for models/espnet.py's tests and the latency peer. Optional: without it
+	@# those tests skip, saying why.
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/espnet espnet==202511 torch_complex==0.4.4 \
+		&& $(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'espnet-aside.pth'), 'w').write(os.path.abspath('$(VENV)/espnet') + '\n')" \
+		|| echo "espnet could not be installed: the ESPnet reference tests will skip"
 	touch $@
 
 test: setup

@@ -22,7 +22,7 @@ import torch
 from data.datamodule import ManifestDataset, ordered_loader
 from data.features import atomic_write_text, check_writable
 from models.decoding import BeamSearch, greedy_decode, write_lexicon
-from models.checkpoint import load_model, model_cmvn, save_model_checkpoint, training_data_dir
+from models.checkpoint import load_model, model_inputs, save_model_checkpoint, training_data_dir
 
 def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
         data_dir = training_data_dir(hp, a.data_dir)
-        cmvn = model_cmvn(hp, data_dir)  # on the CPU, where the dataset applies it
+        # the model's own features (ours, or a converted ESPnet model's), made and normalised on the CPU
+        cmvn, featurizer, framing = model_inputs(model, hp, data_dir)
         manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
         for name, m in zip(a.sets, manifests):
             if not m.is_file():
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(a.out) if a.out else default_out(ckpt, hp["checkpoints"], a.average)
         check_writable(out)
         # every set is read (and its audio found) before any is decoded
-        datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn) for m in manifests]
+        datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing)
+                    for m in manifests]
         lexicon = a.lexicon
         if lexicon == "train":
             from data.prepare import read_manifest

@@ -20,9 +20,9 @@ from analysis.probe import collect, probe_accuracy, train_probes
 from analysis.runner import (accumulated_coverage, aligned_manifest, attention_stats, labelled_loader, load_par,
                              reference_par, save_par)
 from data.alignments import PHONE_CLASSES, read_textgrid
-from data.datamodule import ENCODER_SHIFT, ENCODER_WINDOW, encoder_frames
+from data.datamodule import LabelFraming, encoder_frames
 from data.features import atomic_write_text, check_writable, fbank, load_audio
-from models.checkpoint import load_model, model_cmvn, training_data_dir
+from models.checkpoint import load_model, model_inputs, training_data_dir
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
@@ -63,7 +63,6 @@ class Report:
         self.featurizer = self.framing = None
         if upstream is not None:
             from analysis.upstreams import TeraUpstream
-            from data.datamodule import LabelFraming
 
             if upstream not in UPSTREAMS:
                 raise ValueError(f"unknown upstream {upstream!r}; expected one of {', '.join(UPSTREAMS)}")
@@ -80,7 +79,8 @@ class Report:
                 raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
             self.model, self.tokenizer, self.hp = load_model(ckpt, device=device)
             self.data_dir = training_data_dir(self.hp, data_dir)
-            self.cmvn = model_cmvn(self.hp, self.data_dir)  # CPU: the dataset applies it
+            # the model's own features and frame rate (ours, or a converted ESPnet model's); CPU-side
+            self.cmvn, self.featurizer, self.framing = model_inputs(self.model, self.hp, self.data_dir)
         self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
@@ -108,9 +108,10 @@ class Report:
             entries = [e for e in entries if e["id"] == self.utterance]
             if not entries:
                 raise ValueError(f"--utterance {self.utterance} is not among the aligned utterances of {self.manifest}")
+        framing = self.framing or LabelFraming()
         for e in entries:  # the first with two words or more (the named one must have them)
             T = encoder_frames(int(e.get("num_frames") or round(e["duration"] * 100)))
-            if len(read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)) >= 2:
+            if len(read_textgrid(e["alignment"]).word_frames(T, framing.shift, framing.window)) >= 2:
                 return e
             if self.utterance:
                 raise ValueError(f"--utterance {self.utterance} has fewer than two aligned words (context mixing "
@@ -247,9 +248,10 @@ class Report:
         if self.upstream is not None:
             raise ValueError("context mixing needs the Conformer's layers; it is not available for upstream models")
         e = self._mixing_entry or self._check_mixing_utterance()
-        feats = self.cmvn(fbank(load_audio(e["audio"])))
-        T = encoder_frames(feats.shape[0])
-        words = read_textgrid(e["alignment"]).word_frames(T, ENCODER_SHIFT, ENCODER_WINDOW)
+        framing = self.framing or LabelFraming()
+        feats = self.cmvn((self.featurizer or fbank)(load_audio(e["audio"])))
+        T = framing.count(feats.shape[0])
+        words = read_textgrid(e["alignment"]).word_frames(T, framing.shift, framing.window)
         if len(words) < 2:
             raise ValueError(f"utterance {e['id']} has fewer than two aligned words")
         scores = context_mixing(self.model, feats.to(self.device), [f for _, f in words])

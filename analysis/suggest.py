@@ -187,7 +187,7 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     from analysis.runner import AttentionStats, reference_par
     from data.datamodule import ManifestDataset, ordered_loader
     from data.features import atomic_write_text, check_writable
-    from models.checkpoint import load_model, model_cmvn, training_data_dir
+    from models.checkpoint import load_model, model_inputs, training_data_dir
 
     t0 = time.perf_counter()
     out = check_writable(out)
@@ -210,8 +210,8 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
         path = root / "manifests" / f"{manifest}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    cmvn = model_cmvn(hp, root)
-    ds = ManifestDataset([path], tokenizer=tokenizer, cmvn=cmvn)
+    cmvn, featurizer, framing = model_inputs(model, hp, root)  # the model's own features (ours or ESPnet's)
+    ds = ManifestDataset([path], tokenizer=tokenizer, cmvn=cmvn, featurizer=featurizer, framing=framing)
     aligned = all(e.get("alignment") for e in ds.entries)
     if limit is not None:
         ds.entries = ds.entries[:limit]

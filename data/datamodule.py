@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.alignments import AlignmentError, read_textgrid
-from data.features import AudioError, GlobalCMVN, SpecAugment, fbank, load_audio, too_short
+from data.features import (FRAME_SHIFT_MS, MIN_FRAMES, SAMPLE_RATE, AudioError, GlobalCMVN, SpecAugment, fbank,
+                           load_audio, too_short)
 from data.prepare import check_prepared, read_manifest
 from data.text import normalise
 from data.tokenizer import Tokenizer
@@ -46,20 +47,36 @@ def encoder_frames(num_frames: int) -> int:
 
 class LabelFraming:
     """How a model's frames map to time, for frame labels: ``count(num_feature_frames)`` model
-    frames, frame ``k`` centred at ``k * shift + window / 2``. Default: our 40 ms encoder frames."""
+    frames, frame ``k`` centred at ``k * shift + window / 2`` seconds. Default: our 40 ms encoder
+    frames over 10 ms fbank frames.
 
-    def __init__(self, shift: float = ENCODER_SHIFT, window: float = ENCODER_WINDOW, subsampled: bool = True):
+    ``count``: feature frames -> model frames (default: ours, :func:`encoder_frames`; the identity
+    when not ``subsampled``); ``min_frames``: the fewest feature frames the model takes (ours: 7;
+    1 when not subsampled); ``frame_ms``: the feature frame shift, for messages. A picklable
+    ``count`` (e.g. a ``functools.partial``) keeps loader workers possible."""
+
+    def __init__(self, shift: float = ENCODER_SHIFT, window: float = ENCODER_WINDOW, subsampled: bool = True,
+                 count=None, min_frames: int | None = None, frame_ms: float = FRAME_SHIFT_MS):
         self.shift, self.window, self.subsampled = shift, window, subsampled
+        self._count = count or (encoder_frames if subsampled else None)
+        self.min_frames = min_frames if min_frames is not None else (MIN_FRAMES if subsampled else 1)
+        self.frame_ms = frame_ms
 
     def count(self, num_frames: int) -> int:
-        return encoder_frames(num_frames) if self.subsampled else num_frames
+        return self._count(num_frames) if self._count is not None else num_frames
+
+    def too_short(self, num_frames: int) -> str | None:
+        """Why ``num_frames`` feature frames are too few for the model, or None."""
+        return too_short(num_frames, self.min_frames, self.frame_ms) if self.subsampled else None
 
 
 class ManifestDataset(Dataset):
     """Utterances of one or more JSONL manifests, as features, token ids and optional labels.
 
-    ``featurizer`` maps a 16 kHz waveform to features (default: our 80-dim fbank); ``framing``
-    places the model's frames in time for the labels (default: 40 ms encoder frames).
+    ``featurizer`` maps a 16 kHz waveform to features (default: our 80-dim fbank; one with a
+    ``num_frames(samples)`` method, e.g. ESPnet's front end, sizes batches and finds too short
+    utterances by its own frames); ``framing`` places the model's frames in time for the labels
+    and says how many feature frames the model needs (default: 40 ms encoder frames, >= 7).
     """
 
     def __init__(self, manifests: list[str | Path], tokenizer: Tokenizer | None = None, cmvn: GlobalCMVN | None = None,
@@ -74,11 +91,13 @@ class ManifestDataset(Dataset):
                 raise FileNotFoundError(f"{m}: audio of {len(missing)} of {len(entries)} utterances is missing, "
                                         f"e.g. {missing[0]['id']}: {missing[0]['audio']}")
             self.entries += entries
+        self.featurizer = featurizer or fbank
+        self.framing = framing or LabelFraming()
         # utterances left out, with the reason: too short here, unreadable when first loaded
         self.skipped: dict[str, str] = {}
         for e in self.entries:
             e["text"] = normalise(e["text"])  # one rule for targets and references (data.text)
-            if why := too_short(int(e.get("num_frames") or round(e["duration"] * 100))):
+            if why := self.framing.too_short(self._feature_frames(e)):
                 self.skipped[e["id"]] = why
         if self.skipped:
             warnings.warn(f"{', '.join(map(str, manifests))}: {len(self.skipped)} utterances are too short for the "
@@ -93,15 +112,18 @@ class ManifestDataset(Dataset):
                              + (" with an alignment" if with_labels else ""))
         self.tokenizer, self.cmvn, self.spec_augment, self.with_labels = tokenizer, cmvn, spec_augment, with_labels
         self.seed = seed
-        self.featurizer = featurizer or fbank
-        self.framing = framing or LabelFraming()
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def num_frames(self, i: int) -> int:
-        e = self.entries[i]
+    def _feature_frames(self, e: dict) -> int:
+        if hasattr(self.featurizer, "num_frames"):
+            return self.featurizer.num_frames(round(e["duration"] * SAMPLE_RATE))
         return int(e.get("num_frames") or round(e["duration"] * 100))
+
+    def num_frames(self, i: int) -> int:
+        """Feature frames of utterance ``i`` (for batching by frames)."""
+        return self._feature_frames(self.entries[i])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         """Item ``key`` = index, or ``(index, epoch)`` from a sampler with ``tag_epoch=True``."""
@@ -109,7 +131,7 @@ class ManifestDataset(Dataset):
         e = self.entries[i]
         try:
             feats = self.featurizer(load_audio(e["audio"]))
-            if self.framing.subsampled and (why := too_short(feats.shape[0])):
+            if why := self.framing.too_short(feats.shape[0]):
                 raise ValueError(why)
             item = {"id": e["id"], "text": e["text"]}
             if self.cmvn is not None:

@@ -26,10 +26,11 @@ FRAME_SHIFT_MS = 10.0
 MIN_FRAMES = 7
 
 
-def too_short(frames: int) -> str | None:
-    """Why an utterance of ``frames`` 10 ms frames cannot be used, or None if it can."""
-    if frames < MIN_FRAMES:
-        return f"too short: {frames} frames of 10 ms, the model needs >= {MIN_FRAMES}"
+def too_short(frames: int, min_frames: int = MIN_FRAMES, frame_ms: float = FRAME_SHIFT_MS) -> str | None:
+    """Why an utterance of ``frames`` feature frames (of ``frame_ms``; our fbank's 10 ms by default)
+    cannot be used by a model that needs ``min_frames``, or None if it can."""
+    if frames < min_frames:
+        return f"too short: {frames} frames of {frame_ms:g} ms, the model needs >= {min_frames}"
     return None
 
 

@@ -2,6 +2,10 @@
 
 Model outputs are ``blank (0)`` followed by the SentencePiece pieces (piece ``k`` -> output
 ``k + 1``), so a 128-unit BPE model gives a 129-way CTC head, as in SPEC section 1.
+
+A model converted from ESPnet keeps ESPnet's output order instead: its ``token_list``
+(``<blank>`` first, then ``<unk>``, the pieces by their training-text frequency, ``<sos/eos>``
+last), given as ``token_list``; output ``i`` is then ``token_list[i]``.
 """
 from __future__ import annotations
 
@@ -23,10 +27,13 @@ class Tokenizer:
     """Text <-> CTC output indices through a SentencePiece model file.
 
     ``model_bytes``: the serialised model itself (as a checkpoint embeds it); ``model_path`` is
-    then only its name (the file need not exist).
+    then only its name (the file need not exist). ``token_list``: the output symbols in the
+    model's order (an ESPnet model's), blank first; default: blank + the SentencePiece pieces.
     """
 
-    def __init__(self, model_path: str | Path, model_bytes: bytes | None = None):
+    SPECIAL = ("<blank>", "<unk>", "<sos/eos>")
+
+    def __init__(self, model_path: str | Path, model_bytes: bytes | None = None, token_list: list[str] | None = None):
         import sentencepiece as spm
 
         self.path = str(model_path)
@@ -36,36 +43,60 @@ class Tokenizer:
             model_bytes = Path(model_path).read_bytes()
         self.model_bytes = model_bytes
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.token_list = None if token_list is None else [str(t) for t in token_list]
+        if self.token_list is not None:
+            if len(self.token_list) < 2 or self.token_list[BLANK] != "<blank>":
+                raise ValueError(f"token_list must start with the CTC blank '<blank>'; got {self.token_list[:3]}")
+            if len(set(self.token_list)) != len(self.token_list):
+                dup = next(t for t in self.token_list if self.token_list.count(t) > 1)
+                raise ValueError(f"token_list holds {dup!r} twice")
+            unknown = [t for t in self.token_list if t not in self.SPECIAL and self.sp.piece_to_id(t) == self.sp.unk_id()]
+            if unknown:
+                raise ValueError(f"token_list holds {len(unknown)} symbols that are not pieces of {self.path}, "
+                                 f"e.g. {unknown[:3]} (another BPE model?)")
+            self._index = {t: i for i, t in enumerate(self.token_list)}
 
     @property
     def digest(self) -> str:
-        return tokenizer_digest(self.model_bytes)
+        if self.token_list is None:
+            return tokenizer_digest(self.model_bytes)
+        return tokenizer_digest(self.model_bytes + "\n".join(self.token_list).encode())
 
     @property
     def vocab_size(self) -> int:
         """Number of CTC outputs, blank included."""
-        return self.sp.get_piece_size() + 1
+        return len(self.token_list) if self.token_list is not None else self.sp.get_piece_size() + 1
+
+    def _pieces_of(self, text: str) -> list[str]:
+        return self.sp.encode(text.upper(), out_type=str)
 
     def encode(self, text: str) -> list[int]:
         """CTC targets of ``text``; a character the model cannot spell raises ``ValueError``
         (it would otherwise silently become an ``<unk>`` target)."""
-        ids = self.sp.encode(text.upper())
-        unk = self.sp.unk_id()
-        if unk in ids:
-            bad = sorted({c for c in text.upper() if not c.isspace() and unk in self.sp.encode(c)})
+        if not self.spellable(text):
+            bad = sorted({c for c in text.upper() if not c.isspace() and not self.spellable(c)})
             raise ValueError(f"{text!r}: characters outside the tokenizer's vocabulary: {''.join(bad)!r}")
-        return [i + 1 for i in ids]
+        if self.token_list is not None:
+            return [self._index[p] for p in self._pieces_of(text)]
+        return [i + 1 for i in self.sp.encode(text.upper())]
 
     def spellable(self, word: str) -> bool:
-        """Whether ``word`` is spelt by the tokenizer's pieces without ``<unk>``."""
-        return self.sp.unk_id() not in self.sp.encode(word.upper())
+        """Whether ``word`` is spelt by the tokenizer's outputs without ``<unk>``."""
+        if self.sp.unk_id() in self.sp.encode(word.upper()):
+            return False
+        return self.token_list is None or all(p in self._index for p in self._pieces_of(word))
 
     def decode(self, ids) -> str:
         """Text of a sequence of output indices (blanks and repeats must already be removed)."""
+        if self.token_list is not None:  # ESPnet: ids -> tokens -> SentencePiece's decode_pieces
+            tokens = [self.token_list[int(i)] for i in ids if int(i) != BLANK]
+            return self.sp.decode_pieces([t for t in tokens if t not in ("<blank>", "<sos/eos>")])
         return self.sp.decode([int(i) - 1 for i in ids if int(i) != BLANK])
 
     def pieces(self) -> list[str]:
         """Output symbols by index, ``"<blk>"`` first (e.g. for a beam-search token list)."""
+        if self.token_list is not None:
+            return ["<blk>"] + self.token_list[1:]
         return ["<blk>"] + [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
 
     @staticmethod

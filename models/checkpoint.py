@@ -10,7 +10,8 @@ from data.tokenizer import Tokenizer
 from models.ctc import ConformerCTC
 
 MODEL_KEYS = ("reuse", "d_model", "num_layers", "ffn_dim", "kernel_size", "dropout", "attention_dropout",
-              "was_gamma", "bn_momentum", "subsampling_channels", "input_dim")
+              "was_gamma", "bn_momentum", "subsampling_channels", "input_dim", "layer_norm_eps", "final_norm",
+              "input_layer")
 
 
 def checkpoint_paths(ckpt: str | Path, average: int = 1) -> list[Path]:
@@ -58,9 +59,13 @@ def tokenizer_record(checkpoint: dict) -> tuple[int | None, str | None, bytes | 
 
 
 def embedded_tokenizer(tokenizer: Tokenizer) -> dict:
-    """The tokenizer as a checkpoint embeds it (what :func:`tokenizer_record` reads back)."""
-    return {"sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size, "model": tokenizer.model_bytes,
-            "name": Path(tokenizer.path).name}
+    """The tokenizer as a checkpoint embeds it (what :func:`tokenizer_record` reads back); with the
+    output order of a converted ESPnet model (``token_list``) where it has one."""
+    record = {"sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size, "model": tokenizer.model_bytes,
+              "name": Path(tokenizer.path).name}
+    if tokenizer.token_list is not None:
+        record["token_list"] = list(tokenizer.token_list)
+    return record
 
 
 def training_data_dir(hp: dict, data_dir: str | Path | None = None) -> Path:
@@ -91,7 +96,8 @@ def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | 
         tokenizer_path = Path(tokenizer_path or hp["tokenizer_path"])
         tokenizer = Tokenizer(tokenizer_path)
     else:
-        tokenizer = Tokenizer(hp.get("tokenizer_path", "bpe.model"), model_bytes)
+        tokenizer = Tokenizer(hp.get("tokenizer_path", "bpe.model"), model_bytes,
+                              (loaded[-1].get("tokenizer") or {}).get("token_list"))
     if tokenizer.vocab_size != vocab_size or (digest is not None and tokenizer.digest != digest):
         raise ValueError(f"tokenizer {tokenizer.path} ({tokenizer.vocab_size} outputs) is not the one {paths[-1]} "
                          f"was trained with ({vocab_size} outputs, sha256 {digest})")
@@ -102,7 +108,7 @@ def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | 
     except RuntimeError as e:
         raise ValueError(f"{paths[-1]}: weights do not fit the model its hyper-parameters describe ({e})") from None
     info = {**hp, "vocab_size": vocab_size, "tokenizer_sha256": digest, "checkpoints": [str(p) for p in paths],
-            "cmvn": loaded[-1].get("cmvn")}
+            "cmvn": loaded[-1].get("cmvn"), "features": loaded[-1].get("features")}
     return model.to(device).eval(), tokenizer, info
 
 
@@ -118,14 +124,46 @@ def model_cmvn(hp: dict, data_dir: str | Path | None = None) -> GlobalCMVN:
     return GlobalCMVN.load(Path(data_dir) / "cmvn.json")
 
 
+def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = None):
+    """``(cmvn, featurizer, framing)``: the features a model takes, for
+    :class:`~data.datamodule.ManifestDataset`. Ours: None and None (the dataset's 80-dim fbank) and
+    the framing of its front end; a converted ESPnet model: its ``DefaultFrontend``
+    (:class:`~data.espnet_frontend.EspnetFrontend`) from the checkpoint's ``features`` record, and
+    its frames placed in time by its STFT hop. ``cmvn``: :func:`model_cmvn`."""
+    from functools import partial
+
+    from data.datamodule import LabelFraming
+    from data.espnet_frontend import EspnetFrontend
+    from data.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS
+    from models.subsampling import receptive_field, subsampled_count, subsampling_factor
+
+    cmvn = model_cmvn(hp, data_dir)
+    layer = model.frontend.input_layer
+    spec = hp.get("features")
+    if spec is None:
+        featurizer, hop, first_centre, frame_ms = None, FRAME_SHIFT_MS / 1000, FRAME_LENGTH_MS / 2000, FRAME_SHIFT_MS
+    elif spec.get("type") == "espnet":
+        featurizer = EspnetFrontend(**spec["config"])
+        hop, first_centre, frame_ms = featurizer.hop_length / featurizer.fs, featurizer.first_centre, featurizer.frame_ms
+    else:
+        raise ValueError(f"{hp['checkpoints'][-1]}: unknown feature type {spec.get('type')!r}")
+    r = receptive_field(layer)
+    # model frame m sees feature frames f m .. f m + r - 1: centred on feature frame f m + (r - 1) / 2
+    framing = LabelFraming(shift=subsampling_factor(layer) * hop, window=(r - 1) * hop + 2 * first_centre,
+                           count=partial(subsampled_count, input_layer=layer), min_frames=r, frame_ms=frame_ms)
+    return cmvn, featurizer, framing
+
+
 def save_model_checkpoint(path: str | Path, model: ConformerCTC, tokenizer: Tokenizer, hp: dict) -> None:
-    """A self-contained checkpoint (weights, hyper-parameters, tokenizer, CMVN) that
-    :func:`load_model` reads, e.g. averaged weights."""
+    """A self-contained checkpoint (weights, hyper-parameters, tokenizer, CMVN, the feature record
+    of a converted model) that :func:`load_model` reads, e.g. averaged weights."""
     from data.features import atomic_write
 
-    init = {k: v for k, v in hp.items() if k not in ("checkpoints", "cmvn", "vocab_size", "tokenizer_sha256")}
+    init = {k: v for k, v in hp.items() if k not in ("checkpoints", "cmvn", "vocab_size", "tokenizer_sha256", "features")}
     ckpt = {"hyper_parameters": init, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
             "tokenizer": embedded_tokenizer(tokenizer)}
     if hp.get("cmvn") is not None:
         ckpt["cmvn"] = hp["cmvn"]
+    if hp.get("features") is not None:
+        ckpt["features"] = hp["features"]
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

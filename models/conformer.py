@@ -15,9 +15,9 @@ from models.reuse import LayerPlan
 class FeedForward(nn.Module):
     """LayerNorm -> Linear(d, f) -> Swish -> Dropout -> Linear(f, d)."""
 
-    def __init__(self, d_model: int, ffn_dim: int, dropout: float):
+    def __init__(self, d_model: int, ffn_dim: int, dropout: float, eps: float = 1e-5):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, ffn_dim), nn.SiLU(), nn.Dropout(dropout),
+        self.net = nn.Sequential(nn.LayerNorm(d_model, eps=eps), nn.Linear(d_model, ffn_dim), nn.SiLU(), nn.Dropout(dropout),
                                  nn.Linear(ffn_dim, d_model))
 
     def forward(self, x):
@@ -31,11 +31,11 @@ class ConvModule(nn.Module):
     frames.
     """
 
-    def __init__(self, d_model: int, kernel_size: int, bn_momentum: float = 0.005):
+    def __init__(self, d_model: int, kernel_size: int, bn_momentum: float = 0.005, eps: float = 1e-5):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"conv kernel_size must be odd, got {kernel_size}")
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
         self.pointwise1 = nn.Conv1d(d_model, 2 * d_model, 1)
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, padding=kernel_size // 2, groups=d_model)
         self.batch_norm = nn.BatchNorm1d(d_model, momentum=bn_momentum, eps=1e-5)
@@ -51,18 +51,20 @@ class ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    """One Conformer layer; ``plan.reuses`` makes its attention a reuse layer."""
+    """One Conformer layer; ``plan.reuses`` makes its attention a reuse layer. ``eps``: of every
+    LayerNorm (ours 1e-5; ESPnet's 1e-12)."""
 
     def __init__(self, d_model: int, ffn_dim: int, kernel_size: int, plan: LayerPlan, dropout: float = 0.1,
-                 attention_dropout: float = 0.1, was_gamma: float | None = None, bn_momentum: float = 0.005):
+                 attention_dropout: float = 0.1, was_gamma: float | None = None, bn_momentum: float = 0.005,
+                 eps: float = 1e-5):
         super().__init__()
         self.plan = plan
-        self.ffn1 = FeedForward(d_model, ffn_dim, dropout)
-        self.norm_mha = nn.LayerNorm(d_model)
+        self.ffn1 = FeedForward(d_model, ffn_dim, dropout, eps)
+        self.norm_mha = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = MultiHeadSelfAttention(d_model, plan.num_heads, plan.reuses, attention_dropout, was_gamma)
-        self.conv = ConvModule(d_model, kernel_size, bn_momentum)
-        self.ffn2 = FeedForward(d_model, ffn_dim, dropout)
-        self.norm_final = nn.LayerNorm(d_model)
+        self.conv = ConvModule(d_model, kernel_size, bn_momentum, eps)
+        self.ffn2 = FeedForward(d_model, ffn_dim, dropout, eps)
+        self.norm_final = nn.LayerNorm(d_model, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, pos_emb, padding_mask, shared_attn=None, need_weights=False, head_mask=None, value_mask=None):
@@ -82,21 +84,24 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerEncoder(nn.Module):
-    """Positional encoding + Conformer blocks following a reuse plan.
+    """Positional encoding + Conformer blocks following a reuse plan (+ ESPnet's ``after_norm``
+    LayerNorm after the last block when ``final_norm``).
 
     A computing layer materialises its map only when a later layer of its group reuses it or
     the caller asks for maps; otherwise it runs the fused SDPA kernel.
     """
 
     def __init__(self, plans: list[LayerPlan], d_model: int, ffn_dim: int, kernel_size: int, dropout: float = 0.1,
-                 attention_dropout: float = 0.1, was_gamma: float | None = None, bn_momentum: float = 0.005):
+                 attention_dropout: float = 0.1, was_gamma: float | None = None, bn_momentum: float = 0.005,
+                 eps: float = 1e-5, final_norm: bool = False):
         super().__init__()
         self.plans = plans
         self.pos_enc = RelPositionalEncoding(d_model, dropout)
         self.layers = nn.ModuleList(
-            ConformerBlock(d_model, ffn_dim, kernel_size, p, dropout, attention_dropout, was_gamma, bn_momentum)
+            ConformerBlock(d_model, ffn_dim, kernel_size, p, dropout, attention_dropout, was_gamma, bn_momentum, eps)
             for p in plans
         )
+        self.after_norm = nn.LayerNorm(d_model, eps=eps) if final_norm else None
         for layer in self.layers:
             if not layer.plan.reuses:
                 layer.self_attn.position_source = self.pos_enc
@@ -129,4 +134,6 @@ class ConformerEncoder(nn.Module):
                 applied[i] = attn
             attentions.append(attn)
             hidden.append(x)
+        if self.after_norm is not None:  # the output only; hidden states stay the blocks' outputs
+            x = self.after_norm(x)
         return x, attentions if return_attentions else None, hidden if return_hidden_states else None

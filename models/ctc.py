@@ -50,12 +50,21 @@ class ConformerCTC(nn.Module):
         subsampling_channels: channels of the Conv2d front end.
         was_gamma: weak attention suppression (None = off; the paper's value is 0.5).
         bn_momentum: BatchNorm momentum of the convolution modules (PyTorch convention).
+        layer_norm_eps: epsilon of every LayerNorm (ours 1e-5; ESPnet's 1e-12).
+        final_norm: a LayerNorm after the last block (ESPnet's ``after_norm``); the hidden states
+            stay the blocks' outputs, the encoder output is normalised.
+        input_layer: the Conv2d front end, ``conv2d`` (time / 4, 40 ms frames), ``conv2d6`` or
+            ``conv2d8`` (see :mod:`models.subsampling`).
+
+    The defaults are the paper's model; the last three options exist to hold converted ESPnet
+    models (:mod:`models.espnet`).
     """
 
     def __init__(self, vocab_size: int, input_dim: int = 80, d_model: int = 256, num_layers: int = 16,
                  ffn_dim: int = 1024, kernel_size: int = 31, reuse: str = "1(H4)x16", dropout: float = 0.1,
                  attention_dropout: float = 0.1, subsampling_channels: int = 256, was_gamma: float | None = None,
-                 bn_momentum: float = 0.005):
+                 bn_momentum: float = 0.005, layer_norm_eps: float = 1e-5, final_norm: bool = False,
+                 input_layer: str = "conv2d"):
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size must count the blank and at least one token, got {vocab_size}")
@@ -65,11 +74,12 @@ class ConformerCTC(nn.Module):
         self.config = dict(vocab_size=vocab_size, input_dim=input_dim, d_model=d_model, num_layers=num_layers,
                            ffn_dim=ffn_dim, kernel_size=kernel_size, reuse=self.reuse, dropout=dropout,
                            attention_dropout=attention_dropout, subsampling_channels=subsampling_channels,
-                           was_gamma=was_gamma, bn_momentum=bn_momentum)
+                           was_gamma=was_gamma, bn_momentum=bn_momentum, layer_norm_eps=layer_norm_eps,
+                           final_norm=final_norm, input_layer=input_layer)
         self.vocab_size, self.input_dim, self.d_model, self.num_layers = vocab_size, input_dim, d_model, num_layers
-        self.frontend = Conv2dSubsampling(input_dim, d_model, subsampling_channels)
+        self.frontend = Conv2dSubsampling(input_dim, d_model, subsampling_channels, input_layer)
         self.encoder = ConformerEncoder(self.plans, d_model, ffn_dim, kernel_size, dropout, attention_dropout,
-                                        was_gamma, bn_momentum)
+                                        was_gamma, bn_momentum, layer_norm_eps, final_norm)
         self.head = nn.Linear(d_model, vocab_size)
 
     @property
@@ -87,9 +97,9 @@ class ConformerCTC(nn.Module):
         if (lengths > features.shape[1]).any() or (lengths < 1).any():
             raise ValueError(f"lengths {lengths.tolist()} must lie in 1..{features.shape[1]} (the padded length)")
         short = int(lengths.min())
-        if short < self.frontend.MIN_FRAMES:
-            raise ValueError(f"an utterance of {short} frames is too short for the 4x subsampling "
-                             f"(needs >= {self.frontend.MIN_FRAMES} frames)")
+        if short < self.frontend.min_frames:
+            raise ValueError(f"an utterance of {short} frames is too short for the {self.frontend.input_layer} "
+                             f"subsampling (needs >= {self.frontend.min_frames} frames)")
 
     def head_mask_tensor(self, head_mask, device=None) -> list[torch.Tensor | None] | None:
         """Normalise a head mask to one ``(H_l,)`` 0/1 tensor (or None) per layer.

@@ -188,7 +188,7 @@ def test_bad_inputs():
         model(x, lens[:2])
     with pytest.raises(ValueError, match=r"must lie in 1..60"):
         model(x, torch.tensor([61, 10, 10]))
-    with pytest.raises(ValueError, match=r"6 frames is too short for the 4x subsampling \(needs >= 7"):
+    with pytest.raises(ValueError, match=r"6 frames is too short for the conv2d subsampling \(needs >= 7"):
         model(x[:, :6], torch.tensor([6, 6, 6]))
     with pytest.raises(ValueError, match=r"has 3 layers; the encoder has 4"):
         make("1(H4)x3")
