@@ -50,7 +50,8 @@ class CTCModule(L.LightningModule):
     Args:
         tokenizer_path: SentencePiece model (linked from ``data.data_dir``); fixes the vocabulary.
         reuse, d_model, num_layers, ffn_dim, kernel_size, dropout, attention_dropout, was_gamma,
-            bn_momentum, subsampling_channels: the model (see :class:`models.ConformerCTC`).
+            bn_momentum, subsampling_channels, layer_norm_eps, final_norm, input_layer: the model (see
+            :class:`models.ConformerCTC`; the last three hold converted ESPnet models).
         lr, weight_decay, betas, eps: AdamW (SPEC: 1.5e-3, 1e-5, (0.9, 0.99), 1e-8).
         warmup_steps, hold_steps, decay_steps, final_lr_scale: the LR schedule, in optimiser steps.
         weight_noise, weight_noise_start: variational weight noise std and first step (0 = off).
@@ -65,9 +66,10 @@ class CTCModule(L.LightningModule):
                  input_dim: int = 80, lr: float = 1.5e-3, weight_decay: float = 1e-5,
                  betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8, warmup_steps: int = 5000,
                  hold_steps: int = 95000, decay_steps: int = 100000, final_lr_scale: float = 0.01,
-                 weight_noise: float = 0.0, weight_noise_start: int = 0, init_from: str | None = None):
+                 weight_noise: float = 0.0, weight_noise_start: int = 0, init_from: str | None = None,
+                 layer_norm_eps: float = 1e-5, final_norm: bool = False, input_layer: str = "conv2d"):
         super().__init__()
-        self.tokenizer = Tokenizer(tokenizer_path)
+        self.tokenizer = Tokenizer.open(tokenizer_path)  # in the order of a tokens.txt beside it, if any
         # hyper-parameters are exactly the init arguments (LightningCLI parses them back from a
         # checkpoint given as --ckpt_path FILE); the tokenizer itself, its digest and the CMVN
         # statistics go into the checkpoint beside them (:meth:`on_save_checkpoint`)
@@ -76,7 +78,8 @@ class CTCModule(L.LightningModule):
                                   num_layers=num_layers, ffn_dim=ffn_dim, kernel_size=kernel_size, reuse=reuse,
                                   dropout=dropout, attention_dropout=attention_dropout,
                                   subsampling_channels=subsampling_channels, was_gamma=was_gamma,
-                                  bn_momentum=bn_momentum)
+                                  bn_momentum=bn_momentum, layer_norm_eps=layer_norm_eps, final_norm=final_norm,
+                                  input_layer=input_layer)
         if init_from:
             self._init_from(init_from)
         self.skipped_steps = 0
@@ -92,7 +95,8 @@ class CTCModule(L.LightningModule):
         if tokenizer.digest != self.tokenizer.digest:
             raise ValueError(f"--model.init_from {path}: trained with another tokenizer (sha256 {tokenizer.digest}) than "
                              f"{self.hparams.tokenizer_path} (sha256 {self.tokenizer.digest})")
-        sizes = ("input_dim", "d_model", "num_layers", "ffn_dim", "kernel_size", "subsampling_channels")
+        sizes = ("input_dim", "d_model", "num_layers", "ffn_dim", "kernel_size", "subsampling_channels",
+                 "layer_norm_eps", "final_norm", "input_layer")
         differ = [f"{k} {base.config[k]} vs {self.model.config[k]}" for k in sizes if base.config[k] != self.model.config[k]]
         if differ:
             raise ValueError(f"--model.init_from {path}: the checkpoint's model is not this recipe's size ({', '.join(differ)})")
@@ -230,6 +234,8 @@ class CTCModule(L.LightningModule):
         cmvn = getattr(dm, "cmvn", None)
         if cmvn is not None:
             checkpoint["cmvn"] = {"mean": cmvn.mean.detach().cpu().clone(), "std": cmvn.std.detach().cpu().clone()}
+        if getattr(dm, "features", None) is not None:  # a converted model's front end (features.json)
+            checkpoint["features"] = dm.features
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint trained with another tokenizer (clear message before any step)."""

@@ -321,6 +321,28 @@ def ordered_loader(dataset: ManifestDataset, max_frames: int, num_workers: int =
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
 
 
+def model_features(path: str | Path):
+    """``(record, featurizer, framing)`` of a prepared folder's ``features.json`` (written by
+    ``python -m models.convert`` and copied by ``data.prepare --inputs``), or three None when there
+    is none (our fbank). Only ``{"type": "espnet", "config": {...}, "min_frames": n}`` exists."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return None, None, None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("type") != "espnet":
+            raise ValueError(f"unknown feature type {record.get('type')!r}")
+        from data.espnet_frontend import EspnetFrontend
+
+        featurizer = EspnetFrontend(**record["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a feature record of python -m models.convert ({e})") from None
+    return record, featurizer, LabelFraming(min_frames=int(record.get("min_frames", MIN_FRAMES)),
+                                            frame_ms=featurizer.frame_ms)
+
+
 def _lightning_base():
     import lightning
 
@@ -351,8 +373,13 @@ class ASRDataModule(_lightning_base()):
         for required in ("bpe.model", "cmvn.json"):
             if not (self.data_dir / required).is_file():
                 raise FileNotFoundError(f"{self.data_dir / required}: missing; run `python -m data.prepare --out {data_dir}` first")
-        self.tokenizer = Tokenizer(self.data_dir / "bpe.model")
+        self.tokenizer = Tokenizer.open(self.data_dir / "bpe.model")  # in tokens.txt's order, if there is one
         self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
+        # a folder prepared for a converted model (data.prepare --inputs) names the model's own front end
+        self.features, self.featurizer, self.framing = model_features(self.data_dir / "features.json")
+        if self.features is not None and with_labels:
+            raise ValueError(f"{self.data_dir / 'features.json'}: frame labels (with_labels) are not supported with "
+                             f"a converted model's front end in training")
         for name in (train_sets or []) + (valid_sets or []) + (test_sets or []):
             if not self.manifest(name).is_file():
                 raise FileNotFoundError(f"manifest {self.manifest(name)} does not exist")
@@ -364,7 +391,8 @@ class ASRDataModule(_lightning_base()):
         h = self.hparams
         aug = SpecAugment(h.freq_masks, h.freq_width, h.time_masks, h.time_ratio) if (train and h.spec_augment) else None
         return ManifestDataset([self.manifest(s) for s in sets], self.tokenizer, self.cmvn, aug, h.with_labels,
-                               h.max_duration if train else None, seed=h.seed)
+                               h.max_duration if train else None, seed=h.seed, featurizer=self.featurizer,
+                               framing=self.framing)
 
     def loader(self, sets: list[str], train: bool = False) -> DataLoader:
         """Frame-bounded batches of ``sets``; for training shuffled, tagged with the epoch, and

@@ -11,6 +11,11 @@ writes::
     DIR/cmvn.json                  global mean / std of the 80-dim fbank over training audio
     DIR/report.json                counts and every skipped utterance with its reason
 
+With ``--inputs FOLDER`` (the output folder of ``python -m models.convert``), the tokenizer, its
+output order and the normalisation are the converted model's (``bpe.model``, ``tokens.txt``,
+``cmvn.json`` and ``features.json``, which selects the model's own front end in training),
+instead of a new BPE and fbank CMVN: a folder to fine-tune that model on.
+
 Bad utterances (unreadable or missing audio, transcript lines with no audio and audio with no
 line, empty transcripts, TextGrids that do not cover the audio or hold non-ARPAbet phones) are
 skipped, reported with the file and line at fault, and counted. Every output is written to a
@@ -31,7 +36,7 @@ from data.features import (AudioError, GlobalCMVN, atomic_write_text, check_writ
                            too_short)
 from data.librispeech import Problem
 from data.text import normalise, unsupported
-from data.tokenizer import Tokenizer, tokenizer_digest
+from data.tokenizer import Tokenizer
 
 def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
     """The TextGrid of an utterance under an MFA output root, trying the usual layouts."""
@@ -150,7 +155,7 @@ INCOMPLETE = ".incomplete"
 
 def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = None, subsets: list[str] | None = None,
             train_subsets: list[str] | None = None, vocab_size: int = 128, cmvn_utterances: int = 2000,
-            progress: bool = True, force: bool = False) -> dict:
+            progress: bool = True, force: bool = False, inputs: str | Path | None = None) -> dict:
     """Run the whole preparation; returns the report (also written to ``out/report.json``).
 
     Outputs are made in a staging folder and moved into ``out`` at the end, ``out/.incomplete``
@@ -173,6 +178,11 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
         raise ValueError(f"training subsets {unknown} are not among the subsets prepared {subsets}")
     if alignments is not None and not Path(alignments).is_dir():
         raise FileNotFoundError(f"--alignments {alignments}: no such folder")
+    if inputs is not None:
+        missing = [f for f in MODEL_INPUTS if not (Path(inputs) / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--inputs {inputs}: no {missing[0]} (give the output folder of "
+                                    f"python -m models.convert)")
     check_writable(out)
 
     manifests: dict[str, list[dict]] = {}
@@ -213,13 +223,20 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
 
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        tokenizer = Tokenizer.train((e["text"] for s in train_subsets for e in manifests[s]), stage / "bpe", vocab_size)
+        if inputs is None:
+            tokenizer = Tokenizer.train((e["text"] for s in train_subsets for e in manifests[s]), stage / "bpe",
+                                        vocab_size)
+            cmvn.save(stage / "cmvn.json")
+        else:  # the converted model's own tokenizer, order, normalisation and front end
+            for f in MODEL_INPUTS:
+                shutil.copyfile(Path(inputs) / f, stage / f)
+            tokenizer = Tokenizer.open(stage / "bpe.model")
         old = out / "bpe.model"
-        if old.is_file() and tokenizer_digest(old) != tokenizer.digest and not force:
-            raise ValueError(f"{old} exists and the new tokenizer differs from it (sha256 {tokenizer_digest(old)} -> "
+        old_digest = Tokenizer.open(old).digest if old.is_file() else None  # with its tokens.txt order, if any
+        if old_digest is not None and old_digest != tokenizer.digest and not force:
+            raise ValueError(f"{old} exists and the new tokenizer differs from it (sha256 {old_digest} -> "
                              f"{tokenizer.digest}): checkpoints trained on it would no longer evaluate or resume. "
                              f"Prepare into another --out, or pass --force to replace it")
-        cmvn.save(stage / "cmvn.json")
         for subset, entries in manifests.items():
             write_manifest(stage / "manifests" / f"{subset}.jsonl", entries)
         report = {
@@ -228,6 +245,7 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
                             "aligned": sum("alignment" in e for e in v)} for s, v in manifests.items()},
             "train_subsets": train_subsets,
             "vocab_size": tokenizer.vocab_size - 1,
+            "inputs": None if inputs is None else str(inputs),
             "normalised_transcripts": normalised,
             "skipped": len(problems),
             "problems": [str(p) for p in problems],
@@ -237,6 +255,9 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
         atomic_write_text(stage / "report.json", json.dumps(report, indent=2))
         (out / INCOMPLETE).write_text("prepare was interrupted while moving its outputs into place; run it again\n")
         (out / "manifests").mkdir(exist_ok=True)
+        for f in ("tokens.txt", "features.json"):  # a converted model's, from an earlier --inputs run
+            if not (stage / f).exists():
+                (out / f).unlink(missing_ok=True)
         for f in sorted(stage.rglob("*")):
             if f.is_file():
                 os.replace(f, out / f.relative_to(stage))
@@ -244,6 +265,9 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+MODEL_INPUTS = ("bpe.model", "tokens.txt", "cmvn.json", "features.json")
 
 
 def check_prepared(data_dir: str | Path) -> Path:
@@ -265,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab-size", type=int, default=128, help="BPE units, blank excluded (default 128)")
     p.add_argument("--cmvn-utterances", type=int, default=2000, help="training utterances read for CMVN")
     p.add_argument("--force", action="store_true", help="replace a different tokenizer already in --out")
+    p.add_argument("--inputs", help="take the tokenizer, normalisation and front end of a converted model "
+                                    "(the --out folder of python -m models.convert) instead of training them")
     p.add_argument("--download", nargs="+", metavar="SUBSET",
                    help=f"first download these subsets into --root ({', '.join(librispeech.SUBSETS)})")
     a = p.parse_args(argv)
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             librispeech.download(subset, a.root)
     try:
         report = prepare(a.root, a.out, a.alignments, a.subsets, a.train_subsets, a.vocab_size, a.cmvn_utterances,
-                         force=a.force)
+                         force=a.force, inputs=a.inputs)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     for line in report["problems"]:

@@ -56,6 +56,15 @@ class Tokenizer:
                                  f"e.g. {unknown[:3]} (another BPE model?)")
             self._index = {t: i for i, t in enumerate(self.token_list)}
 
+    @classmethod
+    def open(cls, model_path: str | Path) -> "Tokenizer":
+        """The tokenizer of a prepared folder's ``bpe.model``, in the output order of the
+        ``tokens.txt`` beside it where there is one (a folder prepared for a converted ESPnet model,
+        ``python -m data.prepare --inputs``)."""
+        tokens = Path(model_path).with_name("tokens.txt")
+        token_list = [t for t in tokens.read_text().split("\n") if t.strip()] if tokens.is_file() else None
+        return cls(model_path, token_list=token_list)
+
     @property
     def digest(self) -> str:
         if self.token_list is None:

@@ -7,8 +7,10 @@ writes ``OUT_DIR/model.ckpt``, which ``evaluate.py --ckpt``, ``python -m analysi
 ``python -m analysis suggest-reuse --ckpt`` and ``models.retrofit`` read as they read ours: the
 encoder and CTC head (:mod:`models.espnet`), the tokenizer with ESPnet's ``token_list`` order,
 ESPnet's front end (:class:`data.espnet_frontend.EspnetFrontend`) and its ``GlobalMVN`` statistics
-are in it. Beside it: ``bpe.model``, ``tokens.txt``, ``cmvn.json`` and ``conversion.json`` (the
-options taken, what was left aside and why).
+are in it. Beside it: ``bpe.model``, ``tokens.txt``, ``cmvn.json`` and ``features.json`` (the
+model's inputs, which ``python -m data.prepare --inputs OUT_DIR`` copies into a prepared folder for
+fine-tuning), ``model.yaml`` (the model's options for ``train.py fit --config``, with
+``init_from``) and ``conversion.json`` (the options taken, what was left aside and why).
 
 Paths in the config (``bpemodel``, ``normalize_conf.stats_file``, a ``token_list`` file) are
 resolved as given, then relative to the config's and the model file's folders and their parents
@@ -30,6 +32,7 @@ from data.tokenizer import Tokenizer
 from models.checkpoint import save_model_checkpoint
 from models.ctc import ConformerCTC
 from models.espnet import ConversionError, espnet_to_ours, frontend_options, model_options
+from models.subsampling import receptive_field
 
 
 def resolve(path: str | Path, *anchors: Path, what: str) -> Path:
@@ -173,10 +176,16 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     shutil.copyfile(bpe, out / "bpe.model")
     atomic_write_text(out / "tokens.txt", "".join(t + "\n" for t in token_list))
     cmvn.save(out / "cmvn.json")
+    features = {"type": "espnet", "config": front, "min_frames": receptive_field(options["input_layer"])}
+    atomic_write_text(out / "features.json", json.dumps(features, indent=2))
     hp = {**options, "tokenizer_path": str((out / "bpe.model").resolve()),
-          "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()},
-          "features": {"type": "espnet", "config": front}}
+          "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()}, "features": features}
     save_model_checkpoint(out / "model.ckpt", model.eval(), Tokenizer(out / "bpe.model", token_list=token_list), hp)
+    # train.py fit --config recipes/.../retrofit.yaml --config OUT/model.yaml --model.reuse PLAN
+    #   --data.data_dir <a folder of data.prepare --inputs OUT>
+    fit = {"model": {**{k: v for k, v in options.items() if k != "dropout" and k != "attention_dropout"},
+                     "init_from": str((out / "model.ckpt").resolve())}}
+    atomic_write_text(out / "model.yaml", yaml.safe_dump(fit, sort_keys=False))
     record = {"source": {"config": str(config_path), "model": str(model_path), "bpe": str(bpe), "stats": source},
               "model": options, "vocab_size": len(token_list), "frontend": front, "notes": notes,
               "ignored_keys": len(ignored), "checkpoint": str(out / "model.ckpt")}
@@ -203,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
           f"kernel {m['kernel_size']}, {m['input_layer']}, {record['vocab_size']} outputs")
     for note in record["notes"]:
         print(f"note: {note}")
-    print(f"wrote {record['checkpoint']} (and bpe.model, tokens.txt, cmvn.json, conversion.json beside it)")
+    print(f"wrote {record['checkpoint']} (and bpe.model, tokens.txt, cmvn.json, features.json, model.yaml, "
+          f"conversion.json beside it)")
 
 
 if __name__ == "__main__":

@@ -308,22 +308,29 @@ def test_refusals_of_files(tmp_path):
         convert_espnet(ref["config"], ref["model"], tmp_path / "o5", stats=str(tmp_path / "other.npz"))
 
 
-def test_end_to_end_evaluate_report_suggest_and_retrofit(prepared, tmp_path):
-    """A converted ESPnet folder (built on the mini corpus's BPE model) runs through evaluate.py,
-    the analysis report, suggest-reuse and the retrofit, unchanged."""
-    from models.checkpoint import load_model
-    from models.retrofit import retrofit
-
-    ref = make_espnet_folder(tmp_path / "zoo", dict(output_size=64, attention_heads=4, linear_units=128,
-                                                    num_blocks=3, cnn_module_kernel=5, input_layer="conv2d"),
+@pytest.fixture(scope="module")
+def converted_mini(prepared, tmp_path_factory) -> Path:
+    """An ESPnet folder built on the mini corpus's BPE model, converted by the CLI."""
+    tmp = tmp_path_factory.mktemp("espnet_mini")
+    ref = make_espnet_folder(tmp / "zoo", dict(output_size=64, attention_heads=4, linear_units=128,
+                                               num_blocks=3, cnn_module_kernel=5, input_layer="conv2d"),
                              LIBRISPEECH_FRONTEND, bpe=prepared / "bpe.model")
-    out = tmp_path / "converted"
+    out = tmp / "converted"
     run = [sys.executable, "-m", "models.convert", "espnet", "--config", str(ref["config"]), "--model",
            str(ref["model"]), "--out", str(out)]
     r = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "converted" in r.stdout and "3 blocks" in r.stdout
-    ckpt = out / "model.ckpt"
+    return out
+
+
+def test_end_to_end_evaluate_report_suggest_and_retrofit(prepared, converted_mini, tmp_path):
+    """A converted ESPnet folder (built on the mini corpus's BPE model) runs through evaluate.py,
+    the analysis report, suggest-reuse and the retrofit, unchanged."""
+    from models.checkpoint import load_model
+    from models.retrofit import retrofit
+
+    ckpt = converted_mini / "model.ckpt"
     r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--sets", "mini-test", "--data-dir",
                         str(prepared), "--beam-size", "4", "--out", str(tmp_path / "eval")],
                        cwd=ROOT, capture_output=True, text=True)
@@ -365,3 +372,42 @@ def test_label_framing_follows_the_model_frame_rate(tmp_path):
                               subsampling_channels=32)
     _, none, framing = model_inputs(ours_model, {**hp, "features": None})
     assert none is None and framing.shift == pytest.approx(0.04) and framing.window == pytest.approx(0.085)
+
+
+def test_fine_tune_a_converted_model(mini_corpus, prepared, converted_mini, tmp_path):
+    """data.prepare --inputs takes the converted model's tokenizer (in ESPnet's order), CMVN and
+    front end; train.py fits from it (init_from, with model.yaml's options and a reuse plan) on
+    ESPnet's features, and its checkpoints carry them on."""
+    import yaml as _yaml
+
+    from data.datamodule import ASRDataModule
+    from data.espnet_frontend import EspnetFrontend
+    from data.prepare import prepare
+    from models.checkpoint import load_model, model_inputs
+    from tests.test_train import _fit
+
+    data = tmp_path / "data"
+    prepare(mini_corpus, data, subsets=["mini-train", "mini-dev"], progress=False, inputs=converted_mini)
+    assert (data / "tokens.txt").read_text() == (converted_mini / "tokens.txt").read_text()
+    dm = ASRDataModule(str(data), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0)
+    assert isinstance(dm.featurizer, EspnetFrontend) and dm.tokenizer.token_list is not None
+    ds = dm.dataset(["mini-dev"])
+    first = ds.entries[0]
+    from data.features import GlobalCMVN, load_audio
+
+    want = GlobalCMVN.load(converted_mini / "cmvn.json")(EspnetFrontend(**json.loads(
+        (converted_mini / "features.json").read_text())["config"])(load_audio(first["audio"])))
+    torch.testing.assert_close(ds[0]["features"], want)
+    assert ds[0]["targets"].tolist() == dm.tokenizer.encode(first["text"])
+    options = _yaml.safe_load((converted_mini / "model.yaml").read_text())["model"]
+    assert options["init_from"] == str((converted_mini / "model.ckpt").resolve()) and options["final_norm"]
+    _, module, _ = _fit(data, tmp_path / "run", max_steps=2, limit=2, **{**options, "reuse": "2(H4)+1(H4)"})
+    model, tokenizer, hp = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert model.reuse == "2(H4)+1(H4)" and model.config["layer_norm_eps"] == 1e-12
+    assert tokenizer.token_list == (converted_mini / "tokens.txt").read_text().split()
+    _, featurizer, _ = model_inputs(model, hp)
+    assert isinstance(featurizer, EspnetFrontend)
+    assert featurizer.num_frames(round(first["duration"] * 16000)) > 0
+    # a folder prepared with our own tokenizer order (the same BPE model, no tokens.txt) is refused
+    with pytest.raises(ValueError, match="trained with another tokenizer"):
+        _fit(prepared, tmp_path / "refused", max_steps=1, limit=1, **options)
