@@ -169,35 +169,16 @@ def test_download_file_url_checksum_and_extract(tmp_path):
 
 
 def test_download_resumes_with_range(tmp_path):
-    import http.server
-    import threading
+    from tests.range_server import RangeServer
 
     archive = _tarball(tmp_path)
     data = archive.read_bytes()
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            rng = self.headers.get("Range")
-            seen.append(rng)
-            start = int(rng.split("=")[1].rstrip("-")) if rng else 0
-            self.send_response(206 if rng else 200)
-            self.send_header("Content-Length", str(len(data) - start))
-            self.end_headers()
-            self.wfile.write(data[start:])
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dest = tmp_path / "dl" / "dev-clean.tar.gz"
-        dest.parent.mkdir()
-        dest.with_name("dev-clean.tar.gz.part").write_bytes(data[:100])
-        url = f"http://127.0.0.1:{server.server_port}/dev-clean.tar.gz"
-        librispeech.download_file(url, dest, sha256=librispeech.sha256sum(archive), progress=False)
-    finally:
-        server.shutdown()
+    dest = tmp_path / "dl" / "dev-clean.tar.gz"
+    dest.parent.mkdir()
+    dest.with_name("dev-clean.tar.gz.part").write_bytes(data[:100])
+    with RangeServer(archive.parent) as server:
+        librispeech.download_file(f"{server.url}/{archive.name}", dest, sha256=librispeech.sha256sum(archive),
+                                  progress=False)
+    seen = [rng for _, rng in server.seen]
     assert seen == ["bytes=100-"]
     assert dest.read_bytes() == data
