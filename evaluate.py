@@ -4,8 +4,11 @@
     python evaluate.py --ckpt exp/demo/train/checkpoints --average 5 --sets dev-clean dev-other ...
 
 Greedy CTC and lexicon-free beam search (torchaudio's ``ctc_decoder``, beam 32 by default) are
-scored with jiwer. Writes ``OUT/results.json`` (per set and decoder: WER, CER, substitutions,
-deletions, insertions, words, real-time factor) and ``OUT/<set>.hyp.tsv`` (id, reference,
+scored with jiwer; ``--lexicon`` restricts the beam to a word list, and ``--lm FILE`` (an ARPA file
+or KenLM binary) adds a word n-gram LM beam search, the ``lm`` decoder (``--lm-weight`` and
+``--word-score`` take several values: every point is decoded on the first set, the best kept).
+Writes ``OUT/results.json`` (per set and decoder: WER, CER, substitutions, deletions, insertions,
+words, real-time factor) and ``OUT/<set>.hyp.tsv`` (id, reference,
 hypotheses), and prints the table.
 """
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 
 from data.datamodule import ManifestDataset, ordered_loader
 from data.features import atomic_write_text, check_writable
-from models.decoding import BeamSearch, greedy_decode, write_lexicon
+from models.decoding import BeamSearch, greedy_decode, parse_weight, write_lexicon
 from models.checkpoint import load_model, model_inputs, save_model_checkpoint, training_data_dir
+from models.precision import DTYPES, inference_precision, precision_problem
 
 def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""
@@ -42,18 +46,21 @@ def synchronize(device: str | torch.device) -> None:
 
 @torch.inference_mode()
 def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam: BeamSearch | None,
-                 max_frames: int = 20000, device: str = "cpu", progress: bool = True) -> tuple[dict, list[tuple[str, ...]]]:
+                 max_frames: int = 20000, device: str = "cpu", progress: bool = True,
+                 extra: dict[str, BeamSearch] | None = None) -> tuple[dict, list[tuple[str, ...]]]:
     """Decodes one manifest (or its dataset). Data-side work stays on the CPU (features, ``cmvn``);
     each batch is moved to ``device`` explicitly and the log-probabilities come back to the CPU for
     decoding (torchaudio's beam search reads CPU tensors). The real-time factors time the model
     with the device synchronised. Utterances left out (too short, unreadable) are listed under
-    ``skipped`` with their reason."""
+    ``skipped`` with their reason. ``extra`` decoders (e.g. ``{"lm": BeamSearch(..., lm=...)}``)
+    are scored under their names, with their settings."""
     from tqdm import tqdm
 
     ds = manifest if isinstance(manifest, ManifestDataset) else ManifestDataset([manifest], tokenizer=None, cmvn=cmvn)
     name = Path(ds.manifests[0]).stem
     loader = ordered_loader(ds, max_frames)
-    rows, compute, audio = [], {"greedy": 0.0, "beam": 0.0}, 0.0
+    extra = extra or {}
+    rows, compute, audio = [], {"greedy": 0.0, "beam": 0.0, **{k: 0.0 for k in extra}}, 0.0
     durations = {e["id"]: e["duration"] for e in ds.entries}
     for batch in tqdm(loader, desc=name, unit="batch", disable=not progress):
         if batch is None:
@@ -69,8 +76,13 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam:
         t3 = time.perf_counter()
         compute["greedy"] += t2 - t0
         compute["beam"] += (t1 - t0) + (t3 - t2)
+        hyps = []
+        for k, dec in extra.items():
+            t4 = time.perf_counter()
+            hyps.append([tokenizer.decode(h) for h in dec(log_probs, lengths)])
+            compute[k] += (t1 - t0) + (time.perf_counter() - t4)
         audio += sum(durations[i] for i in batch["ids"])
-        rows += list(zip(batch["ids"], batch["texts"], g, b))
+        rows += list(zip(batch["ids"], batch["texts"], g, b, *hyps))
     decoded = {r[0] for r in rows}
     skipped = [{"id": i, "reason": r} for i, r in ds.skipped.items()]
     skipped += [{"id": e["id"], "reason": "failed to load"} for e in ds.entries
@@ -81,10 +93,23 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam:
     results = {"greedy": {**score(refs, [r[2] for r in rows]), "rtf": round(compute["greedy"] / max(audio, 1e-9), 5)}}
     if beam:
         results["beam"] = {**score(refs, [r[3] for r in rows]), "rtf": round(compute["beam"] / max(audio, 1e-9), 5)}
+    for i, (k, dec) in enumerate(extra.items()):
+        results[k] = {**score(refs, [r[4 + i] for r in rows]), "rtf": round(compute[k] / max(audio, 1e-9), 5),
+                      **dec.settings()}
     for r in results.values():
         r["audio_hours"] = round(audio / 3600, 4)
     results["skipped"] = skipped
     return results, rows
+
+
+def choose_lm(results: dict, lm_beams: dict[str, BeamSearch], tuned_on: str) -> tuple[BeamSearch, dict]:
+    """The LM sweep's point of lowest WER on this set (the first on ties) becomes ``lm``; every
+    point is kept under ``lm_sweep``."""
+    sweep = [results.pop(k) for k in lm_beams]
+    best = min(range(len(sweep)), key=lambda i: sweep[i]["wer"])
+    results["lm"] = {**sweep[best], "tuned_on": tuned_on}
+    results["lm_sweep"] = sweep
+    return list(lm_beams.values())[best], results
 
 
 def default_out(ckpt: Path, paths: list[str], average: int) -> Path:
@@ -127,16 +152,27 @@ def main(argv: list[str] | None = None) -> None:
                                       "was trained from); the tokenizer and CMVN come from the checkpoint")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
     p.add_argument("--beam-size", type=int, default=32)
-    p.add_argument("--no-beam", action="store_true", help="greedy decoding only")
+    p.add_argument("--no-beam", action="store_true", help="greedy decoding only (with --lm: and the LM beam)")
     p.add_argument("--lexicon", help="restrict the beam search to a word list: a flashlight lexicon file, or "
-                                     "'train' to spell the words of the data dir's *train* manifests")
+                                     "'train' to spell the words of the data dir's *train* manifests (the default "
+                                     "with --lm)")
+    p.add_argument("--lm", help="word n-gram LM (ARPA file or KenLM binary) for an LM beam search over the lexicon, "
+                                "scored as the decoder 'lm' (see python -m data.lm)")
+    p.add_argument("--lm-weight", nargs="+", metavar="W", help="weight of the LM's log10 probabilities (default 1); "
+                   "several values (and --word-score values) are a sweep: every point is decoded on the first of "
+                   "--sets (a dev set) and the best there is used for the others")
+    p.add_argument("--word-score", nargs="+", metavar="S", help="score added per word with --lm (default 0)")
     p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs (features are made on the CPU and moved per batch)")
-    p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the model: bf16 / fp16 cast "
+                   "its weights (models.precision); fp16 only on GPUs and CPUs with fp16 matrix instructions")
+    p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)")
     p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
     a = p.parse_args(argv)
     try:
+        if problem := precision_problem(a.dtype, a.device):
+            raise ValueError(problem)
         model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
         data_dir = training_data_dir(hp, a.data_dir)
         # the model's own features (ours, or a converted ESPnet model's), made and normalised on the CPU
@@ -148,11 +184,16 @@ def main(argv: list[str] | None = None) -> None:
                                         " (has the data folder moved? give --data-dir or the .jsonl path)"))
         ckpt = Path(a.ckpt)
         out = Path(a.out) if a.out else default_out(ckpt, hp["checkpoints"], a.average)
+        out = out if a.out or a.dtype == "fp32" else out.with_name(f"{out.name}-{a.dtype}")
         check_writable(out)
         # every set is read (and its audio found) before any is decoded
         datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing)
                     for m in manifests]
-        lexicon = a.lexicon
+        if (a.lm_weight or a.word_score) and not a.lm:
+            raise ValueError("--lm-weight and --word-score need --lm")
+        weights = [parse_weight("--lm-weight", w) for w in a.lm_weight or [1.0]]
+        word_scores = [parse_weight("--word-score", w) for w in a.word_score or [0.0]]
+        lexicon = a.lexicon if a.lexicon or not a.lm else "train"  # a word LM needs a lexicon
         if lexicon == "train":
             from data.prepare import read_manifest
 
@@ -165,30 +206,49 @@ def main(argv: list[str] | None = None) -> None:
         elif lexicon is not None and not Path(lexicon).is_file():
             raise FileNotFoundError(f"lexicon {lexicon} does not exist")
         beam = None if a.no_beam else BeamSearch(tokenizer, a.beam_size, lexicon)
+        lm_beams = {}
+        if a.lm:
+            lm_beam = BeamSearch(tokenizer, a.beam_size, lexicon, a.lm, weights[0], word_scores[0])
+            grid = [(w, s) for w in weights for s in word_scores]
+            lm_beams = {"lm": lm_beam} if len(grid) == 1 else {
+                f"lm w={w:g} s={s:g}": lm_beam.with_weights(w, s) for w, s in grid}
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if a.save_averaged:
         save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
-    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "device": a.device,
+    model = inference_precision(model, a.dtype, a.device)  # after saving: weights saved in fp32
+    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "device": a.device, "dtype": a.dtype,
               "threads": torch.get_num_threads()}
     decoder = {"beam_size": None if a.no_beam else a.beam_size, "lexicon": None if lexicon is None else str(lexicon)}
-    merged = None
+    merged, chosen = None, lm_beams.get("lm")  # with an LM sweep, chosen on the first set
     for m, ds in zip(manifests, datasets):
         try:
-            results, rows = evaluate_set(model, tokenizer, cmvn, ds, beam, a.max_frames, a.device)
+            extra = {"lm": chosen} if chosen else lm_beams
+            results, rows = evaluate_set(model, tokenizer, cmvn, ds, beam, a.max_frames, a.device, extra=extra)
+            if chosen is None and lm_beams:
+                chosen, results = choose_lm(results, lm_beams, m.stem)
+                tuned_on = m.stem
+            elif len(lm_beams) > 1:
+                results["lm"]["tuned_on"] = tuned_on
             # written set by set: a later failure keeps what was computed
-            atomic_write_text(out / f"{m.stem}.hyp.tsv",
-                              "id\treference\tgreedy\tbeam\n" + "".join("\t".join(r) + "\n" for r in rows))
-            merged = merge_results(out / "results.json", report, m.stem, {**results, "decoder": decoder})
+            atomic_write_text(out / f"{m.stem}.hyp.tsv", "\t".join(["id", "reference", "greedy", "beam", *extra]) + "\n"
+                              + "".join("\t".join(r) + "\n" for r in rows))
+            dec = {**decoder, "lm": chosen.settings()} if chosen else decoder
+            merged = merge_results(out / "results.json", report, m.stem, {**results, "decoder": dec})
         except (FileNotFoundError, ValueError, OSError) as e:
             sys.exit(f"error: {e}")
     print(f"{'set':14s} {'decoder':8s} {'WER%':>7s} {'CER%':>7s} {'sub':>6s} {'del':>6s} {'ins':>6s} {'words':>7s} {'RTF':>8s}")
     for s, res in merged["sets"].items():
-        for dec in ("greedy", "beam"):
+        for dec in ("greedy", "beam", "lm"):
             if dec in res:
                 r = res[dec]
                 print(f"{s:14s} {dec:8s} {r['wer']:7.2f} {r['cer']:7.2f} {r['substitutions']:6d} {r['deletions']:6d} "
                       f"{r['insertions']:6d} {r['words']:7d} {r['rtf']:8.4f}")
+    for s, res in merged["sets"].items():
+        for r in res.get("lm_sweep", []):
+            print(f"lm sweep on {s}: --lm-weight {r['lm_weight']:g} --word-score {r['word_score']:g}  WER {r['wer']:.2f}"
+                  + ("   <- chosen" if (r["lm_weight"], r["word_score"]) == (res["lm"]["lm_weight"], res["lm"]["word_score"])
+                     else ""))
     for s, res in merged["sets"].items():
         for skip in res.get("skipped", []):
             print(f"skipped {s} {skip['id']}: {skip['reason']}")

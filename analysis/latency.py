@@ -1,7 +1,8 @@
 """Encoder latency and training cost of reuse configurations (the paper's Table 3), measured honestly.
 
     python -m analysis.latency [--reuse "1(H4)x16" "4(H4)x4" ...] [--lengths 128 256 512 768]
-        [--batch-size 1] [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--include-frontend]
+        [--batch-size 1] [--dtype fp32|fp16|bf16 [--precision-mode weights|autocast]] [--device cpu|cuda]
+        [--include-frontend] [--engine torch|onnxruntime] [--peer torchaudio espnet]
         [--compile [--compile-backend inductor]] [--cuda-graphs] [--train-length 512 --train-batch 8]
         [--json F] [--png F]
 
@@ -15,7 +16,28 @@ of many runs (CUDA events on GPU, a monotonic clock on CPU). Baselines in the sa
   positions, no rel-pos): the peer (``torchaudio``). Its layers run with no padding mask, which is
   its ``forward`` on inputs of full length (all of ours are) without the host read of
   ``lengths.max()`` by which that builds its mask; with ``--include-frontend`` behind a front end
-  like ours (:class:`Peer`), so that every row times front end + encoder.
+  like ours (:class:`Peer`), so that every row times front end + encoder;
+- with ``--peer espnet`` (espnet importable; with ``--include-frontend``, as espnet2's encoder
+  starts with its own Conv2d front end), espnet2's ``ConformerEncoder`` of the same architecture
+  (relative positions, macaron FFN, the same convolution module) carrying the weights of our
+  plan-free baseline ``1(H{peer-heads})x{num-layers}`` (seed 0: the ``1(H4)x16`` row's), mapped by
+  :func:`models.espnet.espnet_peer`: its output is checked equal to ours in fp32 (within
+  :data:`PEER_ATOL`) before any timing, or the run stops (``peer_check`` in the JSON), so the row
+  times the same function as our baseline (``espnet``). Our first row's speed-up over each peer
+  (the peer's time over ours) is printed and kept (``speedup_over_peer``).
+
+Precision (``--dtype``): ``bf16`` / ``fp16`` run the rows with their weights and inputs cast
+(``--precision-mode weights``, the default) or under ``torch.autocast`` with fp32 weights
+(``autocast``); see :mod:`models.precision` for which is faster and how accurate each is.
+
+Engine (``--engine``): ``torch`` (eager, or ``--compile`` / ``--cuda-graphs``) or ``onnxruntime``:
+each row is exported once with torch's dynamo exporter (:mod:`models.export`; dynamic time axis,
+the same module the torch engine times) and run by an ONNX Runtime CPU session with ``--threads``
+intra-op threads (one pool shared by every row's session, :func:`models.export.shared_thread_pool`),
+fp32 only. Each exported row is checked against PyTorch before timing (within :data:`ONNX_ATOL`;
+``onnx_max_abs_diff`` in the JSON). The ``+materialised`` row is left out (a graph has no fused
+kernel to compare it with). The positional projection, cached by PyTorch eager, is computed at
+every call in the graph, and counted in the row's GFLOP.
 
 ``--compile`` compiles each row at each length (``torch.compile(dynamic=False)``, backend
 ``--compile-backend``) before timing it, from a fresh dynamo cache. The rows' callables share code
@@ -42,11 +64,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from models import ConformerCTC
+from models.precision import MODES
 from models.subsampling import Conv2dSubsampling
 
 PAPER = ["1(H4)x16", "2(H4)x8", "4(H4)x4", "8(H4)x2", "4(H8)x4"]
+PEERS = ("torchaudio", "espnet")
+ONNX_ATOL = 1e-4  # ONNX Runtime against PyTorch, fp32, before timing
+ENGINES = ("torch", "onnxruntime")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -159,6 +186,86 @@ class Peer(torch.nn.Module):
         return x.transpose(0, 1)
 
 
+def autocast_call(module: nn.Module, x: torch.Tensor, lengths: torch.Tensor, device: str, dtype: torch.dtype):
+    """A zero-argument callable: ``module(x, lengths)`` under ``torch.autocast`` to ``dtype``."""
+    device_type = torch.device(device).type
+
+    def call():
+        with torch.autocast(device_type, dtype=dtype):
+            return module(x, lengths)
+
+    return call
+
+
+def uncached(module: nn.Module) -> None:
+    """Drops our model's position table and its cached projections, so that its next call computes
+    them as a traced graph does (for the FLOP count of an ONNX row)."""
+    from models.attention import RelPositionalEncoding, clear_position_caches
+
+    for m in module.modules():
+        if isinstance(m, RelPositionalEncoding):
+            m.table = None
+    clear_position_caches(module)
+
+
+def espnet_importable() -> str | None:
+    """Why the ``espnet`` peer cannot be built here, or None."""
+    try:
+        import espnet2.asr.encoder.conformer_encoder  # noqa: F401
+
+        from models.espnet import espnet_peer  # noqa: F401
+    except ImportError as e:
+        return f"espnet2's ConformerEncoder is not importable ({e})"
+    return None
+
+
+def espnet_peer_module(ours: ConformerCTC | None) -> nn.Module:
+    """The ``espnet`` peer row: espnet2's ``ConformerEncoder`` (with its Conv2d front end) holding the
+    weights of ``ours`` (our plan-free baseline), by :func:`models.espnet.espnet_peer`."""
+    from models.espnet import espnet_peer
+
+    return EspnetRow(espnet_peer(ours))
+
+
+class EspnetRow(nn.Module):
+    """The ``espnet`` row, called as the other peer: ``forward(features, lengths)`` -> ``(B, T', d)``
+    (espnet2's front end + encoder; :class:`models.espnet.EspnetPeer` also returns the lengths)."""
+
+    def __init__(self, peer: nn.Module):
+        super().__init__()
+        self.peer = peer
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.peer(x, lengths)[0]
+
+    @property
+    def max_frames(self) -> int | None:
+        """Longest fbank input without growing espnet's position table (an export bound: ``extend_pe``
+        branches on it), for the conv2d front end; None if there is no such table."""
+        for m in self.peer.modules():
+            pe = getattr(m, "pe", None)
+            if isinstance(pe, torch.Tensor) and pe.dim() == 3:
+                return 4 * ((pe.size(1) + 1) // 2) + 6
+        return None
+
+
+class Timed(nn.Module):
+    """What a row of ``kind`` times, as a module (the ONNX engine exports it):
+    ``forward(x, lengths)`` -> the encoder output ``(B, T, d)``, as :meth:`Bench.forward_fn` calls it."""
+
+    def __init__(self, kind: str, module: nn.Module, include_frontend: bool):
+        super().__init__()
+        self.kind, self.module, self.include_frontend = kind, module, include_frontend
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.kind == "peer":
+            return self.module(x, lengths)
+        materialised = self.kind == "materialised"
+        if self.include_frontend:
+            return self.module.encode(x, lengths, return_attentions=materialised).output
+        return self.module.encoder(x, None, return_attentions=materialised)[0]
+
+
 class Bench:
     """Builds the models and the inputs of one benchmark run."""
 
@@ -166,6 +273,14 @@ class Bench:
         self.a = a
         self.dtype = DTYPES[a.dtype]
         self.device = a.device
+        self.autocast = a.precision_mode == "autocast" and self.dtype != torch.float32
+        # the dtype the rows' weights and inputs are cast to (autocast keeps them fp32)
+        self.weights_dtype = torch.float32 if self.autocast else self.dtype
+        self.engine = getattr(a, "engine", "torch")
+        self._onnx: dict[int, object] = {}  # id(Timed module's model) -> ONNX Runtime session
+        self.onnx_check: dict[int, float] = {}  # id(module) -> max |ONNX Runtime - PyTorch| of its row
+        self.onnx_threads: int | None = None  # intra-op threads of ONNX Runtime's shared pool
+        self._onnx_dir = None
 
     def model(self, reuse: str) -> ConformerCTC:
         torch.manual_seed(0)
@@ -173,7 +288,11 @@ class Bench:
         return ConformerCTC(a.vocab_size, d_model=a.d_model, num_layers=a.num_layers, ffn_dim=a.ffn_dim,
                             kernel_size=a.kernel_size, reuse=reuse, subsampling_channels=a.d_model)
 
-    def peer(self) -> Peer:
+    def peer(self, name: str = "torchaudio", ours: ConformerCTC | None = None) -> nn.Module:
+        """The peer row ``name``: torchaudio's Conformer (random weights, seed 0), or espnet2's
+        ``ConformerEncoder`` carrying the weights of ``ours`` (a plan-free baseline)."""
+        if name == "espnet":
+            return espnet_peer_module(ours)
         import torchaudio
 
         torch.manual_seed(0)
@@ -197,12 +316,57 @@ class Bench:
         """A zero-argument callable running one encoder forward of ``kind`` at length ``T``: what
         :meth:`wrap` compiles and captures (so, while captured, it reads no tensor back to the host)."""
         x, lengths = self.inputs(T)
-        x = x.to(self.dtype)
+        x = x.to(self.weights_dtype)
+        if self.autocast:
+            return autocast_call(Timed(kind, module, self.a.include_frontend), x, lengths, self.device, self.dtype)
         if kind == "peer":
             return lambda: module(x, lengths)
         if self.a.include_frontend:
             return lambda: module.encode(x, lengths, return_attentions=(kind == "materialised"))
         return lambda: module.encoder(x, None, return_attentions=(kind == "materialised"))
+
+    def export(self, kind: str, module) -> None:
+        """The ONNX Runtime engine's session of a row: its :class:`Timed` module exported (once per
+        module, outside inference mode; dynamic time axis) and loaded with ``--threads`` threads."""
+        import tempfile
+
+        from models.export import MIN_FRAMES, export_onnx, session, shared_thread_pool
+        from torch.export import Dim
+
+        key = id(module)
+        if key in self._onnx:
+            return
+        if self._onnx_dir is None:
+            self._onnx_dir = tempfile.TemporaryDirectory(prefix="latency-onnx-")
+            # the rows' sessions share one pool: none spins against another's threads
+            self.onnx_threads = shared_thread_pool(torch.get_num_threads())
+        timed = Timed(kind, module, self.a.include_frontend).eval()
+        x, lengths = self.inputs(64)
+        time = Dim("time", min=MIN_FRAMES if self.a.include_frontend else 2, max=getattr(module, "max_frames", None))
+        path = export_onnx(timed, (x, lengths), Path(self._onnx_dir.name) / f"row{len(self._onnx)}.onnx",
+                           ["x", "lengths"], ["output"], {"x": {1: time}, "lengths": None})
+        self._onnx[key] = sess = session(path, shared_pool=True)
+        # the graph computes the row's function: checked at two lengths before any timing
+        worst = 0.0
+        with torch.inference_mode():
+            for T in (16, 64):
+                x, lengths = self.inputs(T)
+                names = {i.name for i in sess.get_inputs()}
+                feeds = {k: v.numpy() for k, v in (("x", x), ("lengths", lengths)) if k in names}
+                out = torch.from_numpy(sess.run(None, feeds)[0])
+                worst = max(worst, (out - timed(x, lengths)).abs().max().item())
+        if not worst <= ONNX_ATOL:
+            raise RuntimeError(f"--engine onnxruntime: the exported {kind} row differs from PyTorch by {worst:.3g} "
+                               f"(tolerance {ONNX_ATOL:g}); refusing to time it")
+        self.onnx_check[key] = worst
+
+    def onnx_fn(self, kind: str, module, T: int):
+        """The ONNX Runtime engine's callable for a row at length ``T`` (after :meth:`export`)."""
+        sess = self._onnx[id(module)]
+        x, lengths = self.inputs(T)
+        names = {i.name for i in sess.get_inputs()}  # an input the graph does not read is dropped from it
+        feeds = {k: v.numpy() for k, v in (("x", x), ("lengths", lengths)) if k in names}
+        return lambda: sess.run(None, feeds)
 
     def wrap(self, fn):
         """``fn`` as timed: compiled (and called once, so that it is compiled before any timing) with
@@ -228,6 +392,11 @@ class Bench:
     def prepare(self, kind: str, module, T: int):
         """``(timed callable, GFLOP of one call)`` for ``kind`` at length ``T``; call under inference mode."""
         plain = self.forward_fn(kind, module, T)
+        if self.engine == "onnxruntime":
+            timed = self.onnx_fn(kind, module, T)
+            timed()
+            uncached(module)  # the graph projects the positions at every call: count it
+            return timed, count_flops(plain) / 1e9
         plain()  # steady state: input-independent work cached by the model is not counted
         try:
             timed = self.wrap(plain)
@@ -284,6 +453,39 @@ class Bench:
         return result
 
 
+def baseline_plan(a) -> str:
+    """Our plan-free baseline at the benchmark's size (the plan the ESPnet peer's weights come from)."""
+    return f"1(H{a.peer_heads})x{a.num_layers}"
+
+
+PEER_ATOL = 1e-4
+
+
+def check_peer(bench: Bench, peer: nn.Module, ours: ConformerCTC, lengths=(32, 64)) -> dict:
+    """The peer's output against our baseline's on the benchmark's inputs (fp32, inference mode):
+    ``{"max_abs_diff": ..., "lengths": [...]}``; raises ``RuntimeError`` above :data:`PEER_ATOL`,
+    so that a row that does not compute our function is never timed."""
+    worst = 0.0
+    with torch.inference_mode():
+        for T in lengths:
+            x, lens = bench.inputs(T)
+            ref = Timed("fused", ours, bench.a.include_frontend)(x, lens).float()
+            out = peer(x, lens).float()
+            if out.shape != ref.shape:
+                raise RuntimeError(f"--peer espnet: output {tuple(out.shape)} at length {T}, ours {tuple(ref.shape)}")
+            worst = max(worst, (out - ref).abs().max().item())
+    if not worst <= PEER_ATOL:
+        raise RuntimeError(f"--peer espnet: espnet2's encoder with our weights differs from ours by {worst:.3g} "
+                           f"(tolerance {PEER_ATOL:g}); refusing to time it as the same model")
+    return {"max_abs_diff": worst, "lengths": list(lengths)}
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def run(a) -> dict:
     from tqdm import tqdm
 
@@ -296,9 +498,13 @@ def run(a) -> dict:
     rows: list[tuple[str, str]] = [(r, "fused") for r in a.reuse]
     if not a.no_materialised:
         rows.insert(1, (a.reuse[0], "materialised"))
+    if a.engine == "onnxruntime" and not a.no_materialised:
+        rows.pop(1)  # a graph has no fused kernel to compare the materialised path with
     if not a.no_peer:
-        rows.append(("torchaudio", "peer"))
+        rows += [(name, "peer") for name in PEERS if name in (a.peer or ["torchaudio"]) or name == "torchaudio"]
     results = {"device": device_name(a.device), "device_type": a.device, "torch": torch.__version__, "dtype": a.dtype,
+               "precision_mode": a.precision_mode if a.dtype != "fp32" else None, "engine": a.engine,
+               "onnxruntime": onnxruntime_version() if a.engine == "onnxruntime" else None,
                "threads": torch.get_num_threads(), "batch_size": a.batch_size, "include_frontend": a.include_frontend,
                "compile": a.compile, "compile_backend": a.compile_backend if a.compile else None,
                "cuda_graphs": a.cuda_graphs, "lengths": a.lengths, "malloc": malloc,
@@ -308,11 +514,24 @@ def run(a) -> dict:
     built, modules, entries = {}, [], []
     for name, kind in rows:
         if name not in built:  # the materialised row runs the same model as its fused row
-            built[name] = (bench.peer() if kind == "peer" else bench.model(name)).to(bench.device, bench.dtype).eval()
+            if kind == "peer":
+                # espnet: our baseline's weights (seed 0, as its row's), checked in fp32 before any cast
+                ours = bench.model(baseline_plan(a)).to(bench.device).eval() if name == "espnet" else None
+                built[name] = bench.peer(name, ours).to(bench.device).eval()
+                if name == "espnet":
+                    results["peer_check"] = {"espnet": check_peer(bench, built[name], ours)}
+                built[name] = built[name].to(bench.device, bench.weights_dtype)
+            else:
+                built[name] = bench.model(name).to(bench.device, bench.weights_dtype).eval()
         module = built[name]
         modules.append((kind, module))
         entries.append({"config": name if kind != "materialised" else f"{name}+materialised", "kind": kind,
                         "parameters": sum(p.numel() for p in module.parameters()), "by_length": {}})
+    if a.engine == "onnxruntime":
+        for (kind, module), entry in zip(tqdm(modules, desc="export", unit="row", disable=a.quiet), entries):
+            bench.export(kind, module)
+            entry["onnx_max_abs_diff"] = bench.onnx_check[id(module)]
+        results["onnxruntime_threads"] = bench.onnx_threads
     compiling = contextlib.nullcontext()
     if a.compile:  # (torch._dynamo is imported on first use)
         torch._dynamo.reset()  # entries of earlier runs on the shared code objects would count to the limit
@@ -327,6 +546,10 @@ def run(a) -> dict:
     for entry in results["inference"]:
         for T, r in entry["by_length"].items():
             r["speedup_vs_first"] = first[T]["median_ms"] / r["median_ms"]
+    # how much faster our first row is than each peer (the peer's time over ours)
+    results["speedup_over_peer"] = {e["config"]: {T: r["median_ms"] / first[T]["median_ms"]
+                                                  for T, r in e["by_length"].items()}
+                                    for e in results["inference"] if e["kind"] == "peer"}
     if a.train_runs > 0:
         for name in tqdm(a.reuse, desc="training", unit="config", disable=a.quiet):
             results["training"].append({"config": name, "length": a.train_length, "batch": a.train_batch,
@@ -339,7 +562,11 @@ def run(a) -> dict:
 
 def print_table(results: dict) -> None:
     lengths = results["lengths"]
-    print(f"# {results['device']} | torch {results['torch']} | {results['dtype']} | {results['threads']} threads | "
+    engine = results.get("engine", "torch")
+    precision = results["dtype"] + (f" ({results['precision_mode']})" if results.get("precision_mode") else "")
+    print(f"# {results['device']} | "
+          + (f"onnxruntime {results.get('onnxruntime')} | " if engine == "onnxruntime" else "")
+          + f"torch {results['torch']} | {precision} | {results['threads']} threads | "
           f"batch {results['batch_size']} | front-end {'included' if results['include_frontend'] else 'excluded'} | "
           f"{results['runs']} runs in {results['rounds']} interleaved rounds | malloc {results['malloc']}"
           + (f" | torch.compile ({results.get('compile_backend')})" if results.get("compile") else "")
@@ -350,6 +577,12 @@ def print_table(results: dict) -> None:
                         for T in lengths)
         print(f"{e['config']:26s}{cells}")
     print("(median of runs; x = speed-up over the first row; spread p10-p90 in the JSON)")
+    first = results["inference"][0]["config"]
+    for peer, ratios in results.get("speedup_over_peer", {}).items():
+        print(f"{first} speed-up over {peer} ({peer} time / {first} time): "
+              + ", ".join(f"{ratios[str(T)]:.2f}x at {T}" for T in lengths))
+    for peer, check in (results.get("peer_check") or {}).items():
+        print(f"{peer} peer: max |output - ours| = {check['max_abs_diff']:.2e} before timing (our weights mapped)")
     print(f"\n{'GFLOP per forward':26s}" + "".join(f"{f'{T}':>11s}{'rel.':>6s}" for T in lengths))
     first = results["inference"][0]["by_length"]
     for e in results["inference"]:
@@ -390,6 +623,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512, 768], help="encoder frames")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--precision-mode", choices=MODES, default="weights",
+                   help="bf16 / fp16: cast the weights and inputs (weights) or run torch.autocast over fp32 weights")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (eager; --compile, --cuda-graphs) or onnxruntime (each row exported to ONNX; CPU, fp32)")
+    p.add_argument("--peer", nargs="+", choices=PEERS, default=["torchaudio"],
+                   help="peer rows: torchaudio's Conformer (always, unless --no-peer), espnet2's ConformerEncoder "
+                        "with our baseline's weights (espnet)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--include-frontend", action="store_true", help="time from fbank features (Table 3 excludes it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the timed function")
@@ -401,7 +641,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--malloc", choices=["steady", "default"], default="steady",
                    help="CPU: keep freed large blocks in glibc's heap (steady) or leave the allocator as it is")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--no-peer", action="store_true", help="skip torchaudio's Conformer")
+    p.add_argument("--no-peer", action="store_true", help="skip the peer rows")
     p.add_argument("--no-materialised", action="store_true", help="skip the materialised-path baseline")
     p.add_argument("--train-length", type=int, default=512, help="encoder frames of the training batch")
     p.add_argument("--train-batch", type=int, default=8)
@@ -423,6 +663,18 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA device is available")
+    if "espnet" in a.peer and not a.no_peer:
+        if (why := espnet_importable()) is not None:
+            p.error(f"--peer espnet: {why}")
+        if not a.include_frontend:
+            p.error("--peer espnet needs --include-frontend (espnet2's encoder starts with its own Conv2d front end)")
+    if a.engine == "onnxruntime":
+        if a.device != "cpu" or a.dtype != "fp32" or a.compile or a.cuda_graphs:
+            p.error("--engine onnxruntime times fp32 on the CPU (no --dtype fp16/bf16, --compile or --cuda-graphs)")
+        try:
+            onnxruntime_version()
+        except ImportError:
+            p.error("--engine onnxruntime needs onnx, onnxscript and onnxruntime (pip install '.[onnx]')")
     try:
         for r in a.reuse:
             ConformerCTC(a.vocab_size, d_model=a.d_model, num_layers=a.num_layers, ffn_dim=a.ffn_dim,

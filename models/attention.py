@@ -144,6 +144,10 @@ def relative_position_rows(q: torch.Tensor, p: torch.Tensor, chunk: int | None =
     ``T (2T - 1)``. Default chunk: ``T / 8`` for long inputs (one chunk below 256 frames).
     """
     t = q.shape[-2]
+    if torch.compiler.is_exporting():  # one chunk, shifted by a gather: the length stays symbolic (models.export)
+        i = torch.arange(t, device=q.device)
+        yield 0, torch.gather(q @ p.transpose(-2, -1), -1, (t - 1 - i[:, None] + i[None, :]).expand(*q.shape[:-1], t))
+        return
     chunk = chunk or (t if t < 256 else max(32, -(-t // 8)))
     for a in range(0, t, chunk):  # one chunk (chunk >= T): all 2T-1 positions, rel_shift's case
         c = min(chunk, t - a)
@@ -297,7 +301,7 @@ class MultiHeadSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         t = q_u.shape[-2]
-        chunk = max(64, -(-t // 4)) if x.device.type == "cpu" and t >= 256 else t
+        chunk = max(64, -(-t // 4)) if x.device.type == "cpu" and not torch.compiler.is_exporting() and t >= 256 else t
         parts = []
         for a, bias in relative_position_rows(q_v, p, chunk):
             if pad is not None:

@@ -1,0 +1,295 @@
+"""ONNX export of a trained Conformer-CTC: front end + encoder (with its reuse plan) + CTC head.
+
+    python -m models.export --ckpt exp/demo/train/checkpoints/last.ckpt --out exp/demo/onnx [--opset 18]
+        [--average K] [--no-check]
+
+writes
+
+- ``OUT/model.onnx``: inputs ``features (B, T, 80)`` float32 (log-Mel fbank after the checkpoint's
+  CMVN) and ``lengths (B,)`` int64; outputs ``log_probs (B, T', V)`` float32 (CTC, blank 0) and
+  ``out_lengths (B,)`` int64, ``T' = ((T - 1) // 2 - 1) // 2`` (the default conv2d front end); batch
+  and time dynamic, ``T >= 7`` as in PyTorch;
+- ``OUT/model.json``: what using it needs (plan, model sizes, vocabulary, feature settings, the CMVN
+  statistics, input / output names, the check below);
+- ``OUT/tokenizer.model``: the SentencePiece model (output ``k + 1`` is piece ``k``).
+
+The graph is torch's dynamo exporter's (``torch.onnx.export(dynamo=True)``: ``torch.export`` then
+onnxscript): it traces the model as it runs, so a reuse plan's graph is the model's own, in which
+the reuse layers consume the softmax of their group's computing layer (one ``Softmax`` per computing
+layer, :func:`attention_softmaxes`). While exporting (``torch.compiler.is_exporting()``), the
+model's attention takes all query rows in one chunk, as it does in eager mode below 256 frames, and
+makes the relative-position shift by a gather of the same elements instead of a strided view (whose
+symbolic slice bounds ``torch.export`` cannot resolve), so the time axis stays symbolic
+(``models/attention.py``); it skips its host-side input checks and position caches as under
+``torch.compile``. The positional encodings and their projections are computed in the graph at
+each call (PyTorch eager caches the projection).
+
+Unless ``--no-check``, the exported model is run by ONNX Runtime and compared with PyTorch's eager
+forward at several lengths (one of them past 256 encoder frames, where eager chunks its attention)
+and on a padded batch: every output within ``1e-4`` (log-probabilities) and equal lengths, or the
+export fails.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MIN_FRAMES = 7  # fbank frames of the shortest input of an exported conv2d model (one encoder frame)
+CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 49 and 256 encoder frames), after min_frames(model)
+ATOL = 1e-4
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences the dynamo exporter's progress lines and its warnings about what it does not need
+    (torchvision's operators, deprecations inside torch)."""
+    import io
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(module: nn.Module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
+                dynamic_shapes: dict, opset: int | None = None) -> Path:
+    """Exports ``module(*args)`` (eval mode) to ``path`` with torch's dynamo exporter; weights are
+    kept inside the file (no external data: models here are far below ONNX's 2 GiB limit)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False,
+                                    optimize=True, verbose=False)
+        program.save(str(path), external_data=False)
+    return path
+
+
+def example_features(batch: int = 2, frames: int = 4 * 64 + 3, input_dim: int = 80, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, input_dim, generator=g), torch.full((batch,), frames, dtype=torch.long)
+
+
+def min_frames(model: nn.Module) -> int:
+    """Fewest fbank frames the exported ``model`` takes: those of one encoder frame (7 for the conv2d
+    front end), as in PyTorch."""
+    from models.subsampling import subsampled_lengths
+
+    frames = torch.arange(1, 256)
+    layer = getattr(model.frontend, "input_layer", "conv2d")
+    out = subsampled_lengths(frames) if layer == "conv2d" else subsampled_lengths(frames, layer)
+    return int(frames[out >= 1][0])
+
+
+def export_model(model: nn.Module, path: str | Path, opset: int | None = None) -> Path:
+    """``model`` (a :class:`~models.ctc.ConformerCTC`; its ``forward(features, lengths)``) as ONNX at
+    ``path``, dynamic batch and time (``T >= min_frames(model)``)."""
+    from torch.export import Dim
+
+    model = model.eval()
+    features, lengths = example_features(input_dim=model.input_dim)
+    batch, time = Dim("batch", min=1), Dim("time", min=min_frames(model))
+    return export_onnx(model, (features, lengths), path, ["features", "lengths"], ["log_probs", "out_lengths"],
+                       {"features": {0: batch, 1: time}, "lengths": {0: batch}}, opset)
+
+
+def session(path: str | Path, threads: int | None = None, shared_pool: bool = False):
+    """An ONNX Runtime CPU session of ``path`` (all graph optimisations; ``threads`` intra-op
+    threads, one inter-op thread, sequential execution). ``shared_pool``: run on the process's
+    global thread pool (:func:`shared_thread_pool`) instead of the session's own."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if shared_pool:
+        options.use_per_session_threads = False
+    else:
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+_POOL_THREADS: int | None = None
+
+
+def shared_thread_pool(threads: int) -> int:
+    """Gives ONNX Runtime one global pool of ``threads`` intra-op threads for the sessions made with
+    ``shared_pool=True``, once per process (ONNX Runtime cannot replace it); returns the pool's size.
+    Sessions with pools of their own, run by turns (as the latency benchmark's interleaved rows
+    are), slow each other down: a session's threads keep spinning after its run while the next
+    session's threads want the cores (measured on 2 cores: p90 twice the median)."""
+    global _POOL_THREADS
+    import onnxruntime.capi._pybind_state as C
+
+    if _POOL_THREADS is not None:  # ONNX Runtime makes its global pools once per process
+        return _POOL_THREADS
+    C.set_global_thread_pool_sizes(threads, 1)
+    _POOL_THREADS = threads
+    return threads
+
+
+def check_inputs(input_dim: int = 80, lengths=CHECK_LENGTHS, seed: int = 1) -> list[tuple]:
+    """``(name, features, lengths)`` of the check: one utterance of each length, then a padded batch of
+    all of them (the longest first: lengths from the longest down to the shortest)."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for T in lengths:
+        cases.append((f"T={T}", torch.randn(1, T, input_dim, generator=g), torch.tensor([T])))
+    longest = max(lengths)
+    padded = torch.randn(len(lengths), longest, input_dim, generator=g)
+    lens = torch.tensor(sorted(lengths, reverse=True))
+    for i, T in enumerate(lens.tolist()):
+        padded[i, T:] = 0.0  # as the loaders pad
+    cases.append((f"padded {lens.tolist()}", padded, lens))
+    return cases
+
+
+def compare(model: nn.Module, sess, lengths=None, atol: float = ATOL) -> list[dict]:
+    """ONNX Runtime's outputs against PyTorch's eager forward (inference mode) on :func:`check_inputs`
+    (default lengths: the shortest the export takes, then :data:`CHECK_LENGTHS`):
+    ``[{"case", "max_abs_diff", "lengths_equal"}]``, the difference over every output frame (padding
+    included). Raises ``AssertionError`` if any exceeds ``atol`` or a length differs."""
+    results = []
+    lengths = lengths or (min_frames(model), *CHECK_LENGTHS)
+    with torch.inference_mode():
+        for name, features, lens in check_inputs(model.input_dim, lengths):
+            ref, ref_lengths = model(features, lens)
+            out, out_lengths = sess.run(None, {"features": features.numpy(), "lengths": lens.numpy()})
+            diff = (torch.from_numpy(out) - ref).abs().max().item()
+            equal = torch.equal(torch.from_numpy(out_lengths), ref_lengths)
+            results.append({"case": name, "max_abs_diff": diff, "lengths_equal": equal})
+            if not (diff <= atol and equal and out.shape == tuple(ref.shape)):
+                raise AssertionError(f"ONNX Runtime differs from PyTorch on {name}: max |diff| {diff:.3g} "
+                                     f"(tolerance {atol:g}), shapes {out.shape} vs {tuple(ref.shape)}, "
+                                     f"lengths {out_lengths.tolist()} vs {ref_lengths.tolist()}")
+    return results
+
+
+def attention_softmaxes(path: str | Path) -> list[int]:
+    """For each ``Softmax`` node of the ONNX graph at ``path``, how many ``MatMul`` nodes read its output
+    (through ``Cast`` / ``Identity``): in an exported reuse plan, one Softmax per computing layer,
+    read by the value products of every layer of its group."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def matmuls(name: str) -> int:
+        n = 0
+        for node in readers.get(name, []):
+            if node.op_type == "MatMul":
+                n += 1
+            elif node.op_type in ("Cast", "Identity"):
+                n += sum(matmuls(o) for o in node.output)
+        return n
+
+    return [matmuls(node.output[0]) for node in graph.node if node.op_type == "Softmax"]
+
+
+def op_counts(path: str | Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(collections.Counter(node.op_type for node in graph.node))
+
+
+def sidecar(model, tokenizer, hp: dict, opset: int | None, check: list[dict] | None) -> dict:
+    """What :func:`main` writes as ``model.json``."""
+    from data import features as F
+
+    cmvn = hp.get("cmvn")
+    return {
+        "format": "attn-reuse-asr ctc onnx 1",
+        "model": "model.onnx",
+        "reuse": model.reuse,
+        "computing_layers": [i for i, p in enumerate(model.plans) if not p.reuses],
+        "config": model.config,
+        "checkpoints": hp.get("checkpoints"),
+        "inputs": {"features": "float32 (B, T, input_dim): fbank, then (x - cmvn.mean) / cmvn.std; zero padding",
+                   "lengths": f"int64 (B,): valid frames of each utterance, {min_frames(model)} <= lengths <= T"},
+        "outputs": {"log_probs": "float32 (B, T', vocab_size): CTC log-probabilities, blank 0",
+                    "out_lengths": "int64 (B,): valid output frames (conv2d: ((lengths - 1) // 2 - 1) // 2)"},
+        "min_frames": min_frames(model),
+        "input_layer": getattr(model.frontend, "input_layer", "conv2d"),
+        # ours: Kaldi fbank (data.features.fbank); a converted ESPnet model: its front end's record
+        "features": hp["features"] if hp.get("features") is not None else {
+            "kind": "kaldi fbank (torchaudio.compliance.kaldi.fbank)", "sample_rate": F.SAMPLE_RATE,
+            "num_mel_bins": model.input_dim, "frame_length_ms": F.FRAME_LENGTH_MS,
+            "frame_shift_ms": F.FRAME_SHIFT_MS, "dither": 0.0, "energy_floor": 0.0, "snip_edges": True,
+            "waveform_scale": 32768.0},
+        "cmvn": None if cmvn is None else {"mean": [float(v) for v in cmvn["mean"]],
+                                           "std": [float(v) for v in cmvn["std"]]},
+        "vocab_size": model.vocab_size,
+        "blank": 0,
+        "tokens": tokenizer.pieces(),
+        "tokenizer": {"file": "tokenizer.model", "sha256": tokenizer.digest,
+                      "decode": "drop blanks and repeats; output k + 1 is SentencePiece piece k"},
+        "opset": opset,
+        "torch": torch.__version__,
+        "check": check,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
+    p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
+    p.add_argument("--out", required=True, help="output folder (model.onnx, model.json, tokenizer.model)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: torch's exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    a = p.parse_args(argv)
+    from data.features import atomic_write_bytes, atomic_write_text, check_writable
+    from models.checkpoint import load_model
+
+    try:
+        model, tokenizer, hp = load_model(a.ckpt, a.average, None, "cpu")
+        out = check_writable(a.out)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    path = export_model(model, out / "model.onnx", a.opset)
+    import onnx
+
+    opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == ""),
+                 a.opset)
+    check = None
+    if not a.no_check:
+        try:
+            check = compare(model, session(path))
+        except AssertionError as e:
+            sys.exit(f"error: {e}")
+    softmaxes = attention_softmaxes(path)
+    info = sidecar(model, tokenizer, hp, opset, check)
+    info["attention_softmaxes"] = softmaxes
+    atomic_write_text(out / "model.json", json.dumps(info, indent=1))
+    atomic_write_bytes(out / "tokenizer.model", tokenizer.model_bytes)
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB, opset {opset}, plan {model.reuse}: {len(softmaxes)} attention softmaxes, "
+          f"read by {softmaxes} value products), {out / 'model.json'}, {out / 'tokenizer.model'}")
+    for r in check or []:
+        print(f"  check {r['case']:28s} max |ONNX Runtime - PyTorch| = {r['max_abs_diff']:.2e}")
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""ONNX export (models/export.py): ONNX Runtime equals PyTorch at several lengths and on a padded
+batch for a baseline, a reuse plan and a plan whose groups differ in heads; the graph keeps the
+reuse (the reuse layers read their computing layer's softmax); the CLI writes a usable folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install '.[onnx]')")
+pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip install '.[onnx]')")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
+
+from models import ConformerCTC  # noqa: E402
+from models.export import (ATOL, attention_softmaxes, compare, export_model, min_frames, op_counts,  # noqa: E402
+                           session)
+
+TINY = dict(d_model=32, num_layers=4, ffn_dim=64, kernel_size=5, subsampling_channels=8, input_dim=80)
+# plan -> readers (value products) of each computing layer's softmax
+PLANS = {"1(H4)x4": [1, 1, 1, 1], "2(H4)x2": [2, 2], "2(H8)+1(H4)+1(H2)": [2, 1, 1]}
+
+
+def tiny_model(plan: str) -> ConformerCTC:
+    torch.manual_seed(0)
+    model = ConformerCTC(17, reuse=plan, **TINY).eval()
+    with torch.no_grad():  # trained-like BatchNorm statistics, so that they are part of what is compared
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(PLANS))
+def exported(request, tmp_path_factory):
+    """``(plan, model, path of its export, (state and output at 1031 frames before the export))``."""
+    model = tiny_model(request.param)
+    x = torch.randn(1, 1031, 80, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = model(x, torch.tensor([1031]))[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_model(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return request.param, model, path, (state, x, before)
+
+
+def test_onnx_runtime_equals_pytorch(exported):
+    """At 7 (the shortest), 64, 203 and 1031 fbank frames (1 to 256 encoder frames: PyTorch chunks its
+    attention from 256 on, the graph never does) and on a padded batch of all four."""
+    plan, model, path, _ = exported
+    sess = session(path, threads=1)
+    results = compare(model, sess)  # raises past ATOL
+    assert [r["case"] for r in results] == ["T=7", "T=64", "T=203", "T=1031", "padded [1031, 203, 64, 7]"]
+    assert all(r["max_abs_diff"] <= ATOL and r["lengths_equal"] for r in results), results
+    # batch and time are symbolic in the graph
+    features, lengths = sess.get_inputs()
+    assert (features.name, lengths.name) == ("features", "lengths")
+    assert isinstance(features.shape[0], str) and isinstance(features.shape[1], str) and features.shape[2] == 80
+    assert [o.name for o in sess.get_outputs()] == ["log_probs", "out_lengths"]
+
+
+def test_graph_keeps_the_reuse_plan(exported):
+    """One Softmax per computing layer (the CTC head's is a LogSoftmax), read by the value product of
+    every layer of its group: the reuse layers consume the computing layer's map."""
+    plan, model, path, _ = exported
+    assert attention_softmaxes(path) == PLANS[plan]
+    computing = sum(not p.reuses for p in model.plans)
+    assert op_counts(path)["Softmax"] == computing and op_counts(path)["LogSoftmax"] == 1
+
+
+def test_export_leaves_the_model_as_it_was(exported):
+    """Exporting changes nothing in the eager model (weights, caches): its output is bit for bit the
+    same afterwards, at a length where eager chunks its attention."""
+    plan, model, path, (state, x, before) = exported
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x, torch.tensor([1031]))[0], before, rtol=0, atol=0)
+    assert min_frames(model) == 7
+
+
+@pytest.fixture(scope="module")
+def checkpoint(prepared, tmp_path_factory):
+    from tests.test_train import trained_checkpoint
+
+    return trained_checkpoint(prepared, tmp_path_factory, "export_ckpt")
+
+
+def test_cli_writes_model_sidecar_and_tokenizer(checkpoint, tmp_path, capsys):
+    from data.tokenizer import Tokenizer
+    from models.checkpoint import load_model
+    from models.export import main
+
+    info = main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "onnx")])
+    out = tmp_path / "onnx"
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "model.json", "tokenizer.model"}
+    sidecar = json.loads((out / "model.json").read_text())
+    assert sidecar == json.loads(json.dumps(info))
+    model, tokenizer, hp = load_model(checkpoint)
+    assert sidecar["reuse"] == model.reuse and sidecar["vocab_size"] == model.vocab_size == len(sidecar["tokens"])
+    assert sidecar["tokens"] == tokenizer.pieces() and sidecar["blank"] == 0
+    assert Tokenizer(out / "tokenizer.model").digest == tokenizer.digest == sidecar["tokenizer"]["sha256"]
+    assert sidecar["cmvn"] is not None and len(sidecar["cmvn"]["mean"]) == len(sidecar["cmvn"]["std"]) == 80
+    assert sidecar["min_frames"] == 7 and sidecar["opset"] >= 18
+    assert [r["max_abs_diff"] <= ATOL for r in sidecar["check"]] == [True] * 5
+    assert sidecar["attention_softmaxes"] == [1] * model.num_layers
+    assert "max |ONNX Runtime - PyTorch|" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path):
+    from models.export import main
+
+    with pytest.raises(SystemExit, match="error:"):
+        main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")])
