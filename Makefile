@@ -28,7 +28,7 @@ test: setup
 # The main job on the embedded mini corpus: corpus -> preparation -> training of the mini baseline
 # -> evaluation on mini-test -> analysis report -> reuse-plan suggestion -> retrofit of the baseline
 # to the best two-group plan (short fine-tuning) -> its evaluation and PAR coverage against the
-# baseline -> CPU latency of both -> the final table. About 20 minutes on 2 CPU cores.
+# baseline -> CPU latency of both -> the final table. About 16 minutes on 2 CPU cores from a fresh clone (set-up included).
 MINI := --data.data_dir $(EXP)/data --trainer.enable_progress_bar false
 MINI_SIZE := --d-model 144 --num-layers 4 --ffn-dim 576 --kernel-size 15
 # $(call timed,NAME,COMMAND): run COMMAND and append "NAME<TAB>seconds" to $(EXP)/stages.tsv
