@@ -330,7 +330,8 @@ class Bench:
         module, outside inference mode; dynamic time axis) and loaded with ``--threads`` threads."""
         import tempfile
 
-        from models.export import MIN_FRAMES, export_onnx, session, shared_thread_pool
+        from models.export import export_onnx, session, shared_thread_pool
+        from models.subsampling import receptive_field
         from torch.export import Dim
 
         key = id(module)
@@ -342,7 +343,7 @@ class Bench:
             self.onnx_threads = shared_thread_pool(torch.get_num_threads())
         timed = Timed(kind, module, self.a.include_frontend).eval()
         x, lengths = self.inputs(64)
-        time = Dim("time", min=MIN_FRAMES if self.a.include_frontend else 2, max=getattr(module, "max_frames", None))
+        time = Dim("time", min=receptive_field() if self.a.include_frontend else 2, max=getattr(module, "max_frames", None))
         path = export_onnx(timed, (x, lengths), Path(self._onnx_dir.name) / f"row{len(self._onnx)}.onnx",
                            ["x", "lengths"], ["output"], {"x": {1: time}, "lengths": None})
         self._onnx[key] = sess = session(path, shared_pool=True)
@@ -351,9 +352,7 @@ class Bench:
         with torch.inference_mode():
             for T in (16, 64):
                 x, lengths = self.inputs(T)
-                names = {i.name for i in sess.get_inputs()}
-                feeds = {k: v.numpy() for k, v in (("x", x), ("lengths", lengths)) if k in names}
-                out = torch.from_numpy(sess.run(None, feeds)[0])
+                out = torch.from_numpy(sess.run(None, onnx_feeds(sess, x, lengths))[0])
                 worst = max(worst, (out - timed(x, lengths)).abs().max().item())
         if not worst <= ONNX_ATOL:
             raise RuntimeError(f"--engine onnxruntime: the exported {kind} row differs from PyTorch by {worst:.3g} "
@@ -363,9 +362,7 @@ class Bench:
     def onnx_fn(self, kind: str, module, T: int):
         """The ONNX Runtime engine's callable for a row at length ``T`` (after :meth:`export`)."""
         sess = self._onnx[id(module)]
-        x, lengths = self.inputs(T)
-        names = {i.name for i in sess.get_inputs()}  # an input the graph does not read is dropped from it
-        feeds = {k: v.numpy() for k, v in (("x", x), ("lengths", lengths)) if k in names}
+        feeds = onnx_feeds(sess, *self.inputs(T))
         return lambda: sess.run(None, feeds)
 
     def wrap(self, fn):
@@ -451,6 +448,13 @@ class Bench:
         if self.device.startswith("cuda"):
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return result
+
+
+def onnx_feeds(sess, x: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """A row's ONNX Runtime inputs; one the graph does not read (``lengths`` without the front end)
+    has been dropped from it by the exporter, and is left out."""
+    names = {i.name for i in sess.get_inputs()}
+    return {k: v.numpy() for k, v in (("x", x), ("lengths", lengths)) if k in names}
 
 
 def baseline_plan(a) -> str:

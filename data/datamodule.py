@@ -331,12 +331,10 @@ def model_features(path: str | Path):
     if not path.is_file():
         return None, None, None
     try:
-        record = json.loads(path.read_text())
-        if record.get("type") != "espnet":
-            raise ValueError(f"unknown feature type {record.get('type')!r}")
-        from data.espnet_frontend import EspnetFrontend
+        from data.espnet_frontend import frontend_of
 
-        featurizer = EspnetFrontend(**record["config"])
+        record = json.loads(path.read_text())
+        featurizer = frontend_of(record)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a feature record of python -m models.convert ({e})") from None
     return record, featurizer, LabelFraming(min_frames=int(record.get("min_frames", MIN_FRAMES)),

@@ -111,6 +111,14 @@ class EspnetFrontend(nn.Module):
         return self.batch(wave[None])[0][0]
 
 
+def frontend_of(record: dict) -> EspnetFrontend:
+    """The front end a feature record names (``features.json`` beside a converted model, or a
+    checkpoint's ``features``): ``{"type": "espnet", "config": EspnetFrontend's arguments, ...}``."""
+    if not isinstance(record, dict) or record.get("type") != "espnet":
+        raise ValueError(f"unknown feature type {record.get('type') if isinstance(record, dict) else record!r}")
+    return EspnetFrontend(**record["config"])
+
+
 def global_mvn(stats_file: str | Path, norm_means: bool = True, norm_vars: bool = True,
                eps: float = 1e-20) -> GlobalCMVN:
     """ESPnet's ``GlobalMVN`` of ``feats_stats.npz`` (``count``, ``sum``, ``sum_square``; or a

@@ -21,7 +21,7 @@ FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 
 
-# The fewest 10 ms frames the model's Conv2d front end takes (models.subsampling.Conv2dSubsampling.MIN_FRAMES):
+# The fewest 10 ms frames the model's Conv2d front end takes (models.subsampling.receptive_field("conv2d")):
 # shorter utterances are dropped at preparation and skipped (and reported) wherever a manifest is read.
 MIN_FRAMES = 7
 

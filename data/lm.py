@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import math
-import os
 import shutil
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from data.features import atomic_write, atomic_write_text
 from data.librispeech import download_file, sha256sum
 
 OPENSLR_LM_URL = "https://www.openslr.org/resources/11"
@@ -69,7 +69,7 @@ def fetch(file: str, dest: str | Path, base_url: str = OPENSLR_LM_URL, sha256: s
     dest = Path(dest)
     path = dest / file
     sidecar = _sidecar(path)
-    recorded = sidecar.read_text().split()[0] if sidecar.is_file() and sidecar.read_text().strip() else None
+    recorded = (sidecar.read_text().split() or [None])[0] if sidecar.is_file() else None
     expected = sha256 or SHA256.get(file) or recorded
     if recorded and expected != recorded:
         raise ValueError(f"{sidecar} records sha256 {recorded}, but {file} should have {expected}: remove the "
@@ -77,7 +77,7 @@ def fetch(file: str, dest: str | Path, base_url: str = OPENSLR_LM_URL, sha256: s
     download_file(f"{base_url.rstrip('/')}/{file}", path, expected, progress)
     if not sidecar.is_file():
         digest = expected or sha256sum(path)
-        sidecar.write_text(f"{digest}  {file}\n")
+        atomic_write_text(sidecar, f"{digest}  {file}\n")
         if not expected and progress:
             print(f"{file}: no published SHA-256; recorded {digest} in {sidecar} (checked on later downloads)",
                   file=sys.stderr)
@@ -86,14 +86,14 @@ def fetch(file: str, dest: str | Path, base_url: str = OPENSLR_LM_URL, sha256: s
 
 def gunzip(src: Path, dst: Path) -> Path:
     """``src`` (gzip) decompressed to ``dst`` through a temporary file (never a half ARPA)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+    def write(tmp):
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
+
+    try:
+        atomic_write(dst, write)
     except (OSError, EOFError) as e:
-        tmp.unlink(missing_ok=True)
         raise ValueError(f"{src}: cannot decompress it ({e})") from None
-    os.replace(tmp, dst)
     return dst
 
 
@@ -211,25 +211,24 @@ def kneser_ney(sentences, order: int = 3) -> tuple[list[dict], list[dict], list[
 def write_arpa(probs: list[dict], bows: list[dict], path: str | Path) -> Path:
     """An ARPA file of :func:`kneser_ney`'s output (log10; ``<s>`` at -99 with its back-off
     weight), written through a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    unigrams = {**probs[0], (BOS,): None}
-    sections = [unigrams, *probs[1:]]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\\data\\\n")
-        for n, sec in enumerate(sections, 1):
-            f.write(f"ngram {n}={len(sec)}\n")
-        for n, sec in enumerate(sections, 1):
-            f.write(f"\n\\{n}-grams:\n")
-            for g in sorted(sec):
-                p = sec[g]
-                lp = "-99" if p is None else f"{math.log10(p):.7f}"
-                bow = bows[n - 1].get(g) if n < len(sections) else None
-                f.write(f"{lp}\t{' '.join(g)}" + ("" if bow is None else f"\t{math.log10(bow):.7f}") + "\n")
-        f.write("\n\\end\\\n")
-    os.replace(tmp, path)
-    return path
+    sections = [{**probs[0], (BOS,): None}, *probs[1:]]
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\\data\\\n")
+            for n, sec in enumerate(sections, 1):
+                f.write(f"ngram {n}={len(sec)}\n")
+            for n, sec in enumerate(sections, 1):
+                f.write(f"\n\\{n}-grams:\n")
+                for g in sorted(sec):
+                    p = sec[g]
+                    lp = "-99" if p is None else f"{math.log10(p):.7f}"
+                    bow = bows[n - 1].get(g) if n < len(sections) else None
+                    f.write(f"{lp}\t{' '.join(g)}" + ("" if bow is None else f"\t{math.log10(bow):.7f}") + "\n")
+            f.write("\n\\end\\\n")
+
+    atomic_write(path, write)
+    return Path(path)
 
 
 def build_arpa(sentences, path: str | Path, order: int = 3) -> dict:

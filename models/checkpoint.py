@@ -133,7 +133,7 @@ def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = No
     from functools import partial
 
     from data.datamodule import LabelFraming
-    from data.espnet_frontend import EspnetFrontend
+    from data.espnet_frontend import frontend_of
     from data.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS
     from models.subsampling import receptive_field, subsampled_count, subsampling_factor
 
@@ -142,11 +142,12 @@ def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = No
     spec = hp.get("features")
     if spec is None:
         featurizer, hop, first_centre, frame_ms = None, FRAME_SHIFT_MS / 1000, FRAME_LENGTH_MS / 2000, FRAME_SHIFT_MS
-    elif spec.get("type") == "espnet":
-        featurizer = EspnetFrontend(**spec["config"])
-        hop, first_centre, frame_ms = featurizer.hop_length / featurizer.fs, featurizer.first_centre, featurizer.frame_ms
     else:
-        raise ValueError(f"{hp['checkpoints'][-1]}: unknown feature type {spec.get('type')!r}")
+        try:
+            featurizer = frontend_of(spec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{hp['checkpoints'][-1]}: its feature record cannot be used ({e})") from None
+        hop, first_centre, frame_ms = featurizer.hop_length / featurizer.fs, featurizer.first_centre, featurizer.frame_ms
     r = receptive_field(layer)
     # model frame m sees feature frames f m .. f m + r - 1: centred on feature frame f m + (r - 1) / 2
     framing = LabelFraming(shift=subsampling_factor(layer) * hop, window=(r - 1) * hop + 2 * first_centre,

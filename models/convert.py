@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from data.espnet_frontend import EspnetFrontend, global_mvn
-from data.features import atomic_write_text, check_writable
+from data.features import GlobalCMVN, atomic_write_text, check_writable
 from data.tokenizer import Tokenizer
 from models.checkpoint import save_model_checkpoint
 from models.ctc import ConformerCTC
@@ -154,16 +154,12 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
                                       f"model's statistics?)")
             source = str(stats_path)
         elif saved[0] is not None and saved[1] is not None:
-            from data.features import GlobalCMVN
-
             mean = saved[0].float() if norm_conf.get("norm_means", True) else torch.zeros_like(saved[0]).float()
             std = saved[1].float() if norm_conf.get("norm_vars", True) else torch.ones_like(saved[1]).float()
             cmvn, source = GlobalCMVN(mean, std, dim=mean.numel()), f"{model_path} (normalize.mean / std)"
         else:
             raise ConversionError("normalize: global_mvn needs its statistics: give --stats feats_stats.npz")
     elif normalize is None:
-        from data.features import GlobalCMVN
-
         cmvn, source = GlobalCMVN(dim=options["input_dim"]), None
         notes.append("normalize: null: features are not normalised")
     else:

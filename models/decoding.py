@@ -25,7 +25,6 @@ def write_lexicon(words, tokenizer: Tokenizer, path) -> int:
     (:func:`data.text.normalise`), with the tokenizer's pieces; returns the number of words. Words
     the pieces cannot spell (they would need ``<unk>``) are left out with a warning."""
     import warnings
-    from pathlib import Path
 
     from data.text import normalise
 

@@ -134,10 +134,10 @@ def model_options(config: dict) -> tuple[dict, list[str]]:
     d_model = int(conf.get("output_size", 256))
     heads, blocks = int(conf.get("attention_heads", 4)), int(conf.get("num_blocks", 6))
     frontend = config.get("frontend")
-    if frontend not in ("default", None):
-        raise ConversionError(f"frontend: {frontend!r} is not supported (only 'default')")
     if frontend is None:
         raise ConversionError("frontend: null (features computed outside the model) is not supported")
+    if frontend != "default":
+        raise ConversionError(f"frontend: {frontend!r} is not supported (only 'default')")
     n_mels = int((config.get("frontend_conf") or {}).get("n_mels", 80))
     options = dict(input_dim=n_mels, d_model=d_model, num_layers=blocks, ffn_dim=int(conf.get("linear_units", 2048)),
                    kernel_size=int(conf.get("cnn_module_kernel", 31)), reuse=f"1(H{heads})x{blocks}",

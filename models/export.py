@@ -40,8 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MIN_FRAMES = 7  # fbank frames of the shortest input of an exported conv2d model (one encoder frame)
-CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 49 and 256 encoder frames), after min_frames(model)
+CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 49 and 256 encoder frames), after the shortest
 ATOL = 1e-4
 
 
@@ -83,25 +82,14 @@ def example_features(batch: int = 2, frames: int = 4 * 64 + 3, input_dim: int = 
     return torch.randn(batch, frames, input_dim, generator=g), torch.full((batch,), frames, dtype=torch.long)
 
 
-def min_frames(model: nn.Module) -> int:
-    """Fewest fbank frames the exported ``model`` takes: those of one encoder frame (7 for the conv2d
-    front end), as in PyTorch."""
-    from models.subsampling import subsampled_lengths
-
-    frames = torch.arange(1, 256)
-    layer = getattr(model.frontend, "input_layer", "conv2d")
-    out = subsampled_lengths(frames) if layer == "conv2d" else subsampled_lengths(frames, layer)
-    return int(frames[out >= 1][0])
-
-
 def export_model(model: nn.Module, path: str | Path, opset: int | None = None) -> Path:
     """``model`` (a :class:`~models.ctc.ConformerCTC`; its ``forward(features, lengths)``) as ONNX at
-    ``path``, dynamic batch and time (``T >= min_frames(model)``)."""
+    ``path``, dynamic batch and time (``T >= model.frontend.min_frames``, one encoder frame, as in PyTorch)."""
     from torch.export import Dim
 
     model = model.eval()
     features, lengths = example_features(input_dim=model.input_dim)
-    batch, time = Dim("batch", min=1), Dim("time", min=min_frames(model))
+    batch, time = Dim("batch", min=1), Dim("time", min=model.frontend.min_frames)
     return export_onnx(model, (features, lengths), path, ["features", "lengths"], ["log_probs", "out_lengths"],
                        {"features": {0: batch, 1: time}, "lengths": {0: batch}}, opset)
 
@@ -166,7 +154,7 @@ def compare(model: nn.Module, sess, lengths=None, atol: float = ATOL) -> list[di
     ``[{"case", "max_abs_diff", "lengths_equal"}]``, the difference over every output frame (padding
     included). Raises ``AssertionError`` if any exceeds ``atol`` or a length differs."""
     results = []
-    lengths = lengths or (min_frames(model), *CHECK_LENGTHS)
+    lengths = lengths or (model.frontend.min_frames, *CHECK_LENGTHS)
     with torch.inference_mode():
         for name, features, lens in check_inputs(model.input_dim, lengths):
             ref, ref_lengths = model(features, lens)
@@ -227,10 +215,10 @@ def sidecar(model, tokenizer, hp: dict, opset: int | None, check: list[dict] | N
         "config": model.config,
         "checkpoints": hp.get("checkpoints"),
         "inputs": {"features": "float32 (B, T, input_dim): fbank, then (x - cmvn.mean) / cmvn.std; zero padding",
-                   "lengths": f"int64 (B,): valid frames of each utterance, {min_frames(model)} <= lengths <= T"},
+                   "lengths": f"int64 (B,): valid frames of each utterance, {model.frontend.min_frames} <= lengths <= T"},
         "outputs": {"log_probs": "float32 (B, T', vocab_size): CTC log-probabilities, blank 0",
                     "out_lengths": "int64 (B,): valid output frames (conv2d: ((lengths - 1) // 2 - 1) // 2)"},
-        "min_frames": min_frames(model),
+        "min_frames": model.frontend.min_frames,
         "input_layer": getattr(model.frontend, "input_layer", "conv2d"),
         # ours: Kaldi fbank (data.features.fbank); a converted ESPnet model: its front end's record
         "features": hp["features"] if hp.get("features") is not None else {

@@ -66,8 +66,6 @@ class Conv2dSubsampling(nn.Module):
     Needs at least :attr:`min_frames` input frames (the receptive field: 7 for conv2d).
     """
 
-    MIN_FRAMES = 7  # of the default conv2d layout; an instance's own is ``min_frames``
-
     def __init__(self, input_dim: int = 80, d_model: int = 256, channels: int = 256, input_layer: str = "conv2d"):
         super().__init__()
         self.input_dim, self.input_layer = input_dim, input_layer

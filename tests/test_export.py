@@ -13,7 +13,7 @@ pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip i
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
 
 from models import ConformerCTC  # noqa: E402
-from models.export import (ATOL, attention_softmaxes, compare, export_model, min_frames, op_counts,  # noqa: E402
+from models.export import (ATOL, attention_softmaxes, compare, export_model, op_counts,  # noqa: E402
                            session)
 
 TINY = dict(d_model=32, num_layers=4, ffn_dim=64, kernel_size=5, subsampling_channels=8, input_dim=80)
@@ -75,7 +75,7 @@ def test_export_leaves_the_model_as_it_was(exported):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     with torch.inference_mode():
         torch.testing.assert_close(model(x, torch.tensor([1031]))[0], before, rtol=0, atol=0)
-    assert min_frames(model) == 7
+    assert model.frontend.min_frames == 7
 
 
 @pytest.fixture(scope="module")
