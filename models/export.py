@@ -97,13 +97,15 @@ def export_model(model: nn.Module, path: str | Path, opset: int | None = None) -
 def session(path: str | Path, threads: int | None = None, shared_pool: bool = False):
     """An ONNX Runtime CPU session of ``path`` (all graph optimisations; ``threads`` intra-op
     threads, one inter-op thread, sequential execution). ``shared_pool``: run on the process's
-    global thread pool (:func:`shared_thread_pool`) instead of the session's own."""
+    global thread pool (:func:`shared_thread_pool`) instead of the session's own; once that pool
+    exists every session runs on it (ONNX Runtime refuses a pool of its own then), ``threads``
+    aside."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if shared_pool:
+    if shared_pool or _POOL_THREADS is not None:
         options.use_per_session_threads = False
     else:
         options.inter_op_num_threads = 1

@@ -4,6 +4,7 @@ reuse (the reuse layers read their computing layer's softmax); the CLI writes a 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from models import ConformerCTC  # noqa: E402
 from models.export import (ATOL, attention_softmaxes, compare, export_model, op_counts,  # noqa: E402
                            session)
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, num_layers=4, ffn_dim=64, kernel_size=5, subsampling_channels=8, input_dim=80)
 # plan -> readers (value products) of each computing layer's softmax
 PLANS = {"1(H4)x4": [1, 1, 1, 1], "2(H4)x2": [2, 2], "2(H8)+1(H4)+1(H2)": [2, 1, 1]}
@@ -57,6 +59,22 @@ def test_onnx_runtime_equals_pytorch(exported):
     assert (features.name, lengths.name) == ("features", "lengths")
     assert isinstance(features.shape[0], str) and isinstance(features.shape[1], str) and features.shape[2] == 80
     assert [o.name for o in sess.get_outputs()] == ["log_probs", "out_lengths"]
+
+
+def test_session_after_the_global_pool(exported):
+    """Once the latency benchmark has made ONNX Runtime's global thread pool (it cannot be undone in
+    a process), a session with its own threads is refused by ONNX Runtime; ``session`` must then use
+    the global pool and still compute the model. In a subprocess: the pool would outlive this test."""
+    import subprocess
+    import sys
+
+    plan, model, path, _ = exported
+    code = ("import sys; from models.export import compare, session, shared_thread_pool; from tests.test_export import "
+            f"tiny_model; shared_thread_pool(1); r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
+            "print(max(x['max_abs_diff'] for x in r))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) <= ATOL
 
 
 def test_graph_keeps_the_reuse_plan(exported):
