@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 		|| echo "espnet could not be installed: the ESPnet reference tests will skip"
 	touch $@
 
+# The suite, then its precision tests again with the instruction-set caps of an ordinary AVX2 CPU
+# (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA, models/precision.py), so that both CPU classes' paths are
+# tested whichever machine runs it. The slowest tests are listed (--durations).
+SIMULATED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
+	$(SIMULATED_AVX2) $(PY) -m pytest -q tests/test_precision.py -p no:cacheprovider
 
 # The main job on the embedded mini corpus: corpus -> preparation -> training of the mini baseline
 # -> evaluation on mini-test -> analysis report -> reuse-plan suggestion -> retrofit of the baseline
@@ -32,13 +37,14 @@ test: setup
 MINI := --data.data_dir $(EXP)/data --trainer.enable_progress_bar false
 MINI_SIZE := --d-model 144 --num-layers 4 --ffn-dim 576 --kernel-size 15
 # $(call timed,NAME,COMMAND): run COMMAND and append "NAME<TAB>seconds" to $(EXP)/stages.tsv
-timed = s=$$(date +%s); $(2) && printf '%s\t%s\n' "$(1)" $$(( $$(date +%s) - s )) >> $(EXP)/stages.tsv
+timed = echo "== $(1) ($$(date +%H:%M:%S))"; s=$$(date +%s); $(2) && printf '%s\t%s\n' "$(1)" $$(( $$(date +%s) - s )) >> $(EXP)/stages.tsv
 
 demo: setup $(EXP)/data/.done
 	rm -rf $(EXP)/train $(EXP)/retrofit $(EXP)/stages.tsv
+	@$(PY) -c "from models.precision import cpu_description as d, resolve_training_precision as r; print('CPU:', d()); print(r('auto', 'cpu').describe())"
 	$(call timed,train baseline,$(PY) train.py fit --config recipes/mini/base.yaml --config recipes/mini/conformer_1x4.yaml \
 		$(MINI) --trainer.default_root_dir $(EXP)/train)
-	$(PY) evaluate.py --ckpt $(EXP)/train/checkpoints/last.ckpt --sets mini-test --out $(EXP)/eval
+	$(call timed,evaluate baseline,$(PY) evaluate.py --ckpt $(EXP)/train/checkpoints/last.ckpt --sets mini-test --out $(EXP)/eval)
 	$(call timed,report,$(PY) -m analysis report --ckpt $(EXP)/train/checkpoints/last.ckpt --manifest mini-test \
 		--probe-train mini-dev --out $(EXP)/report)
 	$(call timed,suggest-reuse,$(PY) -m analysis suggest-reuse --ckpt $(EXP)/train/checkpoints/last.ckpt \
@@ -46,9 +52,10 @@ demo: setup $(EXP)/data/.done
 	$(call timed,train retrofit,$(PY) train.py fit --config recipes/mini/base.yaml --config recipes/mini/retrofit.yaml \
 		--model.reuse "$$($(PY) -m analysis.demo best-plan $(EXP)/suggest/suggest.json --groups 2)" \
 		--model.init_from $(EXP)/train/checkpoints/last.ckpt $(MINI) --trainer.default_root_dir $(EXP)/retrofit)
-	$(PY) evaluate.py --ckpt $(EXP)/retrofit/checkpoints/last.ckpt --sets mini-test --out $(EXP)/eval_retrofit
-	$(PY) -m analysis par --ckpt $(EXP)/retrofit/checkpoints/last.ckpt --manifest mini-test \
-		--reference $(EXP)/train/checkpoints/last.ckpt --out $(EXP)/report_retrofit
+	$(call timed,evaluate retrofit,$(PY) evaluate.py --ckpt $(EXP)/retrofit/checkpoints/last.ckpt --sets mini-test \
+		--out $(EXP)/eval_retrofit)
+	$(call timed,PAR coverage,$(PY) -m analysis par --ckpt $(EXP)/retrofit/checkpoints/last.ckpt --manifest mini-test \
+		--reference $(EXP)/train/checkpoints/last.ckpt --out $(EXP)/report_retrofit)
 	$(call timed,latency,$(PY) -m analysis.latency --reuse "1(H4)x4" \
 		"$$($(PY) -m analysis.demo best-plan $(EXP)/suggest/suggest.json --groups 2)" $(MINI_SIZE) \
 		--lengths 64 128 256 --runs 60 --rounds 6 --warmup 5 --train-runs 0 --no-peer --no-materialised \
@@ -64,10 +71,12 @@ demo: setup $(EXP)/data/.done
 	@$(PY) -m analysis.demo table $(EXP)
 
 $(EXP)/corpus/.done: | setup
+	@echo "== synthesise the mini corpus ($$(date +%H:%M:%S))"
 	$(PY) -m data.mini $(EXP)/corpus
 	touch $@
 
 $(EXP)/data/.done: $(EXP)/corpus/.done
+	@echo "== prepare it ($$(date +%H:%M:%S))"
 	$(PY) -m data.prepare --root $(EXP)/corpus --alignments $(EXP)/corpus/alignments --out $(EXP)/data
 	touch $@
 

@@ -26,7 +26,7 @@ from data.datamodule import ManifestDataset, ordered_loader
 from data.features import atomic_write_text, check_writable
 from models.decoding import BeamSearch, greedy_decode, parse_weight, write_lexicon
 from models.checkpoint import load_model, model_inputs, save_model_checkpoint, training_data_dir
-from models.precision import DTYPES, inference_precision, precision_problem
+from models.precision import DTYPES, inference_precision, precision_problem, precision_warning
 
 def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if problem := precision_problem(a.dtype, a.device):
             raise ValueError(problem)
+        if warning := precision_warning(a.dtype, a.device):
+            print(f"warning: {warning}", file=sys.stderr)
         model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
         data_dir = training_data_dir(hp, a.data_dir)
         # the model's own features (ours, or a converted ESPnet model's), made and normalised on the CPU

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import jiwer
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, Timer
+from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -31,6 +36,7 @@ from data.tokenizer import BLANK, Tokenizer
 from models import ConformerCTC
 from models.checkpoint import embedded_tokenizer, tokenizer_record
 from models.decoding import greedy_decode
+from models.precision import PrecisionChoice, resolve_training_precision
 
 
 def lr_lambda(step: int, warmup: int, hold: int, decay: int, final_scale: float) -> float:
@@ -230,12 +236,27 @@ class CTCModule(L.LightningModule):
         evaluation, analysis and resumption work from any folder, after the data folder is gone."""
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["tokenizer"] = embedded_tokenizer(self.tokenizer)
+        if (choice := self._precision_record()) is not None:
+            checkpoint["precision"] = choice
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         cmvn = getattr(dm, "cmvn", None)
         if cmvn is not None:
             checkpoint["cmvn"] = {"mean": cmvn.mean.detach().cpu().clone(), "std": cmvn.std.detach().cpu().clone()}
         if getattr(dm, "features", None) is not None:  # a converted model's front end (features.json)
             checkpoint["features"] = dm.features
+
+    def _precision_record(self) -> dict | None:
+        """The trainer's precision and why it was chosen (:class:`ASRTrainer`), or None without a trainer."""
+        if self._trainer is None:
+            return None
+        choice = getattr(self.trainer, "precision_choice", None)
+        return asdict(choice) if choice is not None else {"precision": str(self.trainer.precision)}
+
+    def on_fit_start(self) -> None:
+        """Logs the precision (and its reason) beside the hyper-parameters (``hparams.yaml``, TensorBoard)."""
+        record = self._precision_record()
+        for logger in self.loggers:
+            logger.log_hyperparams({f"precision/{k}": v for k, v in record.items() if v is not None})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuses a checkpoint trained with another tokenizer (clear message before any step)."""
@@ -261,6 +282,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as e:  # disk full: torch reports "unexpected pos"
             raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); is the disk full? "
                           f"The previous checkpoint there is intact") from None
+
+
+class ASRTrainer(L.Trainer):
+    """Lightning's ``Trainer`` whose ``precision`` may also be ``"auto"`` (every recipe's default):
+    resolved for the hardware by :func:`models.precision.resolve_training_precision` (bf16 mixed
+    precision where the GPU or CPU computes bf16, fp16 mixed on GPUs without bf16, fp32 otherwise).
+    The choice and its reason are printed at the start (rank 0), kept as ``precision_choice``, logged
+    with the hyper-parameters and written into every checkpoint (``checkpoint["precision"]``). An
+    explicit precision is kept, with a warning where the hardware emulates it."""
+
+    def __init__(self, *, precision: Literal["auto"] | _PRECISION_INPUT | None = "auto", **kwargs):
+        choice = None
+        if precision is not None:
+            choice = resolve_training_precision(precision, kwargs.get("accelerator", "auto"))
+            precision = choice.precision
+            _announce(choice)
+        self.precision_choice: PrecisionChoice | None = choice
+        super().__init__(precision=precision, **kwargs)
+
+
+@rank_zero_only
+def _announce(choice: PrecisionChoice) -> None:
+    print(choice.describe(), file=sys.stderr, flush=True)
+    if choice.warning:
+        print(f"warning: {choice.warning}", file=sys.stderr, flush=True)
 
 
 def tokenizer_of(data_dir: str) -> str:
@@ -367,6 +413,47 @@ class StopCheckpoint(Checkpoint):
                   f"checkpoint names the incomplete epoch. Resume with --ckpt_path last.", file=sys.stderr)
 
 
+class ProgressLines(Callback):
+    """Signs of life where the progress bar is off (``make demo``, log files): one line when training
+    starts (steps planned, precision) and one per validation (epoch, step, mean training loss since
+    the last line, dev WER and loss, elapsed time), on rank 0. Nothing where a progress bar is shown."""
+
+    def __init__(self):
+        self.start, self.loss_sum, self.loss_steps = 0.0, 0.0, 0
+
+    def _active(self, trainer) -> bool:
+        return trainer.is_global_zero and trainer.progress_bar_callback is None and not trainer.sanity_checking
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.monotonic()
+        if self._active(trainer):
+            planned = _planned_steps(trainer)
+            print(f"training: {planned if planned is not None else '?'} steps planned ({trainer.max_epochs} epochs of "
+                  f"{trainer.num_training_batches} batches), {sum(p.numel() for p in pl_module.parameters()) / 1e6:.2f}M "
+                  f"parameters, precision {trainer.precision}", flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._active(trainer) and outputs is not None and not getattr(pl_module, "_skip_this_step", False):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.loss_sum += float(loss.detach())  # one host read per step: only with the bar off
+            self.loss_steps += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._active(trainer) or trainer.state.fn != "fit":
+            return
+        m = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
+        if self.loss_steps:
+            parts.append(f"train loss {self.loss_sum / self.loss_steps:.2f}")
+        self.loss_sum, self.loss_steps = 0.0, 0
+        for key, fmt in (("val_wer", "dev WER {:.2f} %"), ("val/loss", "dev loss {:.3f}")):
+            if key in m:
+                parts.append(fmt.format(float(m[key])))
+        elapsed = int(time.monotonic() - self.start)
+        parts.append(f"{elapsed // 60}m{elapsed % 60:02d}s")
+        print("  ".join(parts), flush=True)
+
+
 def _planned_steps(trainer) -> int | None:
     if trainer.max_steps and trainer.max_steps > 0:
         return trainer.max_steps
@@ -388,6 +475,7 @@ def default_callbacks(keep_last: int = 5):
                                 auto_insert_metric_name=False, save_on_train_epoch_end=True,
                                 enable_version_counter=False),
         StopCheckpoint(),
+        ProgressLines(),
     ]
 
 
@@ -395,7 +483,8 @@ def main(args=None):
     torch.set_float32_matmul_precision("high")
     try:
         ASRCLI(
-            CTCModule, ASRDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            CTCModule, ASRDataModule, trainer_class=ASRTrainer, seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": default_callbacks(), "use_distributed_sampler": False},
             args=args,
         )

@@ -46,7 +46,9 @@ def table(exp: str | Path) -> dict:
                      "wer_greedy": test["greedy"]["wer"], "wer_beam": test.get("beam", {}).get("wer"),
                      "latency_ms": {T: round(v["median_ms"], 2) for T, v in lat["by_length"].items()},
                      "speedup": {T: round(v["speedup_vs_first"], 3) for T, v in lat["by_length"].items()},
-                     "training_seconds": stages.get(f"train {name}")})
+                     "training_seconds": stages.get(f"train {name}"),
+                     "precision": (c.get("precision") or {}).get("precision"),
+                     "precision_reason": (c.get("precision") or {}).get("reason")})
     summary = {"rows": rows, "stages_seconds": stages, "latency": {k: latency[k] for k in ("device", "dtype", "threads",
                                                                                           "runs", "rounds")}}
     lengths = list(rows[0]["latency_ms"])
@@ -59,6 +61,8 @@ def table(exp: str | Path) -> dict:
               + f" {r['speedup'][lengths[-1]]:8.2f}x {'-' if t is None else f'{t // 60}m{t % 60:02d}s':>10s}")
     print(f"(CPU encoder latency with the front end, {latency['device']}, {latency['dtype']}, {latency['threads']} "
           f"threads, one interleaved run; speed-up at {lengths[-1]} frames)")
+    trained = ", ".join(f"{r['model']} {r['precision']}" for r in rows)
+    print(f"(training precision: {trained}; {rows[0]['precision_reason']})")
     print("stages: " + ", ".join(f"{k} {v // 60}m{v % 60:02d}s" for k, v in stages.items()))
     (exp / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -58,8 +58,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -67,26 +67,19 @@ import torch
 from torch import nn
 
 from models import ConformerCTC
-from models.precision import MODES
+from models.precision import DTYPES, MODES, cpu_description, precision_problem, precision_warning
 from models.subsampling import Conv2dSubsampling
 
 PAPER = ["1(H4)x16", "2(H4)x8", "4(H4)x4", "8(H4)x2", "4(H8)x4"]
 PEERS = ("torchaudio", "espnet")
 ONNX_ATOL = 1e-4  # ONNX Runtime against PyTorch, fp32, before timing
 ENGINES = ("torch", "onnxruntime")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_description()
 
 
 def measure(fn, device: str, warmup: int, runs: int) -> list[float]:
@@ -508,6 +501,7 @@ def run(a) -> dict:
         rows += [(name, "peer") for name in PEERS if name in (a.peer or ["torchaudio"]) or name == "torchaudio"]
     results = {"device": device_name(a.device), "device_type": a.device, "torch": torch.__version__, "dtype": a.dtype,
                "precision_mode": a.precision_mode if a.dtype != "fp32" else None, "engine": a.engine,
+               "precision_warning": precision_warning(a.dtype, a.device),
                "onnxruntime": onnxruntime_version() if a.engine == "onnxruntime" else None,
                "threads": torch.get_num_threads(), "batch_size": a.batch_size, "include_frontend": a.include_frontend,
                "compile": a.compile, "compile_backend": a.compile_backend if a.compile else None,
@@ -672,6 +666,10 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--peer espnet: {why}")
         if not a.include_frontend:
             p.error("--peer espnet needs --include-frontend (espnet2's encoder starts with its own Conv2d front end)")
+    if problem := precision_problem(a.dtype, a.device):
+        p.error(problem)
+    if warning := precision_warning(a.dtype, a.device):
+        print(f"warning: {warning}", file=sys.stderr)
     if a.engine == "onnxruntime":
         if a.device != "cpu" or a.dtype != "fp32" or a.compile or a.cuda_graphs:
             p.error("--engine onnxruntime times fp32 on the CPU (no --dtype fp16/bf16, --compile or --cuda-graphs)")
