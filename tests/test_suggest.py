@@ -225,3 +225,32 @@ def test_demo_picks_the_best_plan_with_k_groups(tmp_path):
     assert best_plan(path, 2) == "3(H4)+1(H4)" and best_plan(path, 3) == "2(H4)+1(H4)x2"
     with pytest.raises(ValueError, match="no candidate plan with 4 groups"):
         best_plan(path, 4)
+
+
+def test_demo_table_names_the_training_precision_and_its_reason(tmp_path, capsys):
+    """The demo's final table: WERs, steps and latency of both runs, and the precision each trained
+    in with the reason (from the checkpoints), so that a figure always says which CPU path gave it."""
+    import torch
+
+    from analysis.demo import table
+
+    choice = {"precision": "32-true", "requested": "auto", "device": "the CPU", "warning": None,
+              "reason": "this CPU has no bf16 matrix instructions (...), so PyTorch emulates bf16"}
+    latency = {"device": "AMD EPYC (AVX2; bf16 emulated)", "dtype": "fp32", "threads": 2, "runs": 5, "rounds": 2,
+               "inference": []}
+    for name, plan, steps in (("train", "1(H4)x4", 895), ("retrofit", "3(H4)+1(H4)", 179)):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        torch.save({"state_dict": {"model.w": torch.zeros(10, 3)}, "global_step": steps, "precision": choice},
+                   tmp_path / name / "checkpoints" / "last.ckpt")
+        eval_dir = tmp_path / ("eval" if name == "train" else "eval_retrofit")
+        eval_dir.mkdir()
+        eval_dir.joinpath("results.json").write_text(json.dumps({"reuse": plan, "sets": {"mini-test": {
+            "greedy": {"wer": 4.0}, "beam": {"wer": 3.5}}}}))
+        latency["inference"].append({"config": plan, "by_length": {"64": {"median_ms": 2.0, "speedup_vs_first": 1.0}}})
+    (tmp_path / "latency.json").write_text(json.dumps(latency))
+    (tmp_path / "stages.tsv").write_text("train baseline\t600\ntrain retrofit\t120\n")
+    summary = table(tmp_path)
+    out = capsys.readouterr().out
+    assert [r["precision"] for r in summary["rows"]] == ["32-true", "32-true"]
+    assert "(training precision: baseline 32-true, retrofit 32-true; this CPU has no bf16" in out
+    assert "AMD EPYC (AVX2; bf16 emulated)" in out and "10m00s" in out and "2m00s" in out
