@@ -411,3 +411,25 @@ def test_fine_tune_a_converted_model(mini_corpus, prepared, converted_mini, tmp_
     # a folder prepared with our own tokenizer order (the same BPE model, no tokens.txt) is refused
     with pytest.raises(ValueError, match="trained with another tokenizer"):
         _fit(prepared, tmp_path / "refused", max_steps=1, limit=1, **options)
+
+
+@pytest.mark.parametrize("input_layer", ["conv2d", "conv2d6", "conv2d8"])
+@pytest.mark.parametrize("layout", ["out.0.", "out."])
+def test_every_espnet_layout_of_the_subsampling_output_is_accepted(tmp_path, input_layer, layout):
+    """ESPnet has stored the front end's output projection as ``encoder.embed.out.0.*`` (a
+    Sequential with the positional encoding: every variant in releases up to 2023, conv2d /
+    conv2d6 in 202511) and as ``encoder.embed.out.*`` (conv2d8 in 202511, every variant where
+    the positional encoding stands alone); either converts to the same function."""
+    ref = make_espnet_folder(tmp_path / "zoo", dict(output_size=32, attention_heads=2, linear_units=48, num_blocks=1,
+                                                    cnn_module_kernel=3, input_layer=input_layer), {})
+    state = torch.load(ref["model"])
+    old = [k for k in state if k.startswith("encoder.embed.out.")]
+    assert old
+    state = {("encoder.embed." + layout + k.rsplit(".", 1)[1] if k in old else k): v for k, v in state.items()}
+    torch.save(state, tmp_path / "layout.pth")
+    from models.convert import convert_espnet
+
+    convert_espnet(ref["config"], tmp_path / "layout.pth", tmp_path / "out")
+    want = espnet_outputs(ref, waves(1)[0])
+    got = ours(tmp_path / "out" / "model.ckpt", waves(1)[0])
+    torch.testing.assert_close(got["log_probs"], want["log_probs"], atol=1e-4, rtol=1e-4)
