@@ -433,3 +433,22 @@ def test_every_espnet_layout_of_the_subsampling_output_is_accepted(tmp_path, inp
     want = espnet_outputs(ref, waves(1)[0])
     got = ours(tmp_path / "out" / "model.ckpt", waves(1)[0])
     torch.testing.assert_close(got["log_probs"], want["log_probs"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm_means", [True, False])
+def test_statistics_file_of_another_model_is_refused_by_its_std(tmp_path, norm_means):
+    """A stats file with the model's mean but another variance (or any statistics where
+    ``norm_means: false``) is not the model's: both of ``normalize.mean`` / ``normalize.std``
+    are compared, whatever the config normalises."""
+    from models.convert import convert_espnet
+    from models.espnet import ConversionError
+
+    ref = make_espnet_folder(tmp_path / "zoo", TINY8, {})
+    _edit_config(ref, normalize_conf__norm_means=norm_means)
+    state = torch.load(ref["model"])
+    mean, var = state["normalize.mean"].double().numpy(), state["normalize.std"].double().numpy() ** 2
+    np.savez(tmp_path / "other.npz", count=np.array(10.0), sum=mean * 10, sum_square=(4 * var + mean ** 2) * 10)
+    with pytest.raises(ConversionError, match="other.npz: its standard deviation differs from normalize.std"):
+        convert_espnet(ref["config"], ref["model"], tmp_path / "o", stats=str(tmp_path / "other.npz"))
+    np.savez(tmp_path / "own.npz", count=np.array(10.0), sum=mean * 10, sum_square=(var + mean ** 2) * 10)
+    convert_espnet(ref["config"], ref["model"], tmp_path / "o", stats=str(tmp_path / "own.npz"))
