@@ -452,3 +452,31 @@ def test_statistics_file_of_another_model_is_refused_by_its_std(tmp_path, norm_m
         convert_espnet(ref["config"], ref["model"], tmp_path / "o", stats=str(tmp_path / "other.npz"))
     np.savez(tmp_path / "own.npz", count=np.array(10.0), sum=mean * 10, sum_square=(var + mean ** 2) * 10)
     convert_espnet(ref["config"], ref["model"], tmp_path / "o", stats=str(tmp_path / "own.npz"))
+
+
+def test_padded_batch_differs_from_espnet_as_documented():
+    """Equality with espnet2 202511 holds per utterance (batch 1). In a padded batch ESPnet's mask
+    slicing ``x_mask[:, :, :-2:2][:, :, :-2:2]`` keeps one frame more for a padded utterance (100
+    frames padded to 200: 25 encoder frames there, 24 here and in its own batch of 1), and its
+    convolution module does not zero padded frames, so its padded utterance's output changes with
+    the padding; ours does not (README, ESPnet import)."""
+    from models.ctc import ConformerCTC
+    from models.espnet import espnet_peer
+
+    torch.manual_seed(0)
+    model = ConformerCTC(11, d_model=32, num_layers=2, ffn_dim=48, kernel_size=5, reuse="1(H2)x2",
+                         subsampling_channels=32, layer_norm_eps=1e-12, final_norm=True).eval()
+    peer = espnet_peer(model)
+    x = torch.randn(2, 200, 80)
+    x[0, 100:] = 0
+    lengths = torch.tensor([100, 200])
+    with torch.no_grad():
+        theirs, theirs_n = peer(x, lengths)
+        alone, alone_n = peer(x[:1, :100], lengths[:1])
+        enc = model.encode(x, lengths)
+        ours_alone = model.encode(x[:1, :100], lengths[:1])
+    assert theirs_n.tolist() == [25, 49] and alone_n.tolist() == [24]
+    assert enc.lengths.tolist() == [24, 49] and ours_alone.lengths.tolist() == [24]
+    torch.testing.assert_close(ours_alone.output, alone, atol=1e-5, rtol=1e-5)  # batch 1: equal
+    torch.testing.assert_close(enc.output[:1, :24], ours_alone.output, atol=1e-5, rtol=1e-5)  # ours: padding-free
+    assert (theirs[0, :24] - alone[0]).abs().max() > 1e-3  # theirs: the padding leaks in
