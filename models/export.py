@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 49 and 256 encoder frames), after the shortest
+CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 50 and 257 encoder frames), after the shortest
 ATOL = 1e-4
 
 
