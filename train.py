@@ -69,6 +69,8 @@ class CTCModule(L.LightningModule):
                  weight_noise: float = 0.0, weight_noise_start: int = 0, init_from: str | None = None,
                  layer_norm_eps: float = 1e-5, final_norm: bool = False, input_layer: str = "conv2d"):
         super().__init__()
+        # resolved: a checkpoint names its data folder (training_data_dir) whatever folder reads it
+        tokenizer_path = str(Path(tokenizer_path).resolve())
         self.tokenizer = Tokenizer.open(tokenizer_path)  # in the order of a tokens.txt beside it, if any
         # hyper-parameters are exactly the init arguments (LightningCLI parses them back from a
         # checkpoint given as --ckpt_path FILE); the tokenizer itself, its digest and the CMVN

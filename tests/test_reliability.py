@@ -383,3 +383,14 @@ def test_lexicon_is_replaced_whole_never_rewritten_in_place(prepared, tmp_path):
         write_lexicon(["THE", "SEA"], tok, lexicon)
         assert reader.read() == before
     assert lexicon.read_text().startswith("SEA ") and not list(tmp_path.glob(".lexicon.txt.*"))
+
+
+def test_checkpoint_remembers_its_data_folder_resolved(prepared, tmp_path, monkeypatch):
+    """Trained with a relative ``--data.data_dir`` (make demo's exp/demo/data), the checkpoint
+    names the folder resolved, so evaluate.py --sets finds its manifests from any folder."""
+    from models.checkpoint import training_data_dir
+
+    monkeypatch.chdir(prepared.parent)
+    module = train.CTCModule(train.tokenizer_of(prepared.name), **{k: v for k, v in TINY.items()})
+    monkeypatch.chdir(tmp_path)
+    assert training_data_dir(dict(module.hparams)) == prepared.resolve()
