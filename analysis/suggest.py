@@ -11,7 +11,8 @@ and what would it cost?
    ``1 - JS / ln 2`` in ``[0, 1]``. Beside it each layer's CAD (mean over heads and utterances) and,
    when the manifest has alignments, its PAR coverage against the lower-half reference.
 2. Candidate plans: contiguous partitions of the layers into ``K`` groups (the first layer of a
-   group computes, the others reuse its map) for every ``K`` asked for (default ``2 .. L-1``); of
+   group computes, the others reuse its map) for every ``K`` asked for (default ``2 .. L-1``; ``1``
+   for a 2-layer baseline); of
    the ``C(L-1, K-1)`` partitions the ``--per-k`` best by within-group similarity (mean, over the
    reusing layers, of their similarity to their group's first layer) are kept.
 3. Each candidate is evaluated *zero-shot*: the baseline applies the group's first map in every
@@ -198,7 +199,7 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     L, heads = model.num_layers, model.num_heads
     if L < 2:
         raise ValueError(f"{ckpt}: one layer, nothing to share")
-    ks = sorted(set(ks or range(2, L)))
+    ks = sorted(set(ks or (range(2, L) if L > 2 else [1])))  # two layers: one group is the only reuse plan
     bad = [k for k in ks if not 1 <= k <= L]
     if bad:
         raise ValueError(f"--groups {bad[0]}: a plan of {L} layers has 1 to {L} groups")
