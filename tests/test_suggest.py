@@ -243,3 +243,21 @@ def test_two_layer_baseline_gets_a_candidate_and_a_demo_plan(prepared, tmp_path_
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         demo_main(["best-plan", str(tmp_path / "s" / "suggest.json"), "--groups", "2"])
     assert out.getvalue().strip() == "2(H2)" and "no candidate plan with 2 groups" in err.getvalue()
+
+
+def test_gflop_saving_is_the_reuse_models_own_count(prepared, three_layer, tmp_path):
+    """A candidate's saving is the baseline's encoder GFLOP minus that of the trained reuse model
+    of its plan, each counted on a CPU copy whatever --device (not a per-layer difference times
+    the reuse layers, which also counts layer 0's change from the fused to the materialised
+    attention path once per reuse layer)."""
+    from analysis.suggest import encoder_gflop
+    from models.checkpoint import load_model
+    from models.retrofit import check_plan
+
+    result = suggest(str(three_layer), "mini-dev", str(tmp_path / "s"), ks=[1, 2], limit=2, progress=False)
+    base, _, _ = load_model(three_layer)
+    base_gflop = encoder_gflop(base, 768)
+    assert result["encoder_gflop_768"] == pytest.approx(base_gflop, abs=1e-4)
+    for c in result["candidates"]:
+        own = encoder_gflop(check_plan(base, c["reuse"]).eval(), 768)
+        assert c["gflop_saving"] == pytest.approx(base_gflop - own, abs=1e-4), c["reuse"]
