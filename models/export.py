@@ -63,6 +63,18 @@ def _quiet():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def as_exported():
+    """Runs eager code on the path torch's exporter traces (``torch.compiler.is_exporting()`` true):
+    the attention's query rows in one chunk against all ``2T - 1`` positions, shifted by a gather
+    (``models/attention.py``). What runs is then what :func:`export_model`'s graph computes, so
+    that ``torch.utils.flop_counter`` counts the graph's FLOP (the latency benchmark's ONNX rows)."""
+    from unittest import mock
+
+    with mock.patch.object(torch.compiler, "is_exporting", lambda: True):
+        yield
+
+
 def export_onnx(module: nn.Module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
                 dynamic_shapes: dict, opset: int | None = None) -> Path:
     """Exports ``module(*args)`` (eval mode) to ``path`` with torch's dynamo exporter; weights are
