@@ -132,6 +132,27 @@ def session(path: str | Path, threads: int | None = None, shared_pool: bool = Fa
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+class OnnxCTC:
+    """An exported ``model.onnx`` (:func:`export_model`) run by ONNX Runtime (:func:`session`),
+    called as :class:`~models.ctc.ConformerCTC` is: ``(features (B, T, F), lengths (B,)) ->
+    (log_probs (B, T', V), out_lengths (B,))``, CPU tensors, so that the decoders take its output."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = session(path, threads)
+
+    def __call__(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, out_lengths = self.session.run(None, {"features": features.float().cpu().numpy(),
+                                                         "lengths": lengths.long().cpu().numpy()})
+        return torch.from_numpy(log_probs), torch.from_numpy(out_lengths)
+
+
+def onnx_engine(model: nn.Module, folder: str | Path, threads: int | None = None) -> tuple[OnnxCTC, list[dict]]:
+    """``model`` exported to ``folder/model.onnx``, checked against PyTorch (:func:`compare`, raises
+    ``AssertionError`` past :data:`ATOL`) and loaded by ONNX Runtime; returns it with the check."""
+    runner = OnnxCTC(export_model(model, Path(folder) / "model.onnx"), threads)
+    return runner, compare(model, runner.session)
+
+
 _POOL_THREADS: int | None = None
 
 

@@ -171,3 +171,25 @@ def test_export_tokens_table_decodes_a_model_in_another_order(prepared, tmp_path
         [table[i] for i in ids if table[i] not in ("<blank>", "<sos/eos>")])
     assert by_rule == tok.decode(ids)
     assert Tokenizer.open(out / "tokenizer.model").decode(ids) == tok.decode(ids)  # tokens.txt beside it
+
+
+def test_evaluate_with_onnxruntime_engine_equals_torch(checkpoint, prepared, tmp_path, capsys):
+    """evaluate.py --engine onnxruntime exports the checkpoint, checks the graph against PyTorch and
+    decodes the manifest through ONNX Runtime with the same decoders: the same hypotheses and WERs
+    as the torch engine."""
+    import evaluate
+
+    common = ["--ckpt", str(checkpoint), "--sets", "mini-test", "--data-dir", str(prepared), "--beam-size", "4",
+              "--device", "cpu"]
+    evaluate.main([*common, "--out", str(tmp_path / "torch")])
+    evaluate.main([*common, "--engine", "onnxruntime", "--out", str(tmp_path / "ort")])
+    res = {e: json.loads((tmp_path / e / "results.json").read_text()) for e in ("torch", "ort")}
+    assert res["ort"]["engine"] == "onnxruntime" and res["torch"]["engine"] == "torch"
+    for dec in ("greedy", "beam"):
+        assert res["ort"]["sets"]["mini-test"][dec]["wer"] == res["torch"]["sets"]["mini-test"][dec]["wer"]
+    assert (tmp_path / "ort" / "mini-test.hyp.tsv").read_text() == (tmp_path / "torch" / "mini-test.hyp.tsv").read_text()
+    assert res["ort"]["onnx_check"] and all(r["max_abs_diff"] <= ATOL for r in res["ort"]["onnx_check"])
+    with pytest.raises(SystemExit, match="holds results of --engine torch; give another --out"):
+        evaluate.main([*common, "--engine", "onnxruntime", "--no-beam", "--out", str(tmp_path / "torch")])
+    with pytest.raises(SystemExit, match="error: --engine onnxruntime runs fp32 on the CPU"):
+        evaluate.main([*common, "--engine", "onnxruntime", "--dtype", "bf16", "--out", str(tmp_path / "bad")])
