@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt exp/demo/train/checkpoints/last.ckpt --sets mini-test [--out DIR]
     python evaluate.py --ckpt exp/demo/train/checkpoints --average 5 --sets dev-clean dev-other ...
+    python evaluate.py --ckpt exp/demo/train/checkpoints/last.ckpt --sets mini-test --engine onnxruntime
 
 Greedy CTC and lexicon-free beam search (torchaudio's ``ctc_decoder``, beam 32 by default) are
 scored with jiwer; ``--lexicon`` restricts the beam to a word list, and ``--lm FILE`` (an ARPA file
@@ -10,6 +11,11 @@ or KenLM binary) adds a word n-gram LM beam search, the ``lm`` decoder (``--lm-w
 Writes ``OUT/results.json`` (per set and decoder: WER, CER, substitutions, deletions, insertions,
 words, real-time factor) and ``OUT/<set>.hyp.tsv`` (id, reference,
 hypotheses), and prints the table.
+
+``--engine onnxruntime`` exports the checkpoint's model to ONNX (:mod:`models.export`, in a
+temporary folder), checks ONNX Runtime against PyTorch as the export does, and computes the
+log-probabilities with ONNX Runtime (CPU, fp32); features, CMVN and the decoders are the same
+(results in ``<name>-onnxruntime`` by default, with the check under ``onnx_check``).
 """
 from __future__ import annotations
 
@@ -137,6 +143,8 @@ def merge_results(path: Path, report: dict, set_name: str, results: dict) -> dic
             if old.get("checkpoints") != report["checkpoints"]:
                 raise ValueError(f"{path} holds results of other checkpoints ({', '.join(old.get('checkpoints', []))}); "
                                  f"give another --out")
+            if old.get("engine", "torch") != report.get("engine", "torch"):
+                raise ValueError(f"{path} holds results of --engine {old.get('engine', 'torch')}; give another --out")
             merged["sets"] = old.get("sets", {})
         merged["sets"][set_name] = results
         atomic_write_text(path, json.dumps(merged, indent=2))
@@ -163,14 +171,20 @@ def main(argv: list[str] | None = None) -> None:
                    "--sets (a dev set) and the best there is used for the others")
     p.add_argument("--word-score", nargs="+", metavar="S", help="score added per word with --lm (default 0)")
     p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the model runs (features are made on the CPU and moved per batch)")
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help="what computes the log-probabilities: PyTorch, or ONNX Runtime on the checkpoint's ONNX "
+                        "export (CPU, fp32; needs the .[onnx] extra)")
+    p.add_argument("--device", help="where the model runs (features are made on the CPU and moved per batch; "
+                                    "default: cuda if available, cpu with --engine onnxruntime)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the model: bf16 / fp16 cast "
                    "its weights (models.precision); fp16 only on GPUs and CPUs with fp16 matrix instructions")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)")
     p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
     a = p.parse_args(argv)
+    a.device = a.device or ("cuda" if torch.cuda.is_available() and a.engine == "torch" else "cpu")
     try:
+        if a.engine == "onnxruntime" and (a.dtype != "fp32" or a.device != "cpu"):
+            raise ValueError(f"--engine onnxruntime runs fp32 on the CPU (not --dtype {a.dtype} --device {a.device})")
         if problem := precision_problem(a.dtype, a.device):
             raise ValueError(problem)
         if warning := precision_warning(a.dtype, a.device):
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = Path(a.ckpt)
         out = Path(a.out) if a.out else default_out(ckpt, hp["checkpoints"], a.average)
         out = out if a.out or a.dtype == "fp32" else out.with_name(f"{out.name}-{a.dtype}")
+        out = out if a.out or a.engine == "torch" else out.with_name(f"{out.name}-{a.engine}")
         check_writable(out)
         # every set is read (and its audio found) before any is decoded
         datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing)
@@ -219,8 +234,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.save_averaged:
         save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
     model = inference_precision(model, a.dtype, a.device)  # after saving: weights saved in fp32
-    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "device": a.device, "dtype": a.dtype,
-              "threads": torch.get_num_threads()}
+    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "engine": a.engine, "device": a.device,
+              "dtype": a.dtype, "threads": torch.get_num_threads()}
+    if a.engine == "onnxruntime":
+        import tempfile
+
+        from models.export import onnx_engine
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="evaluate-onnx-") as tmp:  # the session keeps the graph
+                model, report["onnx_check"] = onnx_engine(model, tmp, torch.get_num_threads())
+        except (ImportError, AssertionError) as e:
+            sys.exit(f"error: --engine onnxruntime: {e}")
     decoder = {"beam_size": None if a.no_beam else a.beam_size, "lexicon": None if lexicon is None else str(lexicon)}
     merged, chosen = None, lm_beams.get("lm")  # with an LM sweep, chosen on the first set
     for m, ds in zip(manifests, datasets):

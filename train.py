@@ -75,6 +75,8 @@ class CTCModule(L.LightningModule):
                  weight_noise: float = 0.0, weight_noise_start: int = 0, init_from: str | None = None,
                  layer_norm_eps: float = 1e-5, final_norm: bool = False, input_layer: str = "conv2d"):
         super().__init__()
+        # resolved: a checkpoint names its data folder (training_data_dir) whatever folder reads it
+        tokenizer_path = str(Path(tokenizer_path).resolve())
         self.tokenizer = Tokenizer.open(tokenizer_path)  # in the order of a tokens.txt beside it, if any
         # hyper-parameters are exactly the init arguments (LightningCLI parses them back from a
         # checkpoint given as --ckpt_path FILE); the tokenizer itself, its digest and the CMVN
@@ -94,18 +96,24 @@ class CTCModule(L.LightningModule):
         self._val_counts = torch.zeros(4, dtype=torch.float64)  # errors, words, loss sum, utterances
 
     def _init_from(self, path: str) -> None:
-        from models.checkpoint import load_model
-        from models.retrofit import retrofit
+        """Starts from the checkpoint's function (retrofitted to this recipe's plan, as models.retrofit
+        does): refuses a recipe or data folder that would change it, naming the difference."""
+        from models.checkpoint import input_differences, load_model
+        from models.retrofit import FUNCTION_OPTIONS, retrofit
 
         base, tokenizer, hp = load_model(path)
         if tokenizer.digest != self.tokenizer.digest:
             raise ValueError(f"--model.init_from {path}: trained with another tokenizer (sha256 {tokenizer.digest}) than "
                              f"{self.hparams.tokenizer_path} (sha256 {self.tokenizer.digest})")
-        sizes = ("input_dim", "d_model", "num_layers", "ffn_dim", "kernel_size", "subsampling_channels",
-                 "layer_norm_eps", "final_norm", "input_layer")
-        differ = [f"{k} {base.config[k]} vs {self.model.config[k]}" for k in sizes if base.config[k] != self.model.config[k]]
+        differ = [f"{k} {base.config[k]} vs {self.model.config[k]}" for k in FUNCTION_OPTIONS
+                  if base.config[k] != self.model.config[k]]
         if differ:
-            raise ValueError(f"--model.init_from {path}: the checkpoint's model is not this recipe's size ({', '.join(differ)})")
+            raise ValueError(f"--model.init_from {path}: the checkpoint's model is not this recipe's size and function "
+                             f"({', '.join(differ)})")
+        differ = input_differences(hp, Path(self.hparams.tokenizer_path).parent)
+        if differ:
+            raise ValueError(f"--model.init_from {path}: {'; '.join(differ)}: the fine-tuning would not start from the "
+                             f"checkpoint's function (prepare the data folder with the checkpoint's inputs)")
         if base.reuse != self.model.reuse:
             base = retrofit(base, self.model.reuse)
         self.model.load_state_dict(base.state_dict())

@@ -16,12 +16,18 @@ from pathlib import Path
 
 
 def best_plan(suggest_json: str | Path, groups: int = 2) -> str:
-    """The best-ranked candidate with ``groups`` groups in a ``suggest-reuse`` result."""
+    """The best-ranked candidate with ``groups`` groups in a ``suggest-reuse`` result; where there is
+    none (a baseline of ``groups`` layers or fewer), the best with the most groups below, saying so
+    on stderr."""
     result = json.loads(Path(suggest_json).read_text())
-    for c in result["candidates"]:
-        if c["num_groups"] == groups:
-            return c["reuse"]
-    raise ValueError(f"{suggest_json}: no candidate plan with {groups} groups")
+    fewer = [c for c in result["candidates"] if c["num_groups"] <= groups]
+    if not fewer:
+        raise ValueError(f"{suggest_json}: no candidate plan with {groups} groups or fewer")
+    most = max(c["num_groups"] for c in fewer)
+    if most != groups:
+        print(f"note: {suggest_json}: no candidate plan with {groups} groups; the best with {most}",
+              file=sys.stderr)
+    return next(c["reuse"] for c in fewer if c["num_groups"] == most)
 
 
 def table(exp: str | Path) -> dict:

@@ -36,8 +36,10 @@ the same module the torch engine times) and run by an ONNX Runtime CPU session w
 intra-op threads (one pool shared by every row's session, :func:`models.export.shared_thread_pool`),
 fp32 only. Each exported row is checked against PyTorch before timing (within :data:`ONNX_ATOL`;
 ``onnx_max_abs_diff`` in the JSON). The ``+materialised`` row is left out (a graph has no fused
-kernel to compare it with). The positional projection, cached by PyTorch eager, is computed at
-every call in the graph, and counted in the row's GFLOP.
+kernel to compare it with). A row's GFLOP counts what the graph computes: the positional
+projection, cached by PyTorch eager, at every call, and all ``T x (2T - 1)`` positional scores of
+each computing layer in one chunk, where eager on CPU takes the query rows in chunks (the model run
+on the exporter's path, :func:`models.export.as_exported`).
 
 ``--compile`` compiles each row at each length (``torch.compile(dynamic=False)``, backend
 ``--compile-backend``) before timing it, from a fresh dynamo cache. The rows' callables share code
@@ -383,10 +385,13 @@ class Bench:
         """``(timed callable, GFLOP of one call)`` for ``kind`` at length ``T``; call under inference mode."""
         plain = self.forward_fn(kind, module, T)
         if self.engine == "onnxruntime":
+            from models.export import as_exported
+
             timed = self.onnx_fn(kind, module, T)
             timed()
             uncached(module)  # the graph projects the positions at every call: count it
-            return timed, count_flops(plain) / 1e9
+            with as_exported():  # and all T x (2T - 1) positional scores, in one chunk
+                return timed, count_flops(plain) / 1e9
         plain()  # steady state: input-independent work cached by the model is not counted
         try:
             timed = self.wrap(plain)

@@ -11,13 +11,15 @@ and what would it cost?
    ``1 - JS / ln 2`` in ``[0, 1]``. Beside it each layer's CAD (mean over heads and utterances) and,
    when the manifest has alignments, its PAR coverage against the lower-half reference.
 2. Candidate plans: contiguous partitions of the layers into ``K`` groups (the first layer of a
-   group computes, the others reuse its map) for every ``K`` asked for (default ``2 .. L-1``); of
+   group computes, the others reuse its map) for every ``K`` asked for (default ``2 .. L-1``; ``1``
+   for a 2-layer baseline); of
    the ``C(L-1, K-1)`` partitions the ``--per-k`` best by within-group similarity (mean, over the
    reusing layers, of their similarity to their group's first layer) are kept.
 3. Each candidate is evaluated *zero-shot*: the baseline applies the group's first map in every
    layer of the group (:meth:`models.ConformerCTC.map_sources`), with its own values, and greedy
    WER and CTC loss are measured; beside them the encoder GFLOP a trained reuse model of that plan
-   (doubled values) saves at 768 frames, counted by ``torch.utils.flop_counter``.
+   (doubled values) saves at 768 frames: the baseline's count minus that model's own, both counted
+   by ``torch.utils.flop_counter`` on CPU copies, so the figure does not depend on ``--device``.
 
 Candidates are ranked best first by zero-shot WER, then by GFLOP saved. Writes ``DIR/suggest.json``,
 ``DIR/similarity.png`` (the best plan's groups outlined) and ``DIR/candidates.png`` (zero-shot WER
@@ -143,19 +145,6 @@ def zero_shot(model, loader, tokenizer, sources: list[int] | None, device: str =
     return 100.0 * jiwer.wer(refs, hyps), loss / n
 
 
-def reuse_layer_saving(hp: dict, num_heads: int, length: int = 768) -> float:
-    """GFLOP one reuse layer (``num_heads`` heads, doubled values) saves over a computing layer, in
-    the encoder at ``length`` frames: the difference of two 2-layer encoders, ``1(Hh)x2`` and ``2(Hh)``
-    (layers add up, so the difference is exactly one layer's)."""
-    from models import ConformerCTC
-
-    computing, reusing = (ConformerCTC(hp.get("vocab_size", 2), d_model=hp["d_model"], num_layers=2,
-                                       ffn_dim=hp["ffn_dim"], kernel_size=hp["kernel_size"], reuse=plan,
-                                       subsampling_channels=8).eval()
-                          for plan in (f"1(H{num_heads})x2", f"2(H{num_heads})"))
-    return encoder_gflop(computing, length) - encoder_gflop(reusing, length)
-
-
 def encoder_gflop(model, length: int = 768) -> float:
     """GFLOP of one encoder forward of ``model`` at ``length`` frames (batch 1)."""
     from analysis.latency import count_flops
@@ -187,7 +176,9 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     from analysis.runner import AttentionStats, reference_par
     from data.datamodule import ManifestDataset, ordered_loader
     from data.features import atomic_write_text, check_writable
+    from models import ConformerCTC
     from models.checkpoint import load_model, model_inputs, training_data_dir
+    from models.retrofit import check_plan
 
     t0 = time.perf_counter()
     out = check_writable(out)
@@ -198,7 +189,7 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     L, heads = model.num_layers, model.num_heads
     if L < 2:
         raise ValueError(f"{ckpt}: one layer, nothing to share")
-    ks = sorted(set(ks or range(2, L)))
+    ks = sorted(set(ks or (range(2, L) if L > 2 else [1])))  # two layers: one group is the only reuse plan
     bad = [k for k in ks if not 1 <= k <= L]
     if bad:
         raise ValueError(f"--groups {bad[0]}: a plan of {L} layers has 1 to {L} groups")
@@ -244,17 +235,20 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     ds.with_labels = False
     loader = ordered_loader(ds, max_frames)
     base_wer, base_loss = zero_shot(model, loader, tokenizer, None, device)
-    saving = {h: reuse_layer_saving({**hp, "vocab_size": model.vocab_size}, h) for h in set(heads)}
-    base_gflop = encoder_gflop(model, 768)
+    # GFLOP counted the same way on every --device: on CPU copies of the baseline and of each plan's
+    # trained reuse model (its own paths: a computing layer read by reuse layers materialises its map)
+    cpu_base = ConformerCTC(**model.config).eval()
+    base_gflop = encoder_gflop(cpu_base, 768)
     groups_list = candidate_groups(sim, heads, ks, per_k)
     candidates = []
     for groups in tqdm(groups_list, desc="zero-shot", unit="plan", disable=not progress):
         wer, loss = zero_shot(model, loader, tokenizer, sources_of(groups), device)
+        reuse = plan_string(groups, heads)
         candidates.append({
-            "reuse": plan_string(groups, heads), "groups": groups, "num_groups": len(groups),
+            "reuse": reuse, "groups": groups, "num_groups": len(groups),
             "zero_shot_wer": round(wer, 3), "wer_increase": round(wer - base_wer, 3), "zero_shot_loss": round(loss, 4),
             "similarity": round(within_group_similarity(sim, groups), 5),
-            "gflop_saving": round(sum(saving[heads[l]] for g in groups for l in g[1:]), 4),
+            "gflop_saving": round(base_gflop - encoder_gflop(check_plan(cpu_base, reuse).eval(), 768), 4),
         })
         candidates[-1]["gflop_saving_fraction"] = round(candidates[-1]["gflop_saving"] / base_gflop, 4)
     candidates.sort(key=lambda c: (c["zero_shot_wer"], -c["gflop_saving"]))
@@ -267,7 +261,6 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
         "similarity": sim.tolist(), "divergence": sim_acc.divergence().tolist(),
         "cad": (cad_sum / max(1, cad_n)).tolist(), "coverage": coverage,
         "encoder_gflop_768": round(base_gflop, 4),
-        "gflop_per_reuse_layer_768": {str(h): round(v, 4) for h, v in saving.items()},
         "candidates": candidates, "seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(out / "suggest.json", json.dumps(result, indent=1))

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tarfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -132,7 +133,10 @@ def sha256sum(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def download_file(url: str, dest: str | Path, sha256: str | None = None, progress: bool = True) -> Path:
     """Download ``url`` to ``dest``, resuming a partial ``dest.part`` (HTTP Range) and checking
-    the SHA-256 when given. A file already at ``dest`` with the right checksum is kept."""
+    the SHA-256 when given. A file already at ``dest`` with the right checksum is kept. A ``.part``
+    already complete (a run killed during the check or the rename) is finished without a download:
+    by its checksum, or where there is none, by the server's answer 416 to a range from its end
+    with the same size in ``Content-Range``; a ``.part`` longer than the file is downloaded anew."""
     from tqdm import tqdm
 
     dest = Path(dest)
@@ -141,8 +145,22 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, progres
         return dest
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=60) as resp:
+    if have and sha256 is not None and sha256sum(part) == sha256:
+        os.replace(part, dest)
+        return dest
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {}),
+                                      timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        # the range starts at or past the end: .part is whole (Content-Range: bytes */SIZE) or too long
+        size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        if size == str(have) and sha256 is None:
+            os.replace(part, dest)
+            return dest
+        have, resp = 0, urllib.request.urlopen(url, timeout=60)
+    with resp:
         status = getattr(resp, "status", None) or resp.getcode()
         resumed = have > 0 and status == 206
         if not resumed:

@@ -30,6 +30,7 @@ import gzip
 import math
 import shutil
 import sys
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -92,8 +93,9 @@ def gunzip(src: Path, dst: Path) -> Path:
 
     try:
         atomic_write(dst, write)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{src}: cannot decompress it ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:  # a damaged deflate stream raises zlib.error, not an OSError
+        raise ValueError(f"{src}: cannot decompress it ({e}); remove it and its .sha256 to download it "
+                         f"again") from None
     return dst
 
 

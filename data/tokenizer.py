@@ -1,7 +1,7 @@
 """SentencePiece BPE tokenizer with the CTC blank at index 0.
 
 Model outputs are ``blank (0)`` followed by the SentencePiece pieces (piece ``k`` -> output
-``k + 1``), so a 128-unit BPE model gives a 129-way CTC head, as in SPEC section 1.
+``k + 1``), so a 128-unit BPE model gives a 129-way CTC head.
 
 A model converted from ESPnet keeps ESPnet's output order instead: its ``token_list``
 (``<blank>`` first, then ``<unk>``, the pieces by their training-text frequency, ``<sos/eos>``
@@ -102,11 +102,16 @@ class Tokenizer:
             return self.sp.decode_pieces([t for t in tokens if t not in ("<blank>", "<sos/eos>")])
         return self.sp.decode([int(i) - 1 for i in ids if int(i) != BLANK])
 
+    def symbols(self) -> list[str]:
+        """Output symbols by index, ``"<blank>"`` first: the token table (``tokens.txt``) whose
+        pieces, blanks and ``<sos/eos>`` left out, SentencePiece's ``decode_pieces`` joins."""
+        if self.token_list is not None:
+            return list(self.token_list)
+        return ["<blank>"] + [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+
     def pieces(self) -> list[str]:
         """Output symbols by index, ``"<blk>"`` first (e.g. for a beam-search token list)."""
-        if self.token_list is not None:
-            return ["<blk>"] + self.token_list[1:]
-        return ["<blk>"] + [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
+        return ["<blk>"] + self.symbols()[1:]
 
     @staticmethod
     def train(texts, model_prefix: str | Path, vocab_size: int = 128) -> "Tokenizer":

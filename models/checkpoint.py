@@ -124,6 +124,33 @@ def model_cmvn(hp: dict, data_dir: str | Path | None = None) -> GlobalCMVN:
     return GlobalCMVN.load(Path(data_dir) / "cmvn.json")
 
 
+def input_differences(hp: dict, data_dir: str | Path) -> list[str]:
+    """How the inputs a checkpoint's model takes (its CMVN statistics, its feature record) differ
+    from those a prepared folder gives (``cmvn.json``, ``features.json``): a model fine-tuned from
+    the checkpoint on that folder would not start from the checkpoint's function. Empty if none
+    (a checkpoint without statistics is not compared on them)."""
+    import json
+
+    from data.datamodule import model_features
+
+    data_dir = Path(data_dir)
+    out = []
+    if hp.get("cmvn") is not None and (data_dir / "cmvn.json").is_file():
+        ours, folder = model_cmvn(hp), GlobalCMVN.load(data_dir / "cmvn.json")
+        if ours.mean.shape != folder.mean.shape or not (
+                torch.allclose(ours.mean, folder.mean, rtol=1e-5, atol=1e-6)
+                and torch.allclose(ours.std, folder.std, rtol=1e-5, atol=1e-6)):
+            out.append(f"its CMVN statistics differ from {data_dir / 'cmvn.json'}'s")
+    record, _, _ = model_features(data_dir / "features.json")
+    if hp.get("features") != record:
+        kind = lambda r: "fbank" if r is None else repr(r.get("type"))  # noqa: E731
+        a, b = kind(hp.get("features")), kind(record)
+        if a == b:
+            a, b = json.dumps(hp.get("features"), sort_keys=True), json.dumps(record, sort_keys=True)
+        out.append(f"its front end (features {a}) differs from the data folder's ({b}) in {data_dir}")
+    return out
+
+
 def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = None):
     """``(cmvn, featurizer, framing)``: the features a model takes, for
     :class:`~data.datamodule.ManifestDataset`. Ours: None and None (the dataset's 80-dim fbank) and

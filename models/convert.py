@@ -146,12 +146,15 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
                     raise
                 stats_path = None
         if stats_path is not None:
+            # GlobalMVN keeps the file's mean and std as buffers whatever it normalises: both must match
+            raw = global_mvn(stats_path, True, True, norm_conf.get("eps", 1e-20))
+            for buffer, value, what, name in ((saved[0], raw.mean, "mean", "normalize.mean"),
+                                              (saved[1], raw.std, "standard deviation", "normalize.std")):
+                if buffer is not None and not torch.allclose(buffer.float(), value, rtol=1e-4, atol=1e-5):
+                    raise ConversionError(f"{stats_path}: its {what} differs from {name} in {model_path} (another "
+                                          f"model's statistics?)")
             cmvn = global_mvn(stats_path, norm_conf.get("norm_means", True), norm_conf.get("norm_vars", True),
                               norm_conf.get("eps", 1e-20))
-            if saved[0] is not None and norm_conf.get("norm_means", True) and not torch.allclose(
-                    saved[0].float(), cmvn.mean, rtol=1e-4, atol=1e-5):
-                raise ConversionError(f"{stats_path}: its mean differs from normalize.mean in {model_path} (another "
-                                      f"model's statistics?)")
             source = str(stats_path)
         elif saved[0] is not None and saved[1] is not None:
             mean = saved[0].float() if norm_conf.get("norm_means", True) else torch.zeros_like(saved[0]).float()

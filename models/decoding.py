@@ -23,9 +23,11 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[i
 def write_lexicon(words, tokenizer: Tokenizer, path) -> int:
     """A flashlight lexicon (``WORD piece piece ...`` per line) spelling each word, normalised
     (:func:`data.text.normalise`), with the tokenizer's pieces; returns the number of words. Words
-    the pieces cannot spell (they would need ``<unk>``) are left out with a warning."""
+    the pieces cannot spell (they would need ``<unk>``) are left out with a warning. The file is
+    replaced by a rename, never rewritten in place (evaluate.py runs may share a folder)."""
     import warnings
 
+    from data.features import atomic_write_text
     from data.text import normalise
 
     words = sorted({n for w in words for n in normalise(w).split()})
@@ -35,8 +37,7 @@ def write_lexicon(words, tokenizer: Tokenizer, path) -> int:
                       f"e.g. {', '.join(unspellable[:5])}", stacklevel=2)
         words = sorted(set(words) - set(unspellable))
     lines = [f"{w} {' '.join(tokenizer.sp.encode(w, out_type=str))}\n" for w in words]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("".join(lines))
+    atomic_write_text(path, "".join(lines))  # a concurrent run's decoder may be reading the old one
     return len(words)
 
 

@@ -35,9 +35,12 @@ _LAYER_KEYS = (
 )
 _MODEL_KEYS = (("frontend.conv.", "encoder.embed.conv."), ("encoder.after_norm.", "encoder.after_norm."),
                ("head.", "ctc.ctc_lo."))
-# the front end's output projection: the first of a Sequential with the positional encoding,
-# except in Conv2dSubsampling8, where it stands alone
+# the front end's output projection as espnet 202511 writes it: the first of a Sequential with the
+# positional encoding, except in Conv2dSubsampling8, where it stands alone (what espnet_peer loads)
 _OUT_KEY = {"conv2d": "encoder.embed.out.0.", "conv2d6": "encoder.embed.out.0.", "conv2d8": "encoder.embed.out."}
+# every layout ESPnet has written, for every input layer: ``out.0.*`` (conv2d8 too, until its
+# positional encoding was taken out of the Sequential) and ``out.*`` (the Linear alone)
+_OUT_PARAM = re.compile(r"encoder\.embed\.out\.(?:0\.)?(weight|bias)")
 
 # encoder_conf: what each option must be for our encoder (None: any value; it only acts in training
 # or is a size we take over)
@@ -84,14 +87,20 @@ def ours_to_espnet(state: dict, num_layers: int, input_layer: str = "conv2d") ->
 
 
 def espnet_to_ours(state: dict, num_layers: int, input_layer: str = "conv2d") -> tuple[dict, list[str]]:
-    """ESPnet's ASR-model state dict -> ours; returns ``(state, ignored keys)``. Ignored: the
+    """ESPnet's ASR-model state dict -> ours; returns ``(state, ignored keys)``. The front end's
+    output layer is taken in every layout ESPnet has written (``encoder.embed.out.0.*`` or
+    ``encoder.embed.out.*``, whatever the input layer). Ignored: the
     attention decoder and its losses (a hybrid CTC/attention model), the front end's Mel matrix
     and the normalisation's statistics (checked and used by :func:`convert`). Any other key not
     part of the encoder or CTC head raises :class:`ConversionError`."""
     pairs = [(e, o) for o, e in _key_pairs(num_layers, input_layer)]
+    layouts = {k for k in state if _OUT_PARAM.fullmatch(k)}
+    if len(layouts) > len({_OUT_PARAM.fullmatch(k).group(1) for k in layouts}):
+        raise ConversionError(f"the state dict holds the front end's output layer twice ({', '.join(sorted(layouts))})")
     out, ignored = {}, []
     for k, v in state.items():
-        new = _rename(k, pairs)
+        m = _OUT_PARAM.fullmatch(k)
+        new = f"frontend.out.{m.group(1)}" if m else _rename(k, pairs)
         if new is not None:
             out[new] = v
         elif k.startswith(("decoder.", "criterion_att.", "frontend.", "normalize.", "lang_token")):

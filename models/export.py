@@ -11,7 +11,12 @@ writes
   and time dynamic, ``T >= 7`` as in PyTorch;
 - ``OUT/model.json``: what using it needs (plan, model sizes, vocabulary, feature settings, the CMVN
   statistics, input / output names, the check below);
-- ``OUT/tokenizer.model``: the SentencePiece model (output ``k + 1`` is piece ``k``).
+- ``OUT/tokens.txt``: the token table, one symbol a line: output ``i`` is line ``i`` (from 0,
+  ``<blank>`` first), in the model's own order (SentencePiece's ids shifted by one for ours,
+  ESPnet's ``token_list`` for a converted model);
+- ``OUT/tokenizer.model``: the SentencePiece model, whose ``decode_pieces`` joins the symbols of a
+  hypothesis (blanks, repeats and ``<sos/eos>`` dropped). ``Tokenizer.open(OUT/tokenizer.model)``
+  reads the table beside it.
 
 The graph is torch's dynamo exporter's (``torch.onnx.export(dynamo=True)``: ``torch.export`` then
 onnxscript): it traces the model as it runs, so a reuse plan's graph is the model's own, in which
@@ -40,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 49 and 256 encoder frames), after the shortest
+CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 50 and 257 encoder frames), after the shortest
 ATOL = 1e-4
 
 
@@ -61,6 +66,18 @@ def _quiet():
             yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def as_exported():
+    """Runs eager code on the path torch's exporter traces (``torch.compiler.is_exporting()`` true):
+    the attention's query rows in one chunk against all ``2T - 1`` positions, shifted by a gather
+    (``models/attention.py``). What runs is then what :func:`export_model`'s graph computes, so
+    that ``torch.utils.flop_counter`` counts the graph's FLOP (the latency benchmark's ONNX rows)."""
+    from unittest import mock
+
+    with mock.patch.object(torch.compiler, "is_exporting", lambda: True):
+        yield
 
 
 def export_onnx(module: nn.Module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
@@ -113,6 +130,27 @@ def session(path: str | Path, threads: int | None = None, shared_pool: bool = Fa
             options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxCTC:
+    """An exported ``model.onnx`` (:func:`export_model`) run by ONNX Runtime (:func:`session`),
+    called as :class:`~models.ctc.ConformerCTC` is: ``(features (B, T, F), lengths (B,)) ->
+    (log_probs (B, T', V), out_lengths (B,))``, CPU tensors, so that the decoders take its output."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = session(path, threads)
+
+    def __call__(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, out_lengths = self.session.run(None, {"features": features.float().cpu().numpy(),
+                                                         "lengths": lengths.long().cpu().numpy()})
+        return torch.from_numpy(log_probs), torch.from_numpy(out_lengths)
+
+
+def onnx_engine(model: nn.Module, folder: str | Path, threads: int | None = None) -> tuple[OnnxCTC, list[dict]]:
+    """``model`` exported to ``folder/model.onnx``, checked against PyTorch (:func:`compare`, raises
+    ``AssertionError`` past :data:`ATOL`) and loaded by ONNX Runtime; returns it with the check."""
+    runner = OnnxCTC(export_model(model, Path(folder) / "model.onnx"), threads)
+    return runner, compare(model, runner.session)
 
 
 _POOL_THREADS: int | None = None
@@ -232,9 +270,10 @@ def sidecar(model, tokenizer, hp: dict, opset: int | None, check: list[dict] | N
                                            "std": [float(v) for v in cmvn["std"]]},
         "vocab_size": model.vocab_size,
         "blank": 0,
-        "tokens": tokenizer.pieces(),
-        "tokenizer": {"file": "tokenizer.model", "sha256": tokenizer.digest,
-                      "decode": "drop blanks and repeats; output k + 1 is SentencePiece piece k"},
+        "tokens": tokenizer.symbols(),
+        "tokenizer": {"file": "tokenizer.model", "table": "tokens.txt", "sha256": tokenizer.digest,
+                      "decode": "drop blanks and repeats; output i is line i (from 0) of tokens.txt; join the "
+                                "symbols but <blank> and <sos/eos> with tokenizer.model's SentencePiece decode_pieces"},
         "opset": opset,
         "torch": torch.__version__,
         "check": check,
@@ -245,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
     p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
-    p.add_argument("--out", required=True, help="output folder (model.onnx, model.json, tokenizer.model)")
+    p.add_argument("--out", required=True, help="output folder (model.onnx, model.json, tokenizer.model, tokens.txt)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     a = p.parse_args(argv)
@@ -273,9 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
     info["attention_softmaxes"] = softmaxes
     atomic_write_text(out / "model.json", json.dumps(info, indent=1))
     atomic_write_bytes(out / "tokenizer.model", tokenizer.model_bytes)
+    atomic_write_text(out / "tokens.txt", "".join(t + "\n" for t in tokenizer.symbols()))
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, opset {opset}, plan {model.reuse}: {len(softmaxes)} attention softmaxes, "
-          f"read by {softmaxes} value products), {out / 'model.json'}, {out / 'tokenizer.model'}")
+          f"read by {softmaxes} value products), {out / 'model.json'}, {out / 'tokenizer.model'}, {out / 'tokens.txt'}")
     for r in check or []:
         print(f"  check {r['case']:28s} max |ONNX Runtime - PyTorch| = {r['max_abs_diff']:.2e}")
     return info

@@ -15,7 +15,10 @@ the gradient ``context_new^T dL/dy``, non-zero because the new values are (zero 
 move). Query, key and positional weights of reuse layers are dropped.
 
 The plan must give every layer the baseline's head count (a group's heads are those of its first
-layer); a plan that does not is refused, naming the layer.
+layer); a plan that does not is refused, naming the layer. Both paths start from the baseline's
+function: this tool keeps its options (:data:`FUNCTION_OPTIONS`, ``was_gamma`` included), CMVN
+statistics and front end, and says so; ``train.py --model.init_from`` refuses a recipe or a data
+folder (``cmvn.json``, ``features.json``) that differs from them, naming the difference.
 """
 from __future__ import annotations
 
@@ -27,6 +30,12 @@ from pathlib import Path
 import torch
 
 from models.ctc import ConformerCTC
+
+
+# the options of ConformerCTC that change the function it computes (besides the plan): a retrofit
+# keeps the baseline's (check_plan), and train.py's --model.init_from refuses a recipe that differs
+FUNCTION_OPTIONS = ("input_dim", "d_model", "num_layers", "ffn_dim", "kernel_size", "subsampling_channels",
+                    "layer_norm_eps", "final_norm", "input_layer", "was_gamma")
 
 
 def check_plan(base: ConformerCTC, reuse: str) -> ConformerCTC:
@@ -96,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{hp['reuse']} -> {new.reuse}: {sum(p.numel() for p in base.parameters()):,} -> "
-          f"{sum(p.numel() for p in new.parameters()):,} parameters; wrote {Path(a.out)}")
+          f"{sum(p.numel() for p in new.parameters()):,} parameters; wrote {Path(a.out)} (the baseline's "
+          f"was_gamma {new.config['was_gamma']}, CMVN statistics and front end kept)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 class RangeServer:
-    """HTTP over a folder on 127.0.0.1, with Range requests (206), recording the requests."""
+    """HTTP over a folder on 127.0.0.1, with Range requests (206; 416 past the end), recording the requests."""
 
     def __init__(self, folder: Path):
         seen = self.seen = []
@@ -21,6 +21,12 @@ class RangeServer:
                 data, rng = f.read_bytes(), self.headers.get("Range")
                 seen.append((self.path, rng))
                 start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+                if start >= len(data):  # as real servers answer a range past the end (RFC 9110, 15.5.17)
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(206 if rng else 200)
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()

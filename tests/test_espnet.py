@@ -411,3 +411,72 @@ def test_fine_tune_a_converted_model(mini_corpus, prepared, converted_mini, tmp_
     # a folder prepared with our own tokenizer order (the same BPE model, no tokens.txt) is refused
     with pytest.raises(ValueError, match="trained with another tokenizer"):
         _fit(prepared, tmp_path / "refused", max_steps=1, limit=1, **options)
+
+
+@pytest.mark.parametrize("input_layer", ["conv2d", "conv2d6", "conv2d8"])
+@pytest.mark.parametrize("layout", ["out.0.", "out."])
+def test_every_espnet_layout_of_the_subsampling_output_is_accepted(tmp_path, input_layer, layout):
+    """ESPnet has stored the front end's output projection as ``encoder.embed.out.0.*`` (a
+    Sequential with the positional encoding: every variant in releases up to 2023, conv2d /
+    conv2d6 in 202511) and as ``encoder.embed.out.*`` (conv2d8 in 202511, every variant where
+    the positional encoding stands alone); either converts to the same function."""
+    ref = make_espnet_folder(tmp_path / "zoo", dict(output_size=32, attention_heads=2, linear_units=48, num_blocks=1,
+                                                    cnn_module_kernel=3, input_layer=input_layer), {})
+    state = torch.load(ref["model"])
+    old = [k for k in state if k.startswith("encoder.embed.out.")]
+    assert old
+    state = {("encoder.embed." + layout + k.rsplit(".", 1)[1] if k in old else k): v for k, v in state.items()}
+    torch.save(state, tmp_path / "layout.pth")
+    from models.convert import convert_espnet
+
+    convert_espnet(ref["config"], tmp_path / "layout.pth", tmp_path / "out")
+    want = espnet_outputs(ref, waves(1)[0])
+    got = ours(tmp_path / "out" / "model.ckpt", waves(1)[0])
+    torch.testing.assert_close(got["log_probs"], want["log_probs"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm_means", [True, False])
+def test_statistics_file_of_another_model_is_refused_by_its_std(tmp_path, norm_means):
+    """A stats file with the model's mean but another variance (or any statistics where
+    ``norm_means: false``) is not the model's: both of ``normalize.mean`` / ``normalize.std``
+    are compared, whatever the config normalises."""
+    from models.convert import convert_espnet
+    from models.espnet import ConversionError
+
+    ref = make_espnet_folder(tmp_path / "zoo", TINY8, {})
+    _edit_config(ref, normalize_conf__norm_means=norm_means)
+    state = torch.load(ref["model"])
+    mean, var = state["normalize.mean"].double().numpy(), state["normalize.std"].double().numpy() ** 2
+    np.savez(tmp_path / "other.npz", count=np.array(10.0), sum=mean * 10, sum_square=(4 * var + mean ** 2) * 10)
+    with pytest.raises(ConversionError, match="other.npz: its standard deviation differs from normalize.std"):
+        convert_espnet(ref["config"], ref["model"], tmp_path / "o", stats=str(tmp_path / "other.npz"))
+    np.savez(tmp_path / "own.npz", count=np.array(10.0), sum=mean * 10, sum_square=(var + mean ** 2) * 10)
+    convert_espnet(ref["config"], ref["model"], tmp_path / "o", stats=str(tmp_path / "own.npz"))
+
+
+def test_padded_batch_differs_from_espnet_as_documented():
+    """Equality with espnet2 202511 holds per utterance (batch 1). In a padded batch ESPnet's mask
+    slicing ``x_mask[:, :, :-2:2][:, :, :-2:2]`` keeps one frame more for a padded utterance (100
+    frames padded to 200: 25 encoder frames there, 24 here and in its own batch of 1), and its
+    convolution module does not zero padded frames, so its padded utterance's output changes with
+    the padding; ours does not (README, ESPnet import)."""
+    from models.ctc import ConformerCTC
+    from models.espnet import espnet_peer
+
+    torch.manual_seed(0)
+    model = ConformerCTC(11, d_model=32, num_layers=2, ffn_dim=48, kernel_size=5, reuse="1(H2)x2",
+                         subsampling_channels=32, layer_norm_eps=1e-12, final_norm=True).eval()
+    peer = espnet_peer(model)
+    x = torch.randn(2, 200, 80)
+    x[0, 100:] = 0
+    lengths = torch.tensor([100, 200])
+    with torch.no_grad():
+        theirs, theirs_n = peer(x, lengths)
+        alone, alone_n = peer(x[:1, :100], lengths[:1])
+        enc = model.encode(x, lengths)
+        ours_alone = model.encode(x[:1, :100], lengths[:1])
+    assert theirs_n.tolist() == [25, 49] and alone_n.tolist() == [24]
+    assert enc.lengths.tolist() == [24, 49] and ours_alone.lengths.tolist() == [24]
+    torch.testing.assert_close(ours_alone.output, alone, atol=1e-5, rtol=1e-5)  # batch 1: equal
+    torch.testing.assert_close(enc.output[:1, :24], ours_alone.output, atol=1e-5, rtol=1e-5)  # ours: padding-free
+    assert (theirs[0, :24] - alone[0]).abs().max() > 1e-3  # theirs: the padding leaks in

@@ -110,12 +110,13 @@ def test_cli_writes_model_sidecar_and_tokenizer(checkpoint, tmp_path, capsys):
 
     info = main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "onnx")])
     out = tmp_path / "onnx"
-    assert {p.name for p in out.iterdir()} >= {"model.onnx", "model.json", "tokenizer.model"}
+    assert {p.name for p in out.iterdir()} >= {"model.onnx", "model.json", "tokenizer.model", "tokens.txt"}
     sidecar = json.loads((out / "model.json").read_text())
     assert sidecar == json.loads(json.dumps(info))
     model, tokenizer, hp = load_model(checkpoint)
     assert sidecar["reuse"] == model.reuse and sidecar["vocab_size"] == model.vocab_size == len(sidecar["tokens"])
-    assert sidecar["tokens"] == tokenizer.pieces() and sidecar["blank"] == 0
+    assert sidecar["tokens"] == tokenizer.symbols() == (out / "tokens.txt").read_text().splitlines()
+    assert sidecar["blank"] == 0
     assert Tokenizer(out / "tokenizer.model").digest == tokenizer.digest == sidecar["tokenizer"]["sha256"]
     assert sidecar["cmvn"] is not None and len(sidecar["cmvn"]["mean"]) == len(sidecar["cmvn"]["std"]) == 80
     assert sidecar["min_frames"] == 7 and sidecar["opset"] >= 18
@@ -129,3 +130,66 @@ def test_cli_errors(tmp_path):
 
     with pytest.raises(SystemExit, match="error:"):
         main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")])
+
+
+def test_export_tokens_table_decodes_a_model_in_another_order(prepared, tmp_path):
+    """A model whose outputs follow another order than the SentencePiece ids (a converted ESPnet
+    model: its ``token_list``) decodes by the export's rule: output ``i`` is line ``i`` of
+    ``tokens.txt``, whose pieces SentencePiece joins (``tokenizer.model``), as the checkpoint's own
+    tokenizer decodes them."""
+    import random
+
+    import sentencepiece as spm
+
+    from data.tokenizer import Tokenizer
+    from models.checkpoint import save_model_checkpoint
+    from models.decoding import greedy_decode
+    from models.export import main
+
+    sp = spm.SentencePieceProcessor(model_file=str(prepared / "bpe.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if i != sp.unk_id()]
+    random.Random(0).shuffle(pieces)
+    tok = Tokenizer(prepared / "bpe.model", token_list=["<blank>", "<unk>", *pieces, "<sos/eos>"])
+    torch.manual_seed(0)
+    model = ConformerCTC(tok.vocab_size, reuse="1(H4)x2", **{**TINY, "num_layers": 2}).eval()
+    with torch.no_grad():
+        model.head.bias[0] = -10.0  # never blank: a long hypothesis
+    hp = {"reuse": model.reuse, **{**TINY, "num_layers": 2}, "tokenizer_path": str(prepared / "bpe.model"),
+          "checkpoints": ["shuffled"], "cmvn": None}
+    save_model_checkpoint(tmp_path / "shuffled.ckpt", model, tok, hp)
+    main(["--ckpt", str(tmp_path / "shuffled.ckpt"), "--out", str(tmp_path / "onnx"), "--no-check"])
+    out = tmp_path / "onnx"
+    table = (out / "tokens.txt").read_text().splitlines()
+    sidecar = json.loads((out / "model.json").read_text())
+    assert table == sidecar["tokens"] and len(table) == model.vocab_size and table[0] == "<blank>"
+    assert "tokens.txt" in sidecar["tokenizer"]["decode"]
+    x = torch.randn(1, 300, 80, generator=torch.Generator().manual_seed(0))
+    log_probs, n = session(out / "model.onnx").run(None, {"features": x.numpy(), "lengths": [300]})
+    ids = greedy_decode(torch.from_numpy(log_probs), torch.from_numpy(n))[0]
+    assert len(ids) > 5
+    by_rule = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).decode_pieces(
+        [table[i] for i in ids if table[i] not in ("<blank>", "<sos/eos>")])
+    assert by_rule == tok.decode(ids)
+    assert Tokenizer.open(out / "tokenizer.model").decode(ids) == tok.decode(ids)  # tokens.txt beside it
+
+
+def test_evaluate_with_onnxruntime_engine_equals_torch(checkpoint, prepared, tmp_path, capsys):
+    """evaluate.py --engine onnxruntime exports the checkpoint, checks the graph against PyTorch and
+    decodes the manifest through ONNX Runtime with the same decoders: the same hypotheses and WERs
+    as the torch engine."""
+    import evaluate
+
+    common = ["--ckpt", str(checkpoint), "--sets", "mini-test", "--data-dir", str(prepared), "--beam-size", "4",
+              "--device", "cpu"]
+    evaluate.main([*common, "--out", str(tmp_path / "torch")])
+    evaluate.main([*common, "--engine", "onnxruntime", "--out", str(tmp_path / "ort")])
+    res = {e: json.loads((tmp_path / e / "results.json").read_text()) for e in ("torch", "ort")}
+    assert res["ort"]["engine"] == "onnxruntime" and res["torch"]["engine"] == "torch"
+    for dec in ("greedy", "beam"):
+        assert res["ort"]["sets"]["mini-test"][dec]["wer"] == res["torch"]["sets"]["mini-test"][dec]["wer"]
+    assert (tmp_path / "ort" / "mini-test.hyp.tsv").read_text() == (tmp_path / "torch" / "mini-test.hyp.tsv").read_text()
+    assert res["ort"]["onnx_check"] and all(r["max_abs_diff"] <= ATOL for r in res["ort"]["onnx_check"])
+    with pytest.raises(SystemExit, match="holds results of --engine torch; give another --out"):
+        evaluate.main([*common, "--engine", "onnxruntime", "--no-beam", "--out", str(tmp_path / "torch")])
+    with pytest.raises(SystemExit, match="error: --engine onnxruntime runs fp32 on the CPU"):
+        evaluate.main([*common, "--engine", "onnxruntime", "--dtype", "bf16", "--out", str(tmp_path / "bad")])

@@ -134,3 +134,30 @@ def test_espnet_peer_that_differs_is_not_timed(monkeypatch):
     monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed a peer that differs"))
     with pytest.raises(RuntimeError, match="refusing to time it"):
         latency.main(["--reuse", "1(H4)x2", *SMALL, "--include-frontend", "--peer", "espnet"])
+
+
+@pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed (pip install '.[onnx]')")
+@pytest.mark.parametrize("plan,computing,chunk", [
+    ("1(H4)x2", 2, lambda T: max(64, -(-T // 4))),  # fused path: CPU query chunks of T / 4
+    ("2(H4)x1", 1, lambda T: max(32, -(-T // 8))),  # a map read by a reuse layer: materialised, chunks of T / 8
+])
+def test_onnxruntime_rows_count_the_graphs_full_positional_scores(plan, computing, chunk):
+    """An ONNX row's GFLOP is what the exported graph computes: all ``T x (2T - 1)`` positional
+    scores per computing layer in one chunk, where eager PyTorch on CPU takes the query rows in
+    chunks of ``c`` (``c (T + c - 1)`` scores each) from 256 frames, and the positions' projection
+    at every call."""
+    T, d = 512, 32
+    args = ["--d-model", str(d), "--num-layers", "2", "--ffn-dim", "64", "--kernel-size", "3", "--runs", "1",
+            "--threads", "1"]
+    eager_bench = latency.Bench(latency.parser().parse_args(args))
+    onnx_bench = latency.Bench(latency.parser().parse_args([*args, "--engine", "onnxruntime"]))
+    model = onnx_bench.model(plan).eval()
+    onnx_bench.export("fused", model)
+    with torch.inference_mode():
+        _, eager = eager_bench.prepare("fused", model, T)
+        _, graph = onnx_bench.prepare("fused", model, T)
+    c = chunk(T)
+    chunked = sum(min(c, T - a) * (T + min(c, T - a) - 1) for a in range(0, T, c))
+    extra = 2 * d * (T * (2 * T - 1) - chunked)  # batch 1, H heads x d_k = d
+    projection = 2 * (2 * T - 1) * d * d  # the positions' projection, cached by eager, computed by the graph
+    assert graph - eager == pytest.approx(computing * (extra + projection) / 1e9, rel=1e-6)

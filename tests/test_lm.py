@@ -362,3 +362,22 @@ def test_evaluate_bad_lm_arguments_exit_with_one_line(lm_setup, tmp_path):
             evaluate.main(common + extra)
         assert "\n" not in str(e.value.code)
     assert not (tmp_path / "e" / "results.json").exists()
+
+
+def test_corrupt_gzip_stream_is_one_clear_error(tmp_path):
+    """A .gz whose deflate stream is damaged (a download without a pinned checksum) raises zlib.error
+    inside gzip, not an OSError: it must still be one message naming the file."""
+    import gzip
+    import random
+
+    from data.lm import gunzip
+
+    payload = "\\n".join(f"-1.{i} WORD{i} -0.{i}" for i in range(20000)).encode()
+    raw = bytearray(gzip.compress(payload))
+    rng = random.Random(0)
+    for i in range(len(raw) // 3, len(raw) // 3 + 64):
+        raw[i] = rng.randrange(256)
+    (tmp_path / "x.arpa.gz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"x.arpa.gz: cannot decompress it"):
+        gunzip(tmp_path / "x.arpa.gz", tmp_path / "x.arpa")
+    assert not (tmp_path / "x.arpa").exists() and not list(tmp_path.glob(".x.arpa.*"))

@@ -182,3 +182,22 @@ def test_download_resumes_with_range(tmp_path):
     seen = [rng for _, rng in server.seen]
     assert seen == ["bytes=100-"]
     assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_download_recovers_from_a_complete_or_overlong_part(tmp_path, checksum):
+    """A kill during the hash check or the rename leaves a complete ``.part``: the next run finishes
+    it (the server answers 416 to a range past the end) instead of failing every time; a ``.part``
+    longer than the file (another version of it) is downloaded again from the start."""
+    from tests.range_server import RangeServer
+
+    archive = _tarball(tmp_path)
+    data = archive.read_bytes()
+    digest = librispeech.sha256sum(archive) if checksum else None
+    for name, part in (("complete", data), ("overlong", data + b"stale tail")):
+        dest = tmp_path / name / "dev-clean.tar.gz"
+        dest.parent.mkdir()
+        dest.with_name("dev-clean.tar.gz.part").write_bytes(part)
+        with RangeServer(archive.parent) as server:
+            librispeech.download_file(f"{server.url}/{archive.name}", dest, sha256=digest, progress=False)
+        assert dest.read_bytes() == data and not dest.with_name("dev-clean.tar.gz.part").exists()

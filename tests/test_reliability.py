@@ -367,3 +367,30 @@ def test_killed_checkpoint_temporaries_are_removed_and_files_are_readable(tmp_pa
     assert not stale.exists()
     assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_lexicon_is_replaced_whole_never_rewritten_in_place(prepared, tmp_path):
+    """evaluate.py runs sharing an --out folder write OUT/lexicon.txt while another run's beam
+    search may be reading it: the file is replaced by a rename, so a reader holding the old one
+    reads it whole, never a truncated or mixed file."""
+    from models.decoding import write_lexicon
+
+    tok = Tokenizer(prepared / "bpe.model")
+    lexicon = tmp_path / "lexicon.txt"
+    write_lexicon(["THE", "OLD", "MAN"], tok, lexicon)
+    before = lexicon.read_text()
+    with open(lexicon) as reader:  # a concurrent run's decoder, mid-read
+        write_lexicon(["THE", "SEA"], tok, lexicon)
+        assert reader.read() == before
+    assert lexicon.read_text().startswith("SEA ") and not list(tmp_path.glob(".lexicon.txt.*"))
+
+
+def test_checkpoint_remembers_its_data_folder_resolved(prepared, tmp_path, monkeypatch):
+    """Trained with a relative ``--data.data_dir`` (make demo's exp/demo/data), the checkpoint
+    names the folder resolved, so evaluate.py --sets finds its manifests from any folder."""
+    from models.checkpoint import training_data_dir
+
+    monkeypatch.chdir(prepared.parent)
+    module = train.CTCModule(train.tokenizer_of(prepared.name), **{k: v for k, v in TINY.items()})
+    monkeypatch.chdir(tmp_path)
+    assert training_data_dir(dict(module.hparams)) == prepared.resolve()

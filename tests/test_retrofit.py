@@ -120,3 +120,65 @@ def test_init_from_mismatches_are_refused(prepared, baseline, tmp_path):
     other = Tokenizer.train(["SOME OTHER TEXT", "MORE WORDS HERE"], tmp_path / "other", vocab_size=30)
     with pytest.raises(ValueError, match="trained with another tokenizer"):
         train.CTCModule(other.path, **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "init_from": str(baseline)})
+
+
+def _base_checkpoint(prepared, path, was_gamma=None, cmvn_shift=0.0, features=None):
+    """A 4-layer baseline checkpoint (trained-like BatchNorm) for the prepared folder's tokenizer,
+    with the folder's CMVN statistics (shifted by ``cmvn_shift``) and a feature record."""
+    from data.features import GlobalCMVN
+    from data.tokenizer import Tokenizer
+    from models.checkpoint import save_model_checkpoint
+
+    tok = Tokenizer(prepared / "bpe.model")
+    torch.manual_seed(1)
+    model = ConformerCTC(tok.vocab_size, num_layers=4, reuse="1(H2)x4", was_gamma=was_gamma, **SMALL)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    cmvn = GlobalCMVN.load(prepared / "cmvn.json")
+    hp = {"reuse": model.reuse, "num_layers": 4, "was_gamma": was_gamma, **SMALL, "checkpoints": [str(path)],
+          "tokenizer_path": str(prepared / "bpe.model"),
+          "cmvn": {"mean": cmvn.mean + cmvn_shift, "std": cmvn.std.clone()}, "features": features}
+    save_model_checkpoint(path, model.eval(), tok, hp)
+    return path
+
+
+def test_init_from_starts_from_the_zero_shot_reuse(prepared, tmp_path):
+    """train.py --model.init_from with a plan: the module's first forward on the data module's first
+    batch (the data folder's features and CMVN) is the checkpoint's zero-shot reuse on the features
+    the checkpoint itself takes (its own CMVN), as models.retrofit's checkpoint computes it."""
+    from data.datamodule import ASRDataModule, ManifestDataset, collate
+    from models.checkpoint import load_model, model_inputs
+
+    ckpt = _base_checkpoint(prepared, tmp_path / "base.ckpt", was_gamma=0.5)
+    kw = {**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4, "was_gamma": 0.5, "init_from": str(ckpt)}
+    module = train.CTCModule(str(prepared / "bpe.model"), **kw).eval()
+    dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0)
+    ours_ds = dm.dataset(["mini-dev"])
+    base, tok, hp = load_model(ckpt)
+    cmvn, featurizer, framing = model_inputs(base, hp)
+    theirs_ds = ManifestDataset(ours_ds.manifests, tokenizer=tok, cmvn=cmvn, featurizer=featurizer, framing=framing)
+    ours_batch, theirs_batch = collate([ours_ds[0], ours_ds[1]]), collate([theirs_ds[0], theirs_ds[1]])
+    with torch.no_grad():
+        got, _ = module.model(ours_batch["features"], ours_batch["feature_lengths"])
+        want, _ = base(theirs_batch["features"], theirs_batch["feature_lengths"],
+                       map_sources=zero_shot_sources("2(H2)x2", 4))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"was_gamma": 0.5}, r"was_gamma 0.5 vs None"),
+    ({"cmvn_shift": 0.3}, r"CMVN statistics differ from .*cmvn.json"),
+    ({"features": {"type": "espnet", "config": {"fs": 16000}, "min_frames": 7}},
+     r"front end \(features 'espnet'\) differs from .*the data folder's \(fbank\)"),
+])
+def test_init_from_refuses_what_changes_the_function(prepared, tmp_path, change, message):
+    """A recipe that would not start from the checkpoint's function is refused by train.py, naming
+    the difference: another was_gamma (the retrofit tool keeps the checkpoint's), CMVN statistics
+    or front end of the data folder other than the checkpoint's."""
+    ckpt = _base_checkpoint(prepared, tmp_path / "base.ckpt", **change)
+    with pytest.raises(ValueError, match=f"--model.init_from {ckpt}: .*{message}"):
+        train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4,
+                                                          "init_from": str(ckpt)})

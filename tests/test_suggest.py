@@ -223,8 +223,44 @@ def test_demo_picks_the_best_plan_with_k_groups(tmp_path):
                                                {"num_groups": 2, "reuse": "3(H4)+1(H4)"},
                                                {"num_groups": 2, "reuse": "2(H4)x2"}]}))
     assert best_plan(path, 2) == "3(H4)+1(H4)" and best_plan(path, 3) == "2(H4)+1(H4)x2"
-    with pytest.raises(ValueError, match="no candidate plan with 4 groups"):
-        best_plan(path, 4)
+    assert best_plan(path, 4) == "2(H4)+1(H4)x2"  # none with 4: the best with the most groups below
+    with pytest.raises(ValueError, match="no candidate plan with 1 groups or fewer"):
+        best_plan(path, 1)
+
+
+def test_two_layer_baseline_gets_a_candidate_and_a_demo_plan(prepared, tmp_path_factory, tmp_path):
+    """With two layers the only reuse plan has one group (layer 1 takes layer 0's map): the default
+    K range gives it, and best-plan --groups 2 (the demo's) falls back to it, saying so."""
+    from analysis.demo import main as demo_main
+
+    two = trained_checkpoint(prepared, tmp_path_factory, "suggest2", reuse="1(H2)x2", num_layers=2)
+    result = suggest(str(two), "mini-dev", str(tmp_path / "s"), limit=4, progress=False)
+    assert [c["reuse"] for c in result["candidates"]] == ["2(H2)"]
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        demo_main(["best-plan", str(tmp_path / "s" / "suggest.json"), "--groups", "2"])
+    assert out.getvalue().strip() == "2(H2)" and "no candidate plan with 2 groups" in err.getvalue()
+
+
+def test_gflop_saving_is_the_reuse_models_own_count(prepared, three_layer, tmp_path):
+    """A candidate's saving is the baseline's encoder GFLOP minus that of the trained reuse model
+    of its plan, each counted on a CPU copy whatever --device (not a per-layer difference times
+    the reuse layers, which also counts layer 0's change from the fused to the materialised
+    attention path once per reuse layer)."""
+    from analysis.suggest import encoder_gflop
+    from models.checkpoint import load_model
+    from models.retrofit import check_plan
+
+    result = suggest(str(three_layer), "mini-dev", str(tmp_path / "s"), ks=[1, 2], limit=2, progress=False)
+    base, _, _ = load_model(three_layer)
+    base_gflop = encoder_gflop(base, 768)
+    assert result["encoder_gflop_768"] == pytest.approx(base_gflop, abs=1e-4)
+    for c in result["candidates"]:
+        own = encoder_gflop(check_plan(base, c["reuse"]).eval(), 768)
+        assert c["gflop_saving"] == pytest.approx(base_gflop - own, abs=1e-4), c["reuse"]
 
 
 def test_demo_table_names_the_training_precision_and_its_reason(tmp_path, capsys):
