@@ -239,24 +239,23 @@ class FrameBucketSampler(Sampler[list[int]]):
         return self._cache[1]
 
     def _build(self, epoch: int) -> list[list[int]]:
+        """Each bucket is cut into batches of one size, the most utterances of the bucket's longest
+        that fit ``max_frames``: with ``shuffle`` the members change every epoch and the number of
+        batches does not (Lightning reads ``len`` once; a shorter epoch would skip its validation).
+        An utterance longer than ``max_frames`` gets a batch of its own."""
         rng = random.Random(self.seed + epoch)
         order = sorted(range(len(self.lengths)), key=lambda i: self.lengths[i])
         size = math.ceil(len(order) / self.num_buckets)
         batches = []
         for b in range(0, len(order), size):
-            bucket = order[b:b + size]
+            bucket = [i for i in order[b:b + size] if self.lengths[i] <= self.max_frames]
+            batches += [[i] for i in order[b:b + size] if self.lengths[i] > self.max_frames]
+            if not bucket:
+                continue
+            per_batch = max(1, self.max_frames // max(1, max(self.lengths[i] for i in bucket)))
             if self.shuffle:
                 rng.shuffle(bucket)
-            batch, longest = [], 0
-            for i in bucket:
-                longest_if = max(longest, self.lengths[i])
-                if batch and longest_if * (len(batch) + 1) > self.max_frames:
-                    batches.append(batch)
-                    batch, longest_if = [], self.lengths[i]
-                batch.append(i)
-                longest = longest_if
-            if batch:
-                batches.append(batch)
+            batches += [bucket[k:k + per_batch] for k in range(0, len(bucket), per_batch)]
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1:
