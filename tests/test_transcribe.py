@@ -224,3 +224,21 @@ def test_bad_files_skipped_and_empty_folder_refused(ckpt, utterances, tmp_path, 
         transcribe.main(["--ckpt", str(ckpt), str(tmp_path / "none")])
     with pytest.raises(SystemExit, match=r"error: .*missing\.wav: no such file"):
         transcribe.main(["--ckpt", str(ckpt), str(tmp_path / "missing.wav")])
+
+
+def test_engines_decoders_and_bad_options(ckpt, utterances, tmp_path, capsys):
+    """evaluate.py's engine and decoders through transcribe.py: ONNX Runtime gives PyTorch's
+    hypotheses, the beam search runs; a bad option is one error line."""
+    pytest.importorskip("onnxruntime")
+    files = [e["audio"] for e in utterances[:3]]
+    torch_out, _ = run(capsys, "--ckpt", ckpt, *files)
+    ort_out, _ = run(capsys, "--ckpt", ckpt, *files, "--engine", "onnxruntime")
+    assert hypotheses(ort_out) == hypotheses(torch_out) and any(hypotheses(torch_out).values())
+    beam_out, _ = run(capsys, "--ckpt", ckpt, *files, "--decoder", "beam", "--beam-size", "4")
+    assert list(hypotheses(beam_out)) == files
+    for extra, message in ((["--lm-weight", "1"], "error: --lm-weight and --word-score need --lm"),
+                           (["--max-segment", "0"], "error: --max-segment 0: must be at least 1 second"),
+                           (["--decoder", "greedy", "--lexicon", "x"], "error: --lexicon and --lm are beam searches")):
+        with pytest.raises(SystemExit, match=message) as e:
+            transcribe.main(["--ckpt", str(ckpt), *files, *extra])
+        assert "\n" not in str(e.value.code)
