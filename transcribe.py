@@ -238,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-segment", type=float, default=20.0, help="longest segment decoded at once, seconds "
                    "(longer recordings are cut at pauses)")
     p.add_argument("--out", help="output folder (default: print path<TAB>text per file)")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=["txt"], help="files written per recording in --out")
+    p.add_argument("--format", nargs="+", choices=FORMATS, help="files written per recording in --out (default: txt)")
     a = p.parse_args(argv)
     try:
+        if a.format and not a.out:
+            raise ValueError("--format writes files: give --out DIR (without it, path<TAB>text is printed)")
+        a.format = a.format or ["txt"]
         if a.max_segment < 1:
             raise ValueError(f"--max-segment {a.max_segment:g}: must be at least 1 second")
         files = audio_files(a.paths)

@@ -238,7 +238,8 @@ def test_engines_decoders_and_bad_options(ckpt, utterances, tmp_path, capsys):
     assert list(hypotheses(beam_out)) == files
     for extra, message in ((["--lm-weight", "1"], "error: --lm-weight and --word-score need --lm"),
                            (["--max-segment", "0"], "error: --max-segment 0: must be at least 1 second"),
-                           (["--decoder", "greedy", "--lexicon", "x"], "error: --lexicon and --lm are beam searches")):
+                           (["--decoder", "greedy", "--lexicon", "x"], "error: --lexicon and --lm are beam searches"),
+                           (["--format", "srt"], "error: --format writes files: give --out")):
         with pytest.raises(SystemExit, match=message) as e:
             transcribe.main(["--ckpt", str(ckpt), *files, *extra])
         assert "\n" not in str(e.value.code)
