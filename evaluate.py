@@ -151,25 +151,23 @@ def merge_results(path: Path, report: dict, set_name: str, results: dict) -> dic
     return merged
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
-    p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
-    p.add_argument("--sets", nargs="+", required=True, help="manifest names under DATA_DIR/manifests, or .jsonl paths")
+def add_model_arguments(p: argparse.ArgumentParser, sweep: bool = True) -> None:
+    """The options of the model and its decoders that evaluate.py and transcribe.py share: data
+    folder, tokenizer, beam size, lexicon, LM (and its weights: several make a sweep where
+    ``sweep``), batch size, engine, device and precision."""
     p.add_argument("--data-dir", help="prepared data folder holding manifests/ (default: the folder the checkpoint "
                                       "was trained from); the tokenizer and CMVN come from the checkpoint")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
     p.add_argument("--beam-size", type=int, default=32)
-    p.add_argument("--no-beam", action="store_true", help="greedy decoding only (with --lm: and the LM beam)")
     p.add_argument("--lexicon", help="restrict the beam search to a word list: a flashlight lexicon file, or "
                                      "'train' to spell the words of the data dir's *train* manifests (the default "
                                      "with --lm)")
     p.add_argument("--lm", help="word n-gram LM (ARPA file or KenLM binary) for an LM beam search over the lexicon, "
                                 "scored as the decoder 'lm' (see python -m data.lm)")
-    p.add_argument("--lm-weight", nargs="+", metavar="W", help="weight of the LM's log10 probabilities (default 1); "
+    p.add_argument("--lm-weight", nargs="+" if sweep else None, metavar="W", help="weight of the LM's log10 probabilities (default 1); "
                    "several values (and --word-score values) are a sweep: every point is decoded on the first of "
-                   "--sets (a dev set) and the best there is used for the others")
-    p.add_argument("--word-score", nargs="+", metavar="S", help="score added per word with --lm (default 0)")
+                   "--sets (a dev set) and the best there is used for the others" if sweep else "")
+    p.add_argument("--word-score", nargs="+" if sweep else None, metavar="S", help="score added per word with --lm (default 0)")
     p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
     p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
                    help="what computes the log-probabilities: PyTorch, or ONNX Runtime on the checkpoint's ONNX "
@@ -178,21 +176,90 @@ def main(argv: list[str] | None = None) -> None:
                                     "default: cuda if available, cpu with --engine onnxruntime)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the model: bf16 / fp16 cast "
                    "its weights (models.precision); fp16 only on GPUs and CPUs with fp16 matrix instructions")
+
+
+def open_model(a: argparse.Namespace):
+    """``(model, tokenizer, hp, data_dir, (cmvn, featurizer, framing))`` for the options of
+    :func:`add_model_arguments` (and ``--ckpt``, ``--average``): the device defaulted (``a.device``
+    is set), the engine / device / precision checked (``ValueError``), a bf16 emulated by the CPU
+    warned on stderr, the checkpoint loaded with its own inputs (:func:`models.checkpoint.model_inputs`)."""
+    a.device = a.device or ("cuda" if torch.cuda.is_available() and a.engine == "torch" else "cpu")
+    if a.engine == "onnxruntime" and (a.dtype != "fp32" or a.device != "cpu"):
+        raise ValueError(f"--engine onnxruntime runs fp32 on the CPU (not --dtype {a.dtype} --device {a.device})")
+    if problem := precision_problem(a.dtype, a.device):
+        raise ValueError(problem)
+    if warning := precision_warning(a.dtype, a.device):
+        print(f"warning: {warning}", file=sys.stderr)
+    model, tokenizer, hp = load_model(a.ckpt, getattr(a, "average", 1), a.tokenizer, a.device)
+    data_dir = training_data_dir(hp, a.data_dir)
+    # the model's own features (ours, or a converted ESPnet model's), made and normalised on the CPU
+    return model, tokenizer, hp, data_dir, model_inputs(model, hp, data_dir)
+
+
+def make_decoders(a: argparse.Namespace, tokenizer, data_dir: Path, folder: Path,
+                  beam: bool = True) -> tuple[Path | str | None, BeamSearch | None, dict[str, BeamSearch]]:
+    """``(lexicon, beam, lm_beams)`` for the options of :func:`add_model_arguments`: the lexicon
+    (``--lexicon train`` spells the data folder's training words into ``folder/lexicon.txt``; the
+    default with ``--lm``), the beam search (None unless ``beam``) and the LM beam searches, one per
+    point of the ``--lm-weight`` x ``--word-score`` grid (``{"lm": ...}`` for one point)."""
+    weights, scores = (v if isinstance(v, list) else [v] for v in (a.lm_weight, a.word_score))
+    if (weights != [None] or scores != [None]) and not a.lm:
+        raise ValueError("--lm-weight and --word-score need --lm")
+    weights = [parse_weight("--lm-weight", w) for w in weights if w is not None] or [1.0]
+    word_scores = [parse_weight("--word-score", w) for w in scores if w is not None] or [0.0]
+    lexicon = a.lexicon if a.lexicon or not a.lm else "train"  # a word LM needs a lexicon
+    if lexicon == "train":
+        from data.prepare import read_manifest
+
+        train_sets = sorted((data_dir / "manifests").glob("*train*.jsonl"))
+        if not train_sets:
+            raise FileNotFoundError(f"--lexicon train: no *train*.jsonl manifest under {data_dir / 'manifests'}")
+        words = {w for m in train_sets for e in read_manifest(m) for w in e["text"].split()}
+        lexicon = folder / "lexicon.txt"
+        write_lexicon(words, tokenizer, lexicon)
+    elif lexicon is not None and not Path(lexicon).is_file():
+        raise FileNotFoundError(f"lexicon {lexicon} does not exist")
+    searcher = BeamSearch(tokenizer, a.beam_size, lexicon) if beam else None
+    lm_beams = {}
+    if a.lm:
+        lm_beam = BeamSearch(tokenizer, a.beam_size, lexicon, a.lm, weights[0], word_scores[0])
+        grid = [(w, s) for w in weights for s in word_scores]
+        lm_beams = {"lm": lm_beam} if len(grid) == 1 else {
+            f"lm w={w:g} s={s:g}": lm_beam.with_weights(w, s) for w, s in grid}
+    return lexicon, searcher, lm_beams
+
+
+def computing_model(model, a: argparse.Namespace):
+    """``(what computes the log-probabilities, the ONNX check or None)``: ``model`` at ``--dtype``
+    (:func:`models.precision.inference_precision`), or with ``--engine onnxruntime`` its ONNX export
+    run by ONNX Runtime, checked against PyTorch (:func:`models.export.onnx_engine`; a failed
+    check or a missing ONNX Runtime raises ``ValueError``)."""
+    model = inference_precision(model, a.dtype, a.device)
+    if a.engine != "onnxruntime":
+        return model, None
+    import tempfile
+
+    from models.export import onnx_engine
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="evaluate-onnx-") as tmp:  # the session keeps the graph
+            return onnx_engine(model, tmp, torch.get_num_threads())
+    except (ImportError, AssertionError) as e:
+        raise ValueError(f"--engine onnxruntime: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
+    p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
+    p.add_argument("--sets", nargs="+", required=True, help="manifest names under DATA_DIR/manifests, or .jsonl paths")
+    add_model_arguments(p)
+    p.add_argument("--no-beam", action="store_true", help="greedy decoding only (with --lm: and the LM beam)")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)")
     p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
     a = p.parse_args(argv)
-    a.device = a.device or ("cuda" if torch.cuda.is_available() and a.engine == "torch" else "cpu")
     try:
-        if a.engine == "onnxruntime" and (a.dtype != "fp32" or a.device != "cpu"):
-            raise ValueError(f"--engine onnxruntime runs fp32 on the CPU (not --dtype {a.dtype} --device {a.device})")
-        if problem := precision_problem(a.dtype, a.device):
-            raise ValueError(problem)
-        if warning := precision_warning(a.dtype, a.device):
-            print(f"warning: {warning}", file=sys.stderr)
-        model, tokenizer, hp = load_model(a.ckpt, a.average, a.tokenizer, a.device)
-        data_dir = training_data_dir(hp, a.data_dir)
-        # the model's own features (ours, or a converted ESPnet model's), made and normalised on the CPU
-        cmvn, featurizer, framing = model_inputs(model, hp, data_dir)
+        model, tokenizer, hp, data_dir, (cmvn, featurizer, framing) = open_model(a)
         manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
         for name, m in zip(a.sets, manifests):
             if not m.is_file():
@@ -206,46 +273,19 @@ def main(argv: list[str] | None = None) -> None:
         # every set is read (and its audio found) before any is decoded
         datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing)
                     for m in manifests]
-        if (a.lm_weight or a.word_score) and not a.lm:
-            raise ValueError("--lm-weight and --word-score need --lm")
-        weights = [parse_weight("--lm-weight", w) for w in a.lm_weight or [1.0]]
-        word_scores = [parse_weight("--word-score", w) for w in a.word_score or [0.0]]
-        lexicon = a.lexicon if a.lexicon or not a.lm else "train"  # a word LM needs a lexicon
-        if lexicon == "train":
-            from data.prepare import read_manifest
-
-            train_sets = sorted((data_dir / "manifests").glob("*train*.jsonl"))
-            if not train_sets:
-                raise FileNotFoundError(f"--lexicon train: no *train*.jsonl manifest under {data_dir / 'manifests'}")
-            words = {w for m in train_sets for e in read_manifest(m) for w in e["text"].split()}
-            lexicon = out / "lexicon.txt"
-            write_lexicon(words, tokenizer, lexicon)
-        elif lexicon is not None and not Path(lexicon).is_file():
-            raise FileNotFoundError(f"lexicon {lexicon} does not exist")
-        beam = None if a.no_beam else BeamSearch(tokenizer, a.beam_size, lexicon)
-        lm_beams = {}
-        if a.lm:
-            lm_beam = BeamSearch(tokenizer, a.beam_size, lexicon, a.lm, weights[0], word_scores[0])
-            grid = [(w, s) for w in weights for s in word_scores]
-            lm_beams = {"lm": lm_beam} if len(grid) == 1 else {
-                f"lm w={w:g} s={s:g}": lm_beam.with_weights(w, s) for w, s in grid}
+        lexicon, beam, lm_beams = make_decoders(a, tokenizer, data_dir, out, beam=not a.no_beam)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if a.save_averaged:
         save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
-    model = inference_precision(model, a.dtype, a.device)  # after saving: weights saved in fp32
     report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "engine": a.engine, "device": a.device,
               "dtype": a.dtype, "threads": torch.get_num_threads()}
-    if a.engine == "onnxruntime":
-        import tempfile
-
-        from models.export import onnx_engine
-
-        try:
-            with tempfile.TemporaryDirectory(prefix="evaluate-onnx-") as tmp:  # the session keeps the graph
-                model, report["onnx_check"] = onnx_engine(model, tmp, torch.get_num_threads())
-        except (ImportError, AssertionError) as e:
-            sys.exit(f"error: --engine onnxruntime: {e}")
+    try:  # after saving: weights saved in fp32
+        model, check = computing_model(model, a)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if check is not None:
+        report["onnx_check"] = check
     decoder = {"beam_size": None if a.no_beam else a.beam_size, "lexicon": None if lexicon is None else str(lexicon)}
     merged, chosen = None, lm_beams.get("lm")  # with an LM sweep, chosen on the first set
     for m, ds in zip(manifests, datasets):

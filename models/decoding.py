@@ -231,3 +231,31 @@ def load_kenlm(path, lexicon):
     except Exception as e:  # KenLM's own format errors: "FILE:LINE in FUNCTION threw X.\nwhy"
         why = " ".join(str(e).split(" threw ", 1)[-1].split())
         raise ValueError(f"LM {path}: KenLM cannot read it ({why[:300]})") from None
+
+
+def align_words(log_probs: torch.Tensor, ids: list[int], symbols: list[str]) -> list[tuple[str, int, int]]:
+    """Words of a hypothesis with the model frames they span, ``(word, first, last)``, from a CTC
+    forced alignment of its output indices ``ids`` to the frames' ``log_probs (T, V)``
+    (torchaudio's ``forced_align``: the Viterbi path of CTC, Graves et al. 2006, section 3.2, that
+    emits exactly ``ids``). A word starts at a SentencePiece piece beginning with ``▁`` (Kudo and
+    Richardson, 2018); ``symbols`` are the outputs by index (:meth:`Tokenizer.symbols`). Empty when
+    ``ids`` is; ``ValueError`` when the frames are too few to emit ``ids``."""
+    import torchaudio.functional as AF
+
+    if not ids:
+        return []
+    targets = torch.tensor([ids], dtype=torch.int32)
+    try:
+        path, scores = AF.forced_align(log_probs.float().cpu().unsqueeze(0), targets, blank=BLANK)
+    except RuntimeError as e:  # more targets (with the blanks between repeats) than frames
+        raise ValueError(f"cannot align {len(ids)} outputs to {log_probs.shape[0]} frames ({e})") from None
+    spans = AF.merge_tokens(path[0], scores[0].exp())
+    words: list[list] = []
+    for span in spans:
+        piece = symbols[span.token]
+        if piece.startswith("\u2581") or not words:
+            words.append([piece.lstrip("\u2581"), span.start, span.end - 1])
+        else:
+            words[-1][0] += piece
+            words[-1][2] = span.end - 1
+    return [(w, s, e) for w, s, e in words if w]

@@ -47,9 +47,9 @@ class StopAt(L.Callback):
 
 
 def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4, stop_at=None, val_every=None,
-         recorder=None, **model_kw):
+         recorder=None, train_sets=("mini-train",), **model_kw):
     L.seed_everything(0, workers=True)
-    dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
+    dm = ASRDataModule(str(prepared), list(train_sets), ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
     module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
     rec = recorder or Recorder()
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=limit,
@@ -64,10 +64,12 @@ def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4,
     return rec.losses, module, trainer
 
 
-def trained_checkpoint(prepared, tmp_path_factory, name: str, max_epochs: int = 1, **model_kw) -> Path:
-    """``last.ckpt`` of a tiny model trained on the mini corpus (3 batches an epoch), for module fixtures."""
+def trained_checkpoint(prepared, tmp_path_factory, name: str, max_epochs: int = 1, limit: int | None = 3,
+                       **model_kw) -> Path:
+    """``last.ckpt`` of a tiny model trained on the mini corpus (``limit`` batches an epoch), for
+    module fixtures; ``train_sets`` (default mini-train) and model options may be given."""
     root = tmp_path_factory.mktemp(name)
-    _fit(prepared, root, max_epochs=max_epochs, limit=3, **model_kw)
+    _fit(prepared, root, max_epochs=max_epochs, limit=limit, **model_kw)
     return root / "checkpoints" / "last.ckpt"
 
 
