@@ -376,6 +376,26 @@ def _epoch_complete(trainer) -> bool:
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
 
 
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """The best checkpoint by the monitored metric, and ``last.ckpt`` at *every* validation.
+    Lightning 2.6 refreshes ``last.ckpt`` only when a top-k checkpoint was saved at the same step,
+    so with ``save_top_k=1`` it stayed at the best step whenever the metric did not improve (and
+    ``--ckpt_path last`` resumed from there)."""
+
+    def _save_last_if_not_saved(self, trainer, at_train_epoch_end: bool) -> None:
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_not_saved(trainer, at_train_epoch_end=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_not_saved(trainer, at_train_epoch_end=False)
+
+
 class CompleteEpochCheckpoint(ModelCheckpoint):
     """A ModelCheckpoint written only at the end of a *complete* epoch (never after a run cut by
     ``max_time`` or a stop inside it), so that averaging takes whole epochs."""
@@ -476,8 +496,8 @@ def default_callbacks(keep_last: int = 5):
     lose little on an interruption) is one more callback in the recipe:
     ``trainer.callbacks: [{class_path: ModelCheckpoint, init_args: {every_n_train_steps: 1000}}]``."""
     return [
-        ModelCheckpoint(filename="best-{epoch}-{step}-{val_wer:.2f}", monitor="val_wer", mode="min", save_top_k=1,
-                        save_last=True, auto_insert_metric_name=False),
+        BestAndLastCheckpoint(filename="best-{epoch}-{step}-{val_wer:.2f}", monitor="val_wer", mode="min",
+                              save_top_k=1, save_last=True, auto_insert_metric_name=False),
         # epochNNN.ckpt once per epoch: a resumed run overwrites (no -v1), so averaging takes distinct epochs
         CompleteEpochCheckpoint(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
                                 auto_insert_metric_name=False, save_on_train_epoch_end=True,

@@ -380,3 +380,14 @@ def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, m
     assert len(results["cad"]["layer_median"]) == TINY["num_layers"]
     model, tok, hp = load_model(epoch0)
     assert tok.digest == hp["tokenizer_sha256"] and hp["cmvn"] is not None
+
+
+def test_last_checkpoint_is_the_last_even_when_dev_wer_does_not_improve(prepared, tmp_path):
+    """Lightning 2.6 refreshes ``last.ckpt`` only when a top-k checkpoint is saved at the same step:
+    with ``save_top_k=1`` on ``val_wer`` it stayed at the best step (a resume with ``--ckpt_path
+    last`` then restarted from there, and ``make demo`` evaluated stale weights). With lr 0 the dev
+    WER never improves after the first validation; ``last.ckpt`` must still hold the final step."""
+    _fit(prepared, tmp_path, max_epochs=3, limit=2, lr=0.0)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6
+    assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
