@@ -380,7 +380,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     """The best checkpoint by the monitored metric, and ``last.ckpt`` at *every* validation.
     Lightning 2.6 refreshes ``last.ckpt`` only when a top-k checkpoint was saved at the same step,
     so with ``save_top_k=1`` it stayed at the best step whenever the metric did not improve (and
-    ``--ckpt_path last`` resumed from there)."""
+    ``--ckpt_path last`` resumed from there). At the end of an epoch cut short it writes nothing
+    (:class:`StopCheckpoint` saves where the run stopped, resumable inside the epoch)."""
 
     def _save_last_if_not_saved(self, trainer, at_train_epoch_end: bool) -> None:
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
@@ -389,7 +390,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._save_last_if_not_saved(trainer, at_train_epoch_end=True)
+        if _epoch_complete(trainer):  # a cut epoch's last.ckpt is StopCheckpoint's, where it stopped
+            self._save_last_if_not_saved(trainer, at_train_epoch_end=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
