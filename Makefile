@@ -35,7 +35,7 @@ test: setup
 # to the best two-group plan (short fine-tuning) -> its evaluation and PAR coverage against the
 # baseline -> CPU latency of both -> the final table. About 16 minutes on 2 CPU cores from a fresh clone (set-up included).
 MINI := --data.data_dir $(EXP)/data --trainer.enable_progress_bar false
-MINI_SIZE := --d-model 144 --num-layers 4 --ffn-dim 576 --kernel-size 15
+MINI_SIZE := --d-model 96 --num-layers 4 --ffn-dim 384 --kernel-size 15
 # $(call timed,NAME,COMMAND): run COMMAND and append "NAME<TAB>seconds" to $(EXP)/stages.tsv
 timed = echo "== $(1) ($$(date +%H:%M:%S))"; s=$$(date +%s); $(2) && printf '%s\t%s\n' "$(1)" $$(( $$(date +%s) - s )) >> $(EXP)/stages.tsv
 

@@ -50,7 +50,7 @@ def measure(runs: int = 10) -> dict:
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2800, 144, generator=g), torch.randn(576, 144, generator=g)
+    x, w = torch.randn(2800, 96, generator=g), torch.randn(384, 96, generator=g)
     xb, wb = x.bfloat16(), w.bfloat16()
     conv = torch.nn.Conv2d(32, 32, 3, stride=2)
     img = torch.randn(8, 32, 200, 39, generator=g)
@@ -73,7 +73,7 @@ def measure(runs: int = 10) -> dict:
         out["conv fp32 ms"] = _ms(lambda: conv(img), max(1, runs // 2))
         out["conv autocast ms"] = _ms(conv_autocast, max(1, runs // 2))
     torch.manual_seed(0)
-    model = ConformerCTC(129, d_model=144, num_layers=2, ffn_dim=576, kernel_size=15, reuse="1(H4)x2",
+    model = ConformerCTC(129, d_model=96, num_layers=2, ffn_dim=384, kernel_size=15, reuse="1(H4)x2",
                          subsampling_channels=32, dropout=0.0, attention_dropout=0.0)
     feats, lengths = torch.randn(16, 700, 80, generator=g), torch.full((16,), 700)
 
