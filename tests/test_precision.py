@@ -230,7 +230,7 @@ def test_fp16_on_cpu_refused_clearly(checkpoint, tmp_path, monkeypatch):
     assert not (tmp_path / "e").exists()  # refused before any work
 
 
-def test_isa_check_runs_each_setting_in_its_own_process(tmp_path):
+def test_isa_check_runs_each_setting_in_its_own_process(tmp_path, no_isa_cap):
     """``python -m analysis.isa``: each setting's caps reach its process (PyTorch reports the capped
     capability and ``auto`` resolves to fp32 under the AVX2 caps on any CPU), figures are positive,
     and the JSON holds what the table prints."""
@@ -241,7 +241,7 @@ def test_isa_check_runs_each_setting_in_its_own_process(tmp_path):
     assert json.loads(out.read_text()) == results
     native, avx2 = results["settings"]["native"], results["settings"]["avx2"]
     assert avx2["env"] == SIMULATED_AVX2 and avx2["capability"] == "AVX2" and avx2["resolved"] == "32-true"
-    assert native["resolved"] == resolve_training_precision("auto", "cpu").precision
+    assert native["resolved"] == resolve_training_precision("auto", "cpu").precision  # caps removed here too
     assert all(v > 0 for row in (native, avx2) for k, v in row.items() if k.endswith(" ms"))
     assert len(native["bf16 product digest"]) == 12
     with pytest.raises(SystemExit):

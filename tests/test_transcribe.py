@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 
+import jiwer
 import numpy as np
 import pytest
 import soundfile as sf
@@ -162,7 +163,7 @@ def test_split_at_pauses_cuts_in_silence():
 
 
 def test_sample_rates_and_channels(ckpt, utterances, tmp_path, capsys):
-    """Stereo and 44.1 kHz copies of an utterance give the 16 kHz mono hypothesis; an 8 kHz copy
+    """A stereo copy of an utterance gives the 16 kHz mono hypothesis, a 44.1 kHz one nearly; an 8 kHz copy
     gives the hypothesis of the 16 kHz recording band-limited to 4 kHz (what it holds: the upper
     half of the filterbank is empty at 8 kHz, whatever the resampler)."""
     e = utterances[0]
@@ -178,8 +179,18 @@ def test_sample_rates_and_channels(ckpt, utterances, tmp_path, capsys):
     out, _ = run(capsys, "--ckpt", ckpt, folder)
     hyps = {k.rsplit("/", 1)[-1]: v for k, v in hypotheses(out).items()}
     assert len(hyps) == 5 and hyps["mono16k.wav"]
-    assert hyps["stereo16k.wav"] == hyps["mono16k.wav"] == hyps["mono44100.flac"], hyps
+    # equal by construction: the same samples reach the model (two equal channels averaged; an 8 kHz
+    # file resampled by the same function as its 16 kHz twin)
+    assert hyps["stereo16k.wav"] == hyps["mono16k.wav"], hyps
     assert hyps["mono8000.wav"] == hyps["band4k16k.wav"], hyps
+    # 44.1 kHz: resampled there and back and stored in 24 bits, so not the same samples: the audio the
+    # command reads is the 16 kHz recording within resampling error, and the hypothesis is that one's up to
+    # a near-tied frame of this tiny model (one CPU's rounding flipped one: CLOCK -> CLOK, AVX2 kernels)
+    back = load_audio(folder / "mono44100.flac")
+    n = min(len(back), len(wave))
+    snr = 10 * torch.log10(wave[:n].pow(2).sum() / (back[:n] - wave[:n]).pow(2).sum())
+    assert snr > 30, float(snr)
+    assert jiwer.cer(hyps["mono16k.wav"], hyps["mono44100.flac"]) <= 0.2, hyps
 
 
 def test_formats_parse_back(ckpt, utterances, tmp_path, capsys):
