@@ -465,7 +465,7 @@ class ProgressLines(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._active(trainer) and outputs is not None and not getattr(pl_module, "_skip_this_step", False):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.loss_sum += float(loss.detach())  # one host read per step: only with the bar off
+            self.loss_sum = self.loss_sum + loss.detach()  # on the device: read once per line
             self.loss_steps += 1
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -474,7 +474,7 @@ class ProgressLines(Callback):
         m = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}", f"step {trainer.global_step}"]
         if self.loss_steps:
-            parts.append(f"train loss {self.loss_sum / self.loss_steps:.2f}")
+            parts.append(f"train loss {float(self.loss_sum) / self.loss_steps:.2f}")
         self.loss_sum, self.loss_steps = 0.0, 0
         for key, fmt in (("val_wer", "dev WER {:.2f} %"), ("val/loss", "dev loss {:.3f}")):
             if key in m:
