@@ -31,6 +31,8 @@ without bf16 instructions runs, with a warning.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,15 +52,18 @@ _X86_BF16, _X86_FP16 = {"avx512_bf16", "amx_bf16"}, {"avx512_fp16", "amx_fp16"}
 _ARM_BF16, _ARM_FP16 = {"bf16"}, {"asimdhp"}
 
 
+def _cpuinfo() -> str:
+    """``/proc/cpuinfo``'s text (empty where it cannot be read)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The CPU's feature flags: the ``flags`` line of ``/proc/cpuinfo`` on x86, ``Features`` on Arm
     (empty where that cannot be read). ``cpuinfo``: that file's text, for tests."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         key = line.split(":", 1)[0].strip()
         if key in ("flags", "Features") and ":" in line:
             return set(line.split(":", 1)[1].split())
@@ -67,13 +72,7 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model name (``/proc/cpuinfo``'s ``model name``; the platform's words elsewhere)."""
-    import platform
-
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        text = ""
-    for line in text.splitlines():
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         if line.split(":", 1)[0].strip() == "model name" and ":" in line:
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
@@ -94,8 +93,6 @@ def _isa_cap(dtype: str) -> str | None:
     """Why the kernels may not use the x86 CPU's ``dtype`` instructions although it has them, or None:
     ``ATEN_CPU_CAPABILITY`` below AVX-512 (PyTorch's own kernels) or ``ONEDNN_MAX_CPU_ISA`` below
     ``AVX512_CORE_BF16`` / ``AVX512_CORE_FP16`` (oneDNN's matrix products and convolutions)."""
-    import os
-
     aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if aten and aten not in ("avx512",):
         return f"ATEN_CPU_CAPABILITY={aten}"
@@ -164,6 +161,8 @@ def resolve_training_precision(requested, accelerator="auto", flags: set[str] | 
     ``accelerator`` (as given to the Trainer). See the module's doc for the rule. ``flags`` (CPU) and
     ``cuda_bf16`` (whether the GPU computes bf16 natively) default to the machine's; tests set them."""
     device = _device_kind(accelerator)
+    if device == "cpu" and flags is None:
+        flags = cpu_flags()  # read once for both precisions
     if device == "cuda":
         name = "this GPU"
         if cuda_bf16 is None:
@@ -198,6 +197,7 @@ def precision_problem(dtype: str, device: str, flags: set[str] | None = None) ->
         return f"unknown precision {dtype!r}; choose one of {', '.join(DTYPES)}"
     kind = torch.device(device).type
     if dtype == "fp16" and kind == "cpu":
+        flags = cpu_flags() if flags is None else flags  # read once for both precisions
         ok, why = cpu_native("fp16", flags)
         if not ok:
             bf16 = " (bf16 is native here: use --dtype bf16)" if cpu_native("bf16", flags)[0] else ""
