@@ -459,7 +459,7 @@ def test_padded_batch_differs_from_espnet_as_documented():
     slicing ``x_mask[:, :, :-2:2][:, :, :-2:2]`` keeps one frame more for a padded utterance (100
     frames padded to 200: 25 encoder frames there, 24 here and in its own batch of 1), and its
     convolution module does not zero padded frames, so its padded utterance's output changes with
-    the padding; ours does not (README, ESPnet import)."""
+    the padding; ours does not (docs/espnet.md, "Padded batches")."""
     from models.ctc import ConformerCTC
     from models.espnet import espnet_peer
 
