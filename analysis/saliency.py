@@ -55,7 +55,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -194,18 +195,22 @@ def _index(tokens: list[Token], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- saliency methods -------------------------------------------------------------------------------
 
-def perturbation_masks(T: int, F: int, settings: PerturbationSettings, generator: torch.Generator) -> torch.Tensor:
-    """``(masks, T, F)`` bool, True = masked: each mask is a grid of cells (its size in turn from
-    ``settings.sizes``) shifted by a random offset, each cell masked with probability ``settings.p``."""
-    out = torch.zeros(settings.masks, T, F, dtype=torch.bool)
-    for i in range(settings.masks):
-        ct, cf = settings.sizes[i % len(settings.sizes)]
+def perturbation_masks(T: int, F: int, settings: PerturbationSettings, generator: torch.Generator, start: int = 0,
+                       count: int | None = None) -> torch.Tensor:
+    """``(count, T, F)`` bool, True = masked: masks ``start .. start + count - 1`` (default: all
+    ``settings.masks``), each a grid of cells (mask ``i`` has the cells of ``settings.sizes[i % len]``)
+    shifted by a random offset, each cell masked with probability ``settings.p``. Drawing them in
+    order from one ``generator``, in one call or in several, gives the same masks."""
+    count = settings.masks - start if count is None else count
+    out = torch.zeros(count, T, F, dtype=torch.bool)
+    for j in range(count):
+        ct, cf = settings.sizes[(start + j) % len(settings.sizes)]
         ct, cf = min(ct, T), min(cf, F)
         ot, of = (int(torch.randint(0, c, (1,), generator=generator)) for c in (ct, cf))
         nt, nf = (T + ot + ct - 1) // ct, (F + of + cf - 1) // cf
         cells = torch.rand(nt, nf, generator=generator) < settings.p
         grid = cells.repeat_interleave(ct, 0).repeat_interleave(cf, 1)
-        out[i] = grid[ot: ot + T, of: of + F]
+        out[j] = grid[ot: ot + T, of: of + F]
     return out
 
 
@@ -214,22 +219,25 @@ def perturbation_saliency(score: Callable[[torch.Tensor], torch.Tensor], feature
     """SPES-like saliency ``(N, T, F)`` of each of the ``N`` scores of ``score((B, T, F)) -> (B, N)``
     for ``features (T, F)``: ``E[drop | masked] - E[drop | kept]`` per element over the masks of
     :func:`perturbation_masks` (drop = unmasked score - masked score; masked = set to 0). Seeded by
-    ``settings.seed``: the same settings give the same map."""
+    ``settings.seed``: the same settings give the same map. Masks are drawn ``settings.batch`` at a
+    time and only the per-element sums are kept (memory ``O(N T F)``)."""
     T, F = features.shape
     g = torch.Generator().manual_seed(settings.seed)
-    masks = perturbation_masks(T, F, settings, g).to(features.device)
     with torch.no_grad():
         base = score(features[None])[0]  # (N,)
-        drops = []
+        sum_in = torch.zeros(base.shape[0], T * F, dtype=torch.float64)
+        n_in = torch.zeros(T * F, dtype=torch.float64)
+        total = torch.zeros(base.shape[0], dtype=torch.float64)
         for s in range(0, settings.masks, settings.batch):
-            m = masks[s: s + settings.batch]
-            drops.append(base[None] - score(features[None] * (~m)))
-        drops = torch.cat(drops).double()  # (M, N)
-    m = masks.reshape(settings.masks, -1).double()  # (M, T F)
-    n_in = m.sum(0)
+            m = perturbation_masks(T, F, settings, g, s, min(settings.batch, settings.masks - s))
+            drops = (base[None] - score(features[None] * (~m).to(features.device))).double().cpu()  # (B, N)
+            mf = m.reshape(m.shape[0], -1).double()
+            sum_in += drops.t() @ mf
+            n_in += mf.sum(0)
+            total += drops.sum(0)
     n_out = settings.masks - n_in
-    mean_in = (drops.t() @ m) / n_in.clamp_min(1)
-    mean_out = (drops.t() @ (1 - m)) / n_out.clamp_min(1)
+    mean_in = sum_in / n_in.clamp_min(1)
+    mean_out = (total[:, None] - sum_in) / n_out.clamp_min(1)
     sal = torch.where((n_in > 0) & (n_out > 0), mean_in - mean_out, torch.zeros_like(mean_in))
     return sal.reshape(-1, T, F).float()
 
@@ -369,7 +377,7 @@ class UtteranceResult:
 
 
 def analyse_utterance(model: SaliencyModel, features: torch.Tensor, method: str = "perturbation",
-                      perturbation: PerturbationSettings = PerturbationSettings(), n_steps: int = 32,
+                      perturbation: PerturbationSettings | None = None, n_steps: int = 32,
                       ks=DELETION_K, generator: torch.Generator | None = None) -> UtteranceResult | None:
     """Every measure for one utterance ``features (T, F)`` (normalised); None if no token is emitted."""
     if method not in METHODS:
@@ -377,9 +385,9 @@ def analyse_utterance(model: SaliencyModel, features: torch.Tensor, method: str 
     tokens = model.tokens(features)
     if not tokens:
         return None
-    score = lambda x: model.score(x, tokens)  # noqa: E731
+    score = lambda x: model.score(x, tokens)
     if method == "perturbation":
-        sal = perturbation_saliency(score, features, perturbation)
+        sal = perturbation_saliency(score, features, perturbation or PerturbationSettings())
     else:
         sal = gradient_saliency(score, features, len(tokens), method, n_steps)
     with torch.enable_grad():
@@ -390,7 +398,7 @@ def analyse_utterance(model: SaliencyModel, features: torch.Tensor, method: str 
     frame_sal = pool_to_frames(sal.cpu(), windows)  # (N, T')
     rows = [r.detach().double().cpu() for r in cap.rows]  # (H_l, N, T')
     L, Hm, N = len(rows), max(r.shape[0] for r in rows), len(tokens)
-    nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float64)  # noqa: E731
+    nan = lambda *s: torch.full(s, float("nan"), dtype=torch.float64)
     in_head, st_head = nan(N, L, Hm), nan(N, L, Hm)
     in_layer, st_layer = nan(N, L), nan(N, L)
     st = [s.double().cpu() for s in states]  # (N, T') per layer

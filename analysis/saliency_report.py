@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.saliency import DELETION_K, RANKINGS, PerturbationSettings, SaliencyModel, UtteranceResult, analyse_utterance
+from analysis.saliency import (
+    DELETION_K,
+    RANKINGS,
+    PerturbationSettings,
+    SaliencyModel,
+    UtteranceResult,
+    analyse_utterance,
+)
 
 
 class _Mean:
@@ -61,7 +68,7 @@ def _json(x):
 
 
 def run(model: SaliencyModel, utterances, out: str | Path, method: str = "perturbation",
-        perturbation: PerturbationSettings = PerturbationSettings(), n_steps: int = 32, ks=DELETION_K,
+        perturbation: PerturbationSettings | None = None, n_steps: int = 32, ks=DELETION_K,
         spectrogram: bool = True, progress: bool = True, total: int | None = None, settings: dict | None = None) -> dict:
     """Analyse ``utterances`` (an iterable of ``(id, features (T, F))``, features normalised; an item
     ``(id, None)`` or ``(id, "reason")`` is an utterance that could not be loaded) and write ``out/saliency.json`` and the
@@ -72,6 +79,7 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
 
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)}")
+    perturbation = perturbation or PerturbationSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = ("per_layer", "per_head", "mean_over_layers")
@@ -109,8 +117,8 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
         raise ValueError(f"no token was scored: {scored + empty} utterances analysed, {empty} emitted no token, "
                          f"{len(skipped)} skipped" + (f" (e.g. {skipped[0]['id']}: {skipped[0]['error']})" if skipped else ""))
     corr = {side: {n: m.value() for n, m in d.items()} for side, d in acc.items()}
-    for side in corr:
-        corr[side]["mean_over_layers"] = corr[side]["mean_over_layers"][0]
+    for c in corr.values():
+        c["mean_over_layers"] = c["mean_over_layers"][0]
     result = {
         "settings": {"method": method, "ig_steps": n_steps if method == "ig" else None,
                      "perturbation": {"masks": perturbation.masks, "sizes": [list(s) for s in perturbation.sizes],
@@ -188,7 +196,7 @@ def plot_utterance(uid: str, feats: torch.Tensor, r: UtteranceResult, model: Sal
     a0.imshow(s, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
     a0.set(ylabel="mel bin", title=f"{uid}: token {r.tokens[i].id} (emitted at encoder frame {r.tokens[i].frame})")
     centres = np.arange(r.frame_saliency.shape[1]) * model.subsampling + (model.receptive_field - 1) / 2
-    norm = lambda v: v / (np.abs(v).max() or 1.0)  # noqa: E731
+    norm = lambda v: v / (np.abs(v).max() or 1.0)
     a1.plot(centres, norm(r.frame_saliency[i].numpy()), label="saliency (pooled)")
     a1.plot(centres, norm(r.attention[i].numpy()), label="attention (mean over layers, heads)")
     if r.tokens[i].frame is not None:
@@ -211,7 +219,7 @@ def plot_deletion(result: dict, path: Path) -> Path:
 
 def format_table(result: dict) -> str:
     """The printed summary: correlations per layer, then the deletion drops."""
-    f = lambda v: "   n/a" if v is None else f"{v:6.3f}"  # noqa: E731
+    f = lambda v: "   n/a" if v is None else f"{v:6.3f}"
     c = result["correlation"]
     roll = c["input"].get("rollout") or [None] * len(result["layers"])
     lines = [f"{result['tokens']} tokens, method {result['settings']['method']}",

@@ -3,15 +3,30 @@ gradients' completeness, seeded perturbations, plain-loop references of the pool
 correlation, the deletion test on a small trained model, bad arguments, and the command end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from analysis.saliency import (Capture, CTCSaliency, PerturbationSettings, Token, analyse_utterance, ctc_emissions,
-                               delete_frames, frame_windows, gradient_saliency, parse_mask_sizes, pearson,
-                               perturbation_saliency, pool_to_frames, rollout, top_frames)
+from analysis.saliency import (
+    Capture,
+    CTCSaliency,
+    PerturbationSettings,
+    Token,
+    analyse_utterance,
+    ctc_emissions,
+    delete_frames,
+    frame_windows,
+    gradient_saliency,
+    parse_mask_sizes,
+    pearson,
+    perturbation_saliency,
+    pool_to_frames,
+    rollout,
+    top_frames,
+)
 from models.ctc import ConformerCTC
 from models.subsampling import receptive_field, subsampled_count, subsampling_factor
 
@@ -20,11 +35,11 @@ class FrameLocal:
     """A :class:`~analysis.saliency.SaliencyModel` whose output at frame ``t`` depends only on input
     frame ``t`` (``log_softmax(x_t W)``), with identity attention in every layer and head."""
 
-    computes = [True, False]
     subsampling = 1
     receptive_field = 1
 
     def __init__(self, F=6, V=5, seed=0):
+        self.computes = [True, False]
         g = torch.Generator().manual_seed(seed)
         self.W = torch.randn(F, V, generator=g, dtype=torch.float64)
 
@@ -92,7 +107,7 @@ def test_integrated_gradients_completeness():
     x = torch.randn(60, 20, generator=torch.Generator().manual_seed(2))
     tokens = sm.tokens(x)
     assert tokens
-    score = lambda z: sm.score(z, tokens)  # noqa: E731
+    score = lambda z: sm.score(z, tokens)
     attr, delta = gradient_saliency(score, x, len(tokens), "ig", n_steps=128, return_delta=True)
     with torch.no_grad():
         diff = score(x[None])[0] - score(torch.zeros_like(x)[None])[0]  # independent of captum's own delta
@@ -105,12 +120,14 @@ def test_perturbation_is_seeded_and_recovers_an_additive_model():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(12, 8, generator=g)
     x = torch.randn(12, 8, generator=g)
-    score = lambda z: (z * w).sum((1, 2))[:, None]  # noqa: E731  (B, 1); zeroing (t, f) drops w x
+    score = lambda z: (z * w).sum((1, 2))[:, None]
 
     s = PerturbationSettings(sizes=((1, 1),), masks=3000, p=0.3, seed=7, batch=500)
     a, b = perturbation_saliency(score, x, s), perturbation_saliency(score, x, s)
     c = perturbation_saliency(score, x, PerturbationSettings(sizes=((1, 1),), masks=3000, p=0.3, seed=8, batch=500))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # the masks do not depend on how many are drawn per forward pass
+    assert torch.allclose(a, perturbation_saliency(score, x, dataclasses.replace(s, batch=7)), atol=1e-5)
     assert pearson(a[0].flatten(), (w * x).flatten()) > 0.9
 
 
@@ -176,9 +193,26 @@ def test_bad_settings():
 
 @pytest.fixture(scope="module")
 def checkpoint(prepared, tmp_path_factory):
-    from tests.test_train import trained_checkpoint
+    """A random-weight checkpoint of ours (tiny-model size, 3 layers, the last reusing layer 2's map)
+    for the prepared folder's tokenizer and CMVN: a few-step trained tiny model emits only blanks, a
+    random one emits tokens everywhere; the blank's bias is raised so about half the frames are blank."""
+    from data.features import GlobalCMVN
+    from data.tokenizer import Tokenizer
+    from models.checkpoint import save_model_checkpoint
 
-    return trained_checkpoint(prepared, tmp_path_factory, "sal", max_epochs=3, limit=None)
+    tok = Tokenizer(prepared / "bpe.model")
+    size = {"d_model": 32, "num_layers": 3, "ffn_dim": 64, "kernel_size": 5, "subsampling_channels": 8,
+            "bn_momentum": 0.1}
+    torch.manual_seed(5)
+    model = ConformerCTC(tok.vocab_size, reuse="1(H2)+2(H2)", **size).eval()
+    with torch.no_grad():
+        model.head.bias[0] += 0.8
+    cmvn = GlobalCMVN.load(prepared / "cmvn.json")
+    path = tmp_path_factory.mktemp("sal") / "random.ckpt"
+    hp = {"reuse": model.reuse, **size, "checkpoints": [str(path)], "tokenizer_path": str(prepared / "bpe.model"),
+          "cmvn": {"mean": cmvn.mean, "std": cmvn.std}}
+    save_model_checkpoint(path, model, tok, hp)
+    return path
 
 
 def test_saliency_command_end_to_end(checkpoint, prepared, tmp_path, capsys):
@@ -199,9 +233,10 @@ def test_saliency_command_end_to_end(checkpoint, prepared, tmp_path, capsys):
     assert [s["id"] for s in r["utterances"]["skipped"]] == ["bad-utt"]
     for side in ("input", "encoder_output"):
         c = r["correlation"][side]
-        assert len(c["per_layer"]) == 2 and np.array(c["per_head"], dtype=float).shape == (2, 2)
+        assert len(c["per_layer"]) == 3 and np.array(c["per_head"], dtype=float).shape == (3, 2)
         assert -1 <= c["mean_over_layers"] <= 1
-    assert len(r["correlation"]["input"]["rollout"]) == 2
+    assert len(r["correlation"]["input"]["rollout"]) == 3
+    assert [d["computes"] for d in r["layers"]] == [True, True, False]
     assert r["deletion"]["k"] == [5, 10, 20, 40]
     for n in ("attention", "saliency", "random"):
         assert len(r["deletion"][n]) == 4
@@ -210,7 +245,7 @@ def test_saliency_command_end_to_end(checkpoint, prepared, tmp_path, capsys):
     for fig in ("correlation", "utterance", "deletion"):
         assert (tmp_path / "o" / r["figures"][fig].split("/")[-1]).stat().st_size > 1000, fig
     out = capsys.readouterr().out
-    assert "r(input)" in out and "deletion k%" in out
+    assert "r(input)" in out and "deletion k%" in out and "reused" in out
     assert r["settings"]["perturbation"]["seed"] == 3 and r["settings"]["receptive_field"] == 7
 
 
