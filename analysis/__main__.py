@@ -5,6 +5,8 @@
     python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
     python -m analysis suggest-reuse --ckpt BASE --manifest M --out DIR [--groups K ...] [--limit N]
                                             (which layers could share maps; see analysis/suggest.py)
+    python -m analysis saliency --ckpt CKPT --manifest M --out DIR [--limit N] [--method perturbation|ig|ixg]
+                                            (attention against input saliency; see analysis/saliency.py)
     python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
 
 ``--manifest`` is a prepared subset name (``mini-test``) or a ``.jsonl`` path; utterances without
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--max-frames", type=int, default=20000)
         if name == "report":
             s.add_argument("--suggest", action="store_true", help="also rank reuse plans (suggest-reuse) into OUT/suggest")
+            s.add_argument("--saliency", action="store_true", help="also compare attention with input saliency "
+                                                                   "(OUT/saliency.json)")
+        if name in ("report", "saliency"):
+            _saliency_options(s)
         s.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (features stay on the CPU "
                                                        "and each batch is moved)")
     a = p.parse_args(argv)
@@ -70,19 +76,49 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {a.out}/suggest.json, similarity.png, candidates.png")
         return
     try:
+        saliency = _saliency_settings(a) if a.command in ("report", "saliency") else None
         report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
                         a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
-                        data_dir=a.data_dir, device=a.device)
+                        data_dir=a.data_dir, device=a.device, need_alignments=a.command != "saliency",
+                        saliency_options=saliency)
         if a.command == "report":
-            steps = [*(UPSTREAM_STEPS if a.upstream else STEPS), *(["suggest"] if a.suggest else [])]
+            steps = [*(UPSTREAM_STEPS if a.upstream else STEPS), *(["suggest"] if a.suggest else []),
+                     *(["saliency"] if a.saliency else [])]
         else:
             steps = [a.command]
         results = report.run(steps)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
+    if "saliency" in results:
+        from analysis.saliency_report import format_table
+
+        print(format_table(report._saliency))
     for name, path in results["figures"].items():
         print(f"{name:10s} {path}")
     print(f"numbers: {report.out / 'report.json'} (and CSV files beside it)")
+
+
+def _saliency_options(s) -> None:
+    from analysis.saliency import METHODS, PerturbationSettings as P
+
+    s.add_argument("--method", choices=METHODS, default="perturbation",
+                   help="input saliency: SPES-like random masks (default), integrated gradients or gradient x input")
+    s.add_argument("--masks", type=int, default=P.masks, help=f"perturbation masks per utterance (default {P.masks})")
+    s.add_argument("--mask-sizes", default=",".join(f"{t}x{f}" for t, f in P.sizes),
+                   help="mask cells, feature frames x mel bins, used in turn (default %(default)s; clipped to the input)")
+    s.add_argument("--mask-p", type=float, default=P.p, help=f"probability a cell is masked (default {P.p})")
+    s.add_argument("--seed", type=int, default=P.seed, help="seed of the masks and of the random deletion baseline")
+    s.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (--method ig)")
+
+
+def _saliency_settings(a) -> dict:
+    """The keyword arguments of ``analysis.saliency_report.run``, checked before any work."""
+    from analysis.saliency import PerturbationSettings, parse_mask_sizes
+
+    if a.ig_steps < 1:
+        raise ValueError(f"--ig-steps must be positive, got {a.ig_steps}")
+    return {"method": a.method, "n_steps": a.ig_steps,
+            "perturbation": PerturbationSettings(parse_mask_sizes(a.mask_sizes), a.masks, a.mask_p, a.seed)}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from models.checkpoint import load_model, model_inputs, training_data_dir
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
 UPSTREAMS = ("tera", "mockingjay")
-OPTIONAL_STEPS = ("suggest",)  # run by ``report`` when asked (``--suggest``), or alone
+OPTIONAL_STEPS = ("suggest", "saliency")  # run by ``report`` when asked (``--suggest``, ``--saliency``), or alone
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -55,8 +55,9 @@ class Report:
                  reference: str | None = None, probe_train: str | None = None, limit: int | None = None,
                  utterance: str | None = None, max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True,
                  upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", need_alignments: bool = True, saliency_options: dict | None = None):
         self.out = check_writable(out)
+        self.saliency_options = saliency_options or {}
         self.device = device
         self.ckpt = ckpt
         self.upstream = upstream
@@ -81,7 +82,10 @@ class Report:
             self.data_dir = training_data_dir(self.hp, data_dir)
             # the model's own features and frame rate (ours, or a converted ESPnet model's); CPU-side
             self.cmvn, self.featurizer, self.framing = model_inputs(self.model, self.hp, self.data_dir)
-        self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
+        if need_alignments:
+            self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
+        else:  # saliency alone reads no alignment
+            self.manifest, counts = self._manifest_path(manifest), None
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
         self.max_frames, self.probe_epochs, self.progress = max_frames, probe_epochs, progress
@@ -275,6 +279,34 @@ class Report:
         self.results["suggest"] = {k: r[k] for k in ("baseline", "similarity", "candidates")}
         self.results["figures"]["similarity"] = str(self.out / "suggest" / "similarity.png")
         self.results["figures"]["candidates"] = str(self.out / "suggest" / "candidates.png")
+
+    def step_saliency(self):
+        """Attention against input saliency for each emitted CTC token (``analysis/saliency.py``) over
+        the report's manifest (``--limit`` utterances): ``OUT/saliency.json`` and three figures."""
+        from analysis.saliency import CTCSaliency
+        from analysis.saliency_report import run
+        from data.datamodule import ManifestDataset
+
+        if self.upstream is not None:
+            raise ValueError("saliency needs a CTC model of ours (or a converted ESPnet one), not an upstream")
+        ds = ManifestDataset([self.manifest], cmvn=self.cmvn, featurizer=self.featurizer, framing=self.framing)
+        too_short = dict(ds.skipped)
+        ds.entries = ds.entries[: self.limit]
+
+        def utterances():
+            yield from too_short.items()
+            for i, e in enumerate(ds.entries):
+                item = ds[i]
+                yield e["id"], ds.skipped.get(e["id"], "could not be loaded") if item is None else \
+                    item["features"].to(self.device)
+
+        r = run(CTCSaliency(self.model), utterances(), self.out, progress=self.progress,
+                total=len(ds.entries) + len(too_short),
+                settings={"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
+                          "manifest": str(self.manifest)}, **self.saliency_options)
+        self.results["saliency"] = {k: r[k] for k in ("tokens", "utterances", "layers", "correlation", "deletion")}
+        self.results["figures"].update({f"saliency_{k}": v for k, v in r["figures"].items()})
+        self._saliency = r
 
     def run(self, steps=None) -> dict:
         """Runs the steps; ``report.json`` is rewritten after each, so a failing step keeps what the

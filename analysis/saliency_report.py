@@ -1,0 +1,234 @@
+"""Attention against saliency over a manifest (``python -m analysis saliency``): per-token measures of
+:mod:`analysis.saliency` averaged over every scored token, ``OUT/saliency.json``, three figures
+(correlation per layer and head, one utterance's spectrogram with saliency and attention, deletion
+curves) and a printed table. An utterance that fails is reported and skipped.
+
+``saliency.json``::
+
+    settings        method, masks, model framing, ...
+    tokens          how many tokens were scored
+    utterances      {"scored", "no_tokens", "skipped": [{"id", "error"}]}
+    layers          [{"layer": 1, "computes": true}, ...]   (false: the layer reuses another's map)
+    correlation     {"input": {"per_layer", "per_head", "mean_over_layers", "rollout"},
+                     "encoder_output": {"per_layer", "per_head", "mean_over_layers"}}
+    deletion        {"k": [5, 10, 20, 40], "attention", "saliency", "random"}  (mean log-prob drop)
+    figures         {"correlation", "utterance", "deletion"}
+
+``per_layer``: one Pearson correlation per layer of the head-averaged attention row, averaged over
+tokens; ``per_head``: layers x heads (null where a layer has fewer heads); ``mean_over_layers``: the
+correlation of the layer-and-head average; ``rollout``: of the rollout up to each layer (input only);
+``encoder_output`` compares layer ``l``'s row with the saliency of layer ``l``'s input states (its
+``mean_over_layers`` with the mean of the per-layer state saliencies, each L1-normalised).
+Averages skip tokens where a correlation is undefined (a constant map).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.saliency import (
+    DELETION_K,
+    RANKINGS,
+    PerturbationSettings,
+    SaliencyModel,
+    UtteranceResult,
+    analyse_utterance,
+)
+
+
+class _Mean:
+    """NaN-aware running mean of same-shaped per-token values."""
+
+    def __init__(self):
+        self.sum = self.count = None
+
+    def add(self, values: torch.Tensor) -> None:  # (N, ...)
+        v = values.double()
+        ok = torch.isfinite(v)
+        s, c = torch.where(ok, v, torch.zeros_like(v)).sum(0), ok.sum(0).double()
+        self.sum, self.count = (s, c) if self.sum is None else (self.sum + s, self.count + c)
+
+    def value(self):
+        if self.sum is None:
+            return None
+        m = torch.where(self.count > 0, self.sum / self.count.clamp_min(1), torch.full_like(self.sum, float("nan")))
+        return _json(m.tolist())
+
+
+def _json(x):
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, list):
+        return [_json(v) for v in x]
+    return x
+
+
+def run(model: SaliencyModel, utterances, out: str | Path, method: str = "perturbation",
+        perturbation: PerturbationSettings | None = None, n_steps: int = 32, ks=DELETION_K,
+        spectrogram: bool = True, progress: bool = True, total: int | None = None, settings: dict | None = None) -> dict:
+    """Analyse ``utterances`` (an iterable of ``(id, features (T, F))``, features normalised; an item
+    ``(id, None)`` or ``(id, "reason")`` is an utterance that could not be loaded) and write ``out/saliency.json`` and the
+    figures; returns the JSON object. The deletion's random frames come from ``perturbation.seed``."""
+    from tqdm import tqdm
+
+    from analysis.saliency import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)}")
+    perturbation = perturbation or PerturbationSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ("per_layer", "per_head", "mean_over_layers")
+    acc = {"input": {n: _Mean() for n in (*names, "rollout")}, "encoder_output": {n: _Mean() for n in names}}
+    dele = {n: _Mean() for n in RANKINGS}
+    generator = torch.Generator().manual_seed(perturbation.seed)
+    tokens, scored, empty, skipped, example = 0, 0, 0, [], None
+    for uid, feats in tqdm(utterances, desc="saliency", unit="utt", total=total, disable=not progress):
+        if feats is None or isinstance(feats, str):
+            skipped.append({"id": uid, "error": feats or "could not be loaded"})
+            continue
+        try:
+            r = analyse_utterance(model, feats, method, perturbation, n_steps, ks, generator)
+        except (RuntimeError, ValueError) as e:
+            warnings.warn(f"saliency: skipping utterance {uid}: {type(e).__name__}: {e}", stacklevel=2)
+            skipped.append({"id": uid, "error": f"{type(e).__name__}: {e}"})
+            continue
+        if r is None:
+            empty += 1
+            continue
+        scored += 1
+        tokens += len(r.tokens)
+        for side, (pl, ph, mo) in {"input": (r.input_per_layer, r.input_per_head, r.input_mean),
+                                   "encoder_output": (r.states_per_layer, r.states_per_head, r.states_mean)}.items():
+            acc[side]["per_layer"].add(pl)
+            acc[side]["per_head"].add(ph)
+            acc[side]["mean_over_layers"].add(mo[:, None])
+        if r.input_rollout is not None:
+            acc["input"]["rollout"].add(r.input_rollout)
+        for n in RANKINGS:
+            dele[n].add(r.deletion[n])
+        if example is None:
+            example = (uid, feats.cpu(), r)
+    if tokens == 0:
+        raise ValueError(f"no token was scored: {scored + empty} utterances analysed, {empty} emitted no token, "
+                         f"{len(skipped)} skipped" + (f" (e.g. {skipped[0]['id']}: {skipped[0]['error']})" if skipped else ""))
+    corr = {side: {n: m.value() for n, m in d.items()} for side, d in acc.items()}
+    for c in corr.values():
+        c["mean_over_layers"] = c["mean_over_layers"][0]
+    result = {
+        "settings": {"method": method, "ig_steps": n_steps if method == "ig" else None,
+                     "perturbation": {"masks": perturbation.masks, "sizes": [list(s) for s in perturbation.sizes],
+                                      "p": perturbation.p, "seed": perturbation.seed} if method == "perturbation" else None,
+                     "seed": perturbation.seed, "token_score": "log-probability at the emitting frame (greedy CTC path)",
+                     "encoder_output_method": "gradient x input of each layer's input states",
+                     "deletion": "normalised features of the removed frames' receptive fields set to 0",
+                     "subsampling": model.subsampling, "receptive_field": model.receptive_field, **(settings or {})},
+        "tokens": tokens,
+        "utterances": {"scored": scored, "no_tokens": empty, "skipped": skipped},
+        "layers": [{"layer": l + 1, "computes": bool(c)} for l, c in enumerate(model.computes)],
+        "correlation": corr,
+        "deletion": {"k": list(ks), **{n: dele[n].value() for n in RANKINGS}},
+    }
+    result["figures"] = {
+        "correlation": str(plot_correlation(result, out / "saliency_correlation.png")),
+        "utterance": str(plot_utterance(*example, model, out / "saliency_utterance.png", spectrogram)),
+        "deletion": str(plot_deletion(result, out / "saliency_deletion.png")),
+    }
+    from data.features import atomic_write_text
+
+    atomic_write_text(out / "saliency.json", json.dumps(result, indent=1))
+    return result
+
+
+# --- figures and table --------------------------------------------------------------------------------
+
+def _layer_labels(result: dict) -> list[str]:
+    return [f"{d['layer']}" + ("" if d["computes"] else " (reused)") for d in result["layers"]]
+
+
+def plot_correlation(result: dict, path: Path) -> Path:
+    """Per head (heat maps, layers x heads) and per layer (lines, rollout dashed) for both comparisons."""
+    from analysis.plots import _save, plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(result["layers"]) + 3))
+    labels = _layer_labels(result)
+    for ax, side in zip(axes[:2], ("input", "encoder_output")):
+        m = np.array(result["correlation"][side]["per_head"], dtype=float)
+        im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
+        ax.set(title=f"per head vs {side} saliency", xlabel="head", ylabel="layer",
+               yticks=range(len(labels)), yticklabels=labels, xticks=range(m.shape[1]))
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    ax = axes[2]
+    x = np.arange(1, len(labels) + 1)
+    for side, style in (("input", "o-"), ("encoder_output", "s-")):
+        ax.plot(x, np.array(result["correlation"][side]["per_layer"], dtype=float), style, label=f"{side} (head avg.)")
+    if result["correlation"]["input"].get("rollout") is not None:
+        ax.plot(x, np.array(result["correlation"]["input"]["rollout"], dtype=float), "^--", label="input (rollout)")
+    for d in result["layers"]:
+        if not d["computes"]:
+            ax.axvspan(d["layer"] - 0.5, d["layer"] + 0.5, color="0.9")
+    ax.set(xlabel="layer (grey: reused map)", ylabel="Pearson r", title=f"per layer ({result['tokens']} tokens)",
+           xticks=x)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_utterance(uid: str, feats: torch.Tensor, r: UtteranceResult, model: SaliencyModel, path: Path,
+                   spectrogram: bool = True) -> Path:
+    """One utterance: the features with the input saliency of its middle token overlaid, and that
+    token's pooled saliency, attention row (layer-and-head average) over time."""
+    from analysis.plots import _save, plt
+
+    i = len(r.tokens) // 2
+    fig, (a0, a1) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    T = feats.shape[0]
+    a0.imshow(feats.t().numpy(), origin="lower", aspect="auto", cmap="gray")
+    s = r.saliency[i].t().numpy()
+    lim = np.abs(s).max() or 1.0
+    a0.imshow(s, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
+    a0.set(ylabel="mel bin", title=f"{uid}: token {r.tokens[i].id} (emitted at encoder frame {r.tokens[i].frame})")
+    centres = np.arange(r.frame_saliency.shape[1]) * model.subsampling + (model.receptive_field - 1) / 2
+    norm = lambda v: v / (np.abs(v).max() or 1.0)
+    a1.plot(centres, norm(r.frame_saliency[i].numpy()), label="saliency (pooled)")
+    a1.plot(centres, norm(r.attention[i].numpy()), label="attention (mean over layers, heads)")
+    if r.tokens[i].frame is not None:
+        a1.axvline(centres[r.tokens[i].frame], color="k", ls=":", label="emitting frame")
+    a1.set(xlabel="feature frame", ylabel="scaled to max 1", xlim=(0, T))
+    a1.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_deletion(result: dict, path: Path) -> Path:
+    from analysis.plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for n in RANKINGS:
+        ax.plot(result["deletion"]["k"], np.array(result["deletion"][n], dtype=float), "o-", label=f"by {n}")
+    ax.set(xlabel="frames removed (%)", ylabel="drop of the token's log-prob", title="deletion test")
+    ax.legend()
+    return _save(fig, path)
+
+
+def format_table(result: dict) -> str:
+    """The printed summary: correlations per layer, then the deletion drops."""
+    f = lambda v: "   n/a" if v is None else f"{v:6.3f}"
+    c = result["correlation"]
+    roll = c["input"].get("rollout") or [None] * len(result["layers"])
+    lines = [f"{result['tokens']} tokens, method {result['settings']['method']}",
+             "layer          r(input)  r(rollout)  r(enc.out)"]
+    for d, a, b, e in zip(result["layers"], c["input"]["per_layer"], roll, c["encoder_output"]["per_layer"]):
+        lines.append(f"{d['layer']:3d} {'computes' if d['computes'] else 'reused  '}   {f(a)}    {f(b)}      {f(e)}")
+    lines.append(f"mean over layers and heads: input {f(c['input']['mean_over_layers'])}, "
+                 f"encoder output {f(c['encoder_output']['mean_over_layers'])}")
+    lines.append("deletion k%   " + "  ".join(f"{k:6d}" for k in result["deletion"]["k"]))
+    for n in RANKINGS:
+        lines.append(f"  by {n:9s} " + "  ".join(f(v) for v in result["deletion"][n]))
+    return "\n".join(lines)
