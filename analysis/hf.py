@@ -207,7 +207,7 @@ class HFUpstream(nn.Module):
         self.check_samples(wave.numel(), "input")
         x = self.feature_extractor(wave.float().cpu().numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt")
         key = "input_features" if self.family == "whisper" else "input_values"
-        return {key: x[key].to(self.model.device)}
+        return {key: x[key].to(self.model.device, self.model.dtype)}
 
     def num_frames(self, samples: int) -> int:
         """Encoder frames analysed for ``samples`` of audio (Whisper: those covering the audio)."""
@@ -395,14 +395,17 @@ def value_zeroing_distances(layer: nn.Module, call: tuple, value_proj: nn.Module
     the output of ``value_proj`` (a module inside ``layer``: its self- or cross-attention's value
     projection) multiplied by the mask, and everything else unchanged; returns the cosine distance
     ``(G, T)`` of each receiving position's output to the unaltered output (after ``final_norm``
-    when given). Runs in float64, the unaltered variant in the same batch as the altered ones."""
+    when given), exactly 0 where the output did not change. Runs in float64, the unaltered variant in the same batch as the altered ones."""
     names = {m: n for n, m in layer.named_modules()}
     if value_proj not in names:
         raise ValueError("value_proj is not a module of layer")
     layer64 = copy.deepcopy(layer).double()
     v64 = dict(layer64.named_modules())[names[value_proj]]
     norm64 = copy.deepcopy(final_norm).double() if final_norm is not None else None
-    args, kwargs = call
+    import inspect
+
+    bound = inspect.signature(layer.forward).bind(*call[0], **call[1])  # positional arguments by name
+    kwargs = {**{k: v for k, v in bound.arguments.items() if k != "kwargs"}, **bound.arguments.get("kwargs", {})}
     current = {}
     handle = v64.register_forward_hook(lambda m, i, o: o * current["mask"][:, :, None])
     try:
@@ -411,14 +414,15 @@ def value_zeroing_distances(layer: nn.Module, call: tuple, value_proj: nn.Module
             m = torch.cat([torch.ones_like(masks[:1]), masks[s:s + chunk]]).double()
             n = m.shape[0]
             current["mask"] = m
-            a = [_doubled(x, n, i == 0) for i, x in enumerate(args)]
             kw = {k: _doubled(v, n, k in ("hidden_states", "encoder_hidden_states")) for k, v in kwargs.items()}
-            y = layer64(*a, **kw)
+            y = layer64(**kw)
             y = y[0] if isinstance(y, tuple) else y
             if norm64 is not None:
                 y = norm64(y)
-            cos = nn.functional.cosine_similarity(y[1:], y[:1].expand(n - 1, -1, -1), dim=-1)
-            out.append(1.0 - cos)
+            ref = y[:1].expand(n - 1, -1, -1)
+            cos = nn.functional.cosine_similarity(y[1:], ref, dim=-1)
+            # an output left exactly as it was is at distance 0 (1 - cos of equal vectors rounds to ~1e-16)
+            out.append(torch.where((y[1:] == ref).all(-1), torch.zeros_like(cos), 1.0 - cos))
     finally:
         handle.remove()
     return torch.cat(out).clamp_min(0).float()

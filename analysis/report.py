@@ -76,7 +76,6 @@ class Report:
                 from analysis.hf import HFUpstream
 
                 self.model = HFUpstream.from_pretrained(upstream_ckpt, device)
-                self.results_model = self.model.summary  # kept up to date by encode (Whisper's padding)
                 max_frames *= SAMPLE_RATE // 100  # --max-frames counts 10 ms frames; the hf loader counts samples
             else:
                 self.model = TeraUpstream.from_checkpoint(upstream_ckpt).to(device)
@@ -104,7 +103,7 @@ class Report:
         self.results: dict = {"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
                               "manifest": str(manifest), "alignment_counts": counts, "figures": {}}
         if upstream == "hf":
-            self.results["hf_model"] = self.results_model
+            self.results["hf_model"] = self.model.summary  # kept up to date by encode (Whisper's padding)
         self._stats = None
         self._probes = None
         self._mixing_entry = None
