@@ -82,8 +82,11 @@ class Report:
             self.hp = {"checkpoints": [str(upstream_ckpt)], "reuse": f"{upstream} ({self.model.num_layers} layers)"}
             self.data_dir = Path(data_dir) if data_dir else None
             self.cmvn = None  # the upstream normalises its own features
-            self.featurizer = self.model.features
-            self.framing = LabelFraming(self.model.frame_shift, self.model.frame_window, subsampled=False)
+            if upstream == "hf":  # the waveform in, the model's own frame rate
+                self.featurizer, self.framing = self.model.featurizer, self.model.framing
+            else:
+                self.featurizer = self.model.features
+                self.framing = LabelFraming(self.model.frame_shift, self.model.frame_window, subsampled=False)
         else:
             if not ckpt:
                 raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
