@@ -33,13 +33,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from analysis.upstreams import TeraUpstream
 from data.datamodule import LabelFraming
 from data.features import SAMPLE_RATE
 from models.ctc import EncoderOutput
@@ -187,7 +187,7 @@ class HFUpstream(nn.Module):
                                       "and its rows renormalised (context mixing: raw maps over the whole window)")
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, device: str = "cpu") -> "HFUpstream":
+    def from_pretrained(cls, source: str | Path, device: str = "cpu") -> HFUpstream:
         return cls(source, device)
 
     @staticmethod
@@ -253,25 +253,8 @@ class HFUpstream(nn.Module):
             for h in handles:
                 h.remove()
 
-    def head_mask_tensor(self, head_mask) -> torch.Tensor | None:
-        """``(num_layers, heads)`` 0/1 keep-mask from a tensor of that shape or ``{layer: [heads to mask]}``."""
-        if head_mask is None:
-            return None
-        H = self.num_heads[0]
-        if isinstance(head_mask, Mapping):
-            mask = torch.ones(self.num_layers, H)
-            for layer, heads in head_mask.items():
-                if not 0 <= int(layer) < self.num_layers:
-                    raise ValueError(f"head mask names layer {layer}; the model has layers 0..{self.num_layers - 1}")
-                for h in heads:
-                    if not 0 <= int(h) < H:
-                        raise ValueError(f"head mask names head {h} of layer {layer}, which has heads 0..{H - 1}")
-                    mask[int(layer), int(h)] = 0
-            return mask
-        mask = torch.as_tensor(head_mask, dtype=torch.float32)
-        if mask.shape != (self.num_layers, H):
-            raise ValueError(f"head mask must be (num_layers, heads) = ({self.num_layers}, {H}); got {tuple(mask.shape)}")
-        return mask
+    # ``(num_layers, heads)`` 0/1 keep-mask from a tensor of that shape or ``{layer: [heads to mask]}``
+    head_mask_tensor = TeraUpstream.head_mask_tensor
 
     def run_encoder(self, wave: torch.Tensor, head_mask=None) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
         """One waveform through the encoder: ``(maps, hidden, calls)`` with maps ``(1, H, T, T)`` per
@@ -456,7 +439,11 @@ def _record_values(modules: list[nn.Module]):
 
 
 def _scores(attn, vo, receivers, sources, dist, methods) -> dict[str, torch.Tensor]:
-    from analysis.context_mixing import group_attention, group_attention_norm, group_value_zeroing
+    from analysis.context_mixing import (
+        group_attention,
+        group_attention_norm,
+        group_value_zeroing,
+    )
 
     out = {}
     if "attention" in methods:

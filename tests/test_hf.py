@@ -11,7 +11,12 @@ import torch
 
 tf = pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[hf]'")
 
-from analysis.hf import HFUpstream, conv_frames, hf_context_mixing, value_zeroing_distances  # noqa: E402
+from analysis.hf import (
+    HFUpstream,
+    conv_frames,
+    hf_context_mixing,
+    value_zeroing_distances,
+)
 
 SPECIALS = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>",
             "<|nocaptions|>", "<|startofprev|>", "<|startoflm|>"]
@@ -158,7 +163,7 @@ def test_encoder_value_zeroing_equals_manual(folders, wave, name):
     up = HFUpstream(folders[name])
     up.model.double()
     w = wave[:8000]
-    maps, hidden, calls = up.run_encoder(w.double())
+    _, hidden, calls = up.run_encoder(w.double())
     words = [[0, 1, 2], [3, 4, 5, 6], [7, 8], [10, 11, 12]]
     for l, layer in enumerate(up.layers):
         x = calls[l][0][0][0] if calls[l][0] else calls[l][1]["hidden_states"][0]
@@ -234,7 +239,7 @@ def test_whisper_decoder_and_cross(folders, wave):
         assert (v.triu(1) == 0).all(), m
     # value zeroing against a hand-written decoder layer in float64, values zeroed by multiplication
     up.model.double()
-    enc, smaps, cmaps, hidden, calls = up.run_decoder(wave.double(), ids)
+    enc, _, cmaps, hidden, calls = up.run_decoder(wave.double(), ids)
     out = hf_context_mixing(up, wave.double(), words, ids, methods=["value_zeroing", "attention"])
     gm = torch.zeros(3, enc.shape[1], dtype=torch.float64)
     for g, f in enumerate(words):
