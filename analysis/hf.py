@@ -322,7 +322,7 @@ class HFUpstream(nn.Module):
         return list(tok.prefix_tokens)
 
     @torch.inference_mode()
-    def greedy_ids(self, wave: torch.Tensor, max_new_tokens: int = 64, language: str | None = "en") -> list[int]:
+    def greedy_ids(self, wave: torch.Tensor, max_new_tokens: int | None = None, language: str | None = "en") -> list[int]:
         """Greedy transcript (argmax each step, the generation config's suppressed tokens left out),
         the prompt included, the end-of-text token kept when produced."""
         inputs = self.model_input(wave)
@@ -332,7 +332,8 @@ class HFUpstream(nn.Module):
         suppress = list(getattr(gc, "suppress_tokens", None) or [])
         begin = list(getattr(gc, "begin_suppress_tokens", None) or [])
         eos = self.config.eos_token_id
-        limit = min(max_new_tokens, self.config.max_target_positions - len(ids))
+        limit = self.config.max_target_positions - len(ids)  # default: as many as the decoder holds
+        limit = limit if max_new_tokens is None else min(max_new_tokens, limit)
         for step in range(limit):
             logits = self.model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids], device=enc.device),
                                 use_cache=False).logits[0, -1]
