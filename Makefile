@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,s3prl,onnx,espnet]"
+	$(PY) -m pip install --quiet -e ".[dev,s3prl,onnx,espnet,hf]"
 	@# espnet 202511 beside the venv's packages, without its dependencies (they would replace the pinned
 	@# torch): the reference for models/espnet.py's tests and the latency peer. Optional: without it
 	@# those tests skip, saying why.

@@ -2,6 +2,8 @@
 
     python -m analysis report --ckpt CKPT --manifest M --out DIR [--alignments A] [--reference REF]
     python -m analysis report --upstream tera --upstream-ckpt TERA.ckpt --manifest M.jsonl --out DIR
+    python -m analysis report --upstream hf --upstream-ckpt HF_FOLDER_OR_ID --manifest M.jsonl --out DIR
+                                            (wav2vec2 / HuBERT / Whisper through transformers; analysis/hf.py)
     python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
     python -m analysis suggest-reuse --ckpt BASE --manifest M --out DIR [--groups K ...] [--limit N]
                                             (which layers could share maps; see analysis/suggest.py)
@@ -43,8 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("report", *STEPS, *OPTIONAL_STEPS):
         s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
         s.add_argument("--ckpt", help="checkpoint of train.py (file, or folder with last.ckpt)")
-        s.add_argument("--upstream", choices=UPSTREAMS, help="analyse a self-supervised upstream instead (s3prl)")
-        s.add_argument("--upstream-ckpt", help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it)")
+        s.add_argument("--upstream", choices=UPSTREAMS, help="analyse another model instead: TERA / Mockingjay (s3prl) or "
+                                                                  "hf (a transformers wav2vec2 / HuBERT / Whisper)")
+        s.add_argument("--upstream-ckpt", help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it; "
+                                                "for hf a save_pretrained folder or a hub id)")
+        s.add_argument("--decoder-text", choices=("greedy", "reference"), default="greedy",
+                       help="Whisper context mixing: teacher-force the decoder on its greedy transcript or the reference")
         s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
         s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
         s.add_argument("--out", required=True, help="output folder for PNG / JSON / CSV")
@@ -80,10 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
                         a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
                         data_dir=a.data_dir, device=a.device, need_alignments=a.command != "saliency",
-                        saliency_options=saliency)
+                        saliency_options=saliency, decoder_text=a.decoder_text)
         if a.command == "report":
-            steps = [*(UPSTREAM_STEPS if a.upstream else STEPS), *(["suggest"] if a.suggest else []),
-                     *(["saliency"] if a.saliency else [])]
+            steps = [*(UPSTREAM_STEPS if a.upstream in ("tera", "mockingjay") else STEPS),
+                     *(["suggest"] if a.suggest else []), *(["saliency"] if a.saliency else [])]
         else:
             steps = [a.command]
         results = report.run(steps)

@@ -1,4 +1,4 @@
-"""Context mixing between frame groups (e.g. words) in one layer (SPEC section 9; seeds 001, 002).
+"""Context mixing between frame groups (e.g. words) in one layer (Mohebbi et al., 2023; Kobayashi et al., 2020).
 
 Three scores ``S[i <- j]``, for groups ``i`` (rows, receivers) and ``j`` (columns, sources):
 
@@ -36,6 +36,31 @@ def _group_mask(groups: list[list[int]], T: int, device) -> torch.Tensor:
     return m.to(device)
 
 
+def group_attention(attn: torch.Tensor, receivers: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """``attention`` score ``(R, G)``: the map ``attn (H, T, S)`` averaged over heads, over the frames of
+    each receiving group (``receivers (R, T)`` 0/1) and over those of each source group
+    (``sources (G, S)`` 0/1)."""
+    return receivers @ attn.mean(0) @ sources.t() / (receivers.sum(1)[:, None] * sources.sum(1)[None, :])
+
+
+def group_attention_norm(attn: torch.Tensor, vo: torch.Tensor, receivers: torch.Tensor,
+                         sources: torch.Tensor) -> torch.Tensor:
+    """``attention_norm`` score ``(R, G)`` (Kobayashi et al., 2020): ``|| sum_h sum_{k in j} A_h[q,k] vo_h[k] ||``
+    averaged over the frames ``q`` of receiving group i; ``vo (H, S, d)`` the per-head values through
+    the output projection, ``attn (H, T, S)``."""
+    f = torch.einsum("hqk,gk,hkd->gqd", attn, sources, vo)  # (G, T, d)
+    return (receivers @ f.norm(dim=-1).t()) / receivers.sum(1)[:, None]
+
+
+def group_value_zeroing(dist: torch.Tensor, receivers: torch.Tensor) -> torch.Tensor:
+    """``value_zeroing`` score ``(R, G)`` from the cosine distances ``dist (G, T)`` (source group zeroed,
+    receiving frame): averaged over each receiving group's frames, rows normalised to sum to 1
+    (a row with no distance at all stays 0)."""
+    s_ij = (receivers @ dist.t()) / receivers.sum(1)[:, None]
+    total = s_ij.sum(1, keepdim=True)
+    return torch.where(total > 0, s_ij / total.clamp_min(1e-30), s_ij)
+
+
 @torch.inference_mode()
 def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[list[int]], layers: list[int] | None = None,
                    methods=METHODS, chunk: int = 64) -> dict[str, torch.Tensor]:
@@ -53,7 +78,6 @@ def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[lis
     T = enc.output.shape[1]
     layers = list(range(model.num_layers)) if layers is None else layers
     gm = _group_mask(groups, T, features.device)  # (G, T)
-    sizes = gm.sum(1)
     pos_emb = model.encoder.pos_enc.encodings(T, features.device, enc.output.dtype)
     out = {m: [] for m in methods}
     for l in layers:
@@ -61,17 +85,13 @@ def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[lis
         attn = enc.attentions[l][0]  # (H, T, T), the map this layer applied
         x_in = enc.hidden_states[l]  # (1, T, d)
         if "attention" in methods:
-            a = attn.mean(0)
-            out["attention"].append(gm @ a @ gm.t() / (sizes[:, None] * sizes[None, :]))
+            out["attention"].append(group_attention(attn, gm, gm))
         if "attention_norm" in methods:
             sa = block.self_attn
             v = sa._heads(sa.linear_v(block.attention_input(x_in)), sa.d_v)[0]  # (H, T, d_v)
             w = sa.linear_out.weight.t().reshape(sa.num_heads, sa.d_v, -1)  # (H, d_v, d)
             vo = torch.einsum("htv,hvd->htd", v, w)  # per-head transformed values
-            # f(q, J) = sum_h sum_{k in J} A_h[q,k] vo_h[k]  -> (G, T, d)
-            f = torch.einsum("hqk,gk,hkd->gqd", attn, gm, vo)
-            norms = f.norm(dim=-1)  # (G_j, T)
-            out["attention_norm"].append((gm @ norms.t()) / sizes[:, None])  # (G_i, G_j)
+            out["attention_norm"].append(group_attention_norm(attn, vo, gm, gm))
         if "value_zeroing" in methods:
             # float64 copy of the layer: 1 - cos of two float32 outputs is noisy at the 1e-7 level
             block64 = copy.deepcopy(block).double()
@@ -87,7 +107,5 @@ def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[lis
                 cos = torch.nn.functional.cosine_similarity(alt[1:], alt[:1].expand(n - 1, -1, -1), dim=-1)
                 dist.append(1.0 - cos)
             d = torch.cat(dist).clamp_min(0).float()  # (G_j, T)
-            s_ij = (gm @ d.t()) / sizes[:, None]  # (G_i, G_j)
-            total = s_ij.sum(1, keepdim=True)
-            out["value_zeroing"].append(torch.where(total > 0, s_ij / total.clamp_min(1e-30), s_ij))
+            out["value_zeroing"].append(group_value_zeroing(d, gm))
     return {m: torch.stack(v) for m, v in out.items()}

@@ -117,8 +117,11 @@ def ablation(result: dict, path: Path, metric_name: str = "probe accuracy") -> P
     return _save(fig, path)
 
 
-def context_mixing(scores: dict[str, np.ndarray], words: list[str], layer_names: list[str], path: Path) -> Path:
-    """One utterance's word-level context-mixing maps: a row per method, a column per layer."""
+def context_mixing(scores: dict[str, np.ndarray], words: list[str], layer_names: list[str], path: Path,
+                   sources: list[str] | None = None, title: str | None = None) -> Path:
+    """One utterance's word-level context-mixing maps: a row per method, a column per layer; rows of
+    each map receive (``words``), columns give (``sources``, default ``words``)."""
+    sources = words if sources is None else sources
     methods = list(scores)
     L = len(layer_names)
     fig, axes = plt.subplots(len(methods), L, figsize=(2.6 * L + 1, 2.6 * len(methods) + 0.5), squeeze=False)
@@ -126,12 +129,14 @@ def context_mixing(scores: dict[str, np.ndarray], words: list[str], layer_names:
         for c in range(L):
             ax = axes[r, c]
             ax.imshow(scores[m][c], cmap="Blues")
-            ax.set_xticks(range(len(words)), words, rotation=90, fontsize=6)
+            ax.set_xticks(range(len(sources)), sources, rotation=90, fontsize=6)
             ax.set_yticks(range(len(words)), words, fontsize=6)
             if r == 0:
                 ax.set_title(layer_names[c], fontsize=9)
             if c == 0:
                 ax.set_ylabel(m.replace("_", " "), fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -21,12 +21,12 @@ from analysis.runner import (accumulated_coverage, aligned_manifest, attention_s
                              reference_par, save_par)
 from data.alignments import PHONE_CLASSES, read_textgrid
 from data.datamodule import LabelFraming, encoder_frames
-from data.features import atomic_write_text, check_writable, fbank, load_audio
+from data.features import SAMPLE_RATE, atomic_write_text, check_writable, fbank, load_audio
 from models.checkpoint import load_model, model_inputs, training_data_dir
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
-UPSTREAMS = ("tera", "mockingjay")
+UPSTREAMS = ("tera", "mockingjay", "hf")  # hf: transformers wav2vec2 / HuBERT / Whisper (analysis/hf.py)
 OPTIONAL_STEPS = ("suggest", "saliency")  # run by ``report`` when asked (``--suggest``, ``--saliency``), or alone
 
 
@@ -55,26 +55,40 @@ class Report:
                  reference: str | None = None, probe_train: str | None = None, limit: int | None = None,
                  utterance: str | None = None, max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True,
                  upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None,
-                 device: str = "cpu", need_alignments: bool = True, saliency_options: dict | None = None):
+                 device: str = "cpu", need_alignments: bool = True, saliency_options: dict | None = None,
+                 decoder_text: str = "greedy"):
         self.out = check_writable(out)
         self.saliency_options = saliency_options or {}
         self.device = device
         self.ckpt = ckpt
         self.upstream = upstream
         self.featurizer = self.framing = None
+        if decoder_text not in ("greedy", "reference"):
+            raise ValueError(f"--decoder-text must be greedy or reference; got {decoder_text!r}")
+        self.decoder_text = decoder_text
         if upstream is not None:
             from analysis.upstreams import TeraUpstream
 
             if upstream not in UPSTREAMS:
                 raise ValueError(f"unknown upstream {upstream!r}; expected one of {', '.join(UPSTREAMS)}")
             if not upstream_ckpt:
-                raise ValueError(f"--upstream {upstream} needs --upstream-ckpt (the .ckpt s3prl's hub downloads)")
-            self.model = TeraUpstream.from_checkpoint(upstream_ckpt).to(device)
+                raise ValueError(f"--upstream {upstream} needs --upstream-ckpt (" + (
+                    "a transformers model folder or hub id)" if upstream == "hf" else "the .ckpt s3prl's hub downloads)"))
+            if upstream == "hf":
+                from analysis.hf import HFUpstream
+
+                self.model = HFUpstream.from_pretrained(upstream_ckpt, device)
+                max_frames *= SAMPLE_RATE // 100  # --max-frames counts 10 ms frames; the hf loader counts samples
+            else:
+                self.model = TeraUpstream.from_checkpoint(upstream_ckpt).to(device)
             self.hp = {"checkpoints": [str(upstream_ckpt)], "reuse": f"{upstream} ({self.model.num_layers} layers)"}
             self.data_dir = Path(data_dir) if data_dir else None
             self.cmvn = None  # the upstream normalises its own features
-            self.featurizer = self.model.features
-            self.framing = LabelFraming(self.model.frame_shift, self.model.frame_window, subsampled=False)
+            if upstream == "hf":  # the waveform in, the model's own frame rate
+                self.featurizer, self.framing = self.model.featurizer, self.model.framing
+            else:
+                self.featurizer = self.model.features
+                self.framing = LabelFraming(self.model.frame_shift, self.model.frame_window, subsampled=False)
         else:
             if not ckpt:
                 raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
@@ -89,8 +103,15 @@ class Report:
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
         self.max_frames, self.probe_epochs, self.progress = max_frames, probe_epochs, progress
+        if upstream == "hf":  # Whisper: every utterance must fit its window, checked before any work
+            from data.prepare import read_manifest
+
+            for e in read_manifest(self.manifest):
+                self.model.check_samples(round(e["duration"] * SAMPLE_RATE), f"{self.manifest}: utterance {e['id']}")
         self.results: dict = {"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
                               "manifest": str(manifest), "alignment_counts": counts, "figures": {}}
+        if upstream == "hf":
+            self.results["hf_model"] = self.model.summary  # kept up to date by encode (Whisper's padding)
         self._stats = None
         self._probes = None
         self._mixing_entry = None
@@ -114,7 +135,10 @@ class Report:
                 raise ValueError(f"--utterance {self.utterance} is not among the aligned utterances of {self.manifest}")
         framing = self.framing or LabelFraming()
         for e in entries:  # the first with two words or more (the named one must have them)
-            T = encoder_frames(int(e.get("num_frames") or round(e["duration"] * 100)))
+            if self.upstream == "hf":
+                T = framing.count(round(e["duration"] * SAMPLE_RATE))
+            else:
+                T = encoder_frames(int(e.get("num_frames") or round(e["duration"] * 100)))
             if len(read_textgrid(e["alignment"]).word_frames(T, framing.shift, framing.window)) >= 2:
                 return e
             if self.utterance:
@@ -249,6 +273,10 @@ class Report:
         self.results["figures"]["ablation"] = str(plots.ablation(result, self.out / "ablation.png"))
 
     def step_mixing(self):
+        if self.upstream == "hf":
+            from analysis.hf_report import hf_mixing_step
+
+            return hf_mixing_step(self, self._mixing_entry or self._check_mixing_utterance())
         if self.upstream is not None:
             raise ValueError("context mixing needs the Conformer's layers; it is not available for upstream models")
         e = self._mixing_entry or self._check_mixing_utterance()
@@ -311,8 +339,8 @@ class Report:
     def run(self, steps=None) -> dict:
         """Runs the steps; ``report.json`` is rewritten after each, so a failing step keeps what the
         earlier ones computed (and names itself under ``failed_step``)."""
-        steps = steps or (UPSTREAM_STEPS if self.upstream else STEPS)
-        if "mixing" in steps and self.upstream is None:
+        steps = steps or (UPSTREAM_STEPS if self.upstream not in (None, "hf") else STEPS)
+        if "mixing" in steps and self.upstream in (None, "hf"):
             self._mixing_entry = self._check_mixing_utterance()  # a bad --utterance fails before any work
         for s in steps:
             try:

@@ -1,0 +1,514 @@
+"""Hugging Face speech transformers behind the capture interface of :class:`models.ConformerCTC`:
+wav2vec2 / HuBERT (with a CTC head or without; post-LN "base" and pre-LN "stable layer norm"
+encoders) and Whisper (its encoder for every analysis, its decoder and cross-attention for word-level
+context mixing), loaded with transformers' own classes and the folder's own feature extractor /
+processor, with eager attention so that the maps are the model's ``output_attentions``.
+
+``encode(features, lengths, return_attentions, return_hidden_states, head_mask)`` ->
+:class:`models.EncoderOutput`, as for our Conformer and :mod:`analysis.upstreams`. The "features"
+are the 16 kHz waveform as ``(samples, 1)``: the model's feature extractor runs inside ``encode``,
+one utterance at a time, so that no padding enters a map. Hidden states are those each encoder layer
+passes on (index 0: the first layer's input); the last one after the encoder's final LayerNorm where
+the model has one (pre-LN encoders), whatever transformers' ``hidden_states`` tuple holds.
+
+- Frame rate: wav2vec2-style encoders take the conv feature encoder's total stride and receptive
+  field (320 and 400 samples: 20 ms frames, 25 ms windows); Whisper's encoder frames are 20 ms apart,
+  frame k centred at k * 20 ms (centred STFT, then a stride-2 conv).
+- Whisper pads every input to its window (the feature extractor's ``n_samples``: 30 s for the released
+  models). Only the encoder frames whose centre lies in the audio are analysed: each map is cut to
+  them and its rows renormalised; the attention mass the audio frames gave to the padding is
+  recorded (:attr:`HFUpstream.padding_mass`). A longer input is refused.
+- Head ablation: transformers 5 has no ``head_mask`` argument for these models, so a hook on each
+  attention's output projection zeroes the chosen heads' outputs before it (Michel et al., 2019,
+  "Are Sixteen Heads Really Better than One?").
+
+WavLM is refused: transformers computes its attention with torch's fused
+``multi_head_attention_forward`` and returns head-averaged weights, so neither per-head maps, nor the
+head hook, nor Value Zeroing's value hook can be had without patching transformers.
+
+transformers is an optional extra (``pip install '.[hf]'``; tested with transformers 5.23.0).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from analysis.upstreams import TeraUpstream
+from data.datamodule import LabelFraming
+from data.features import SAMPLE_RATE
+from models.ctc import EncoderOutput
+
+HF_HELP = ("transformers is not installed; install the optional extra with `pip install '.[hf]'` "
+           "(or `pip install transformers==5.23.0`)")
+# model_type -> (family, base model class, classes with a head that are loaded as such)
+FAMILIES = {
+    "wav2vec2": ("ctc", "Wav2Vec2Model", ("Wav2Vec2ForCTC",)),
+    "hubert": ("ctc", "HubertModel", ("HubertForCTC",)),
+    "whisper": ("whisper", "WhisperForConditionalGeneration", ("WhisperForConditionalGeneration",)),
+}
+REFUSED = {"wavlm": "transformers' WavLM attention runs torch's fused multi_head_attention_forward and returns "
+                    "head-averaged weights: per-head maps, head ablation and Value Zeroing are not available"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"{HF_HELP} ({e})") from None
+    return transformers
+
+
+def conv_frames(samples: int, kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """Frames of a stack of unpadded 1-d convolutions over ``samples`` inputs."""
+    n = samples
+    for k, s in zip(kernels, strides):
+        n = max(0, (n - k) // s + 1)
+    return n
+
+
+def conv_receptive_field(kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """Inputs one output frame of the stack sees."""
+    r, jump = 1, 1
+    for k, s in zip(kernels, strides):
+        r += (k - 1) * jump
+        jump *= s
+    return r
+
+
+def whisper_frames(samples: int, stride: int) -> int:
+    """Whisper encoder frames whose centre (k * stride samples) lies in ``samples`` of audio."""
+    return math.ceil(samples / stride)
+
+
+class WaveFeaturizer:
+    """16 kHz waveform ``(samples,)`` -> ``(samples, 1)``: the model's own feature extractor runs in
+    :meth:`HFUpstream.encode`. ``num_frames`` counts samples (for batching and length checks)."""
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        return wave.float().reshape(-1, 1)
+
+    def num_frames(self, samples: int) -> int:
+        return int(samples)
+
+
+def check_folder(source: str | Path) -> str:
+    """A model folder (with ``config.json``) or a hub id; a path that is not a model folder fails here."""
+    p = Path(source)
+    if p.exists():
+        if not (p.is_dir() and (p / "config.json").is_file()):
+            raise ValueError(f"--upstream-ckpt {source}: not a Hugging Face model folder (no config.json; "
+                             f"give the folder save_pretrained wrote, or a hub id)")
+        return str(p)
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise FileNotFoundError(f"--upstream-ckpt {source}: no such model folder")
+    return str(source)
+
+
+class HFUpstream(nn.Module):
+    """A transformers speech model with our capture interface (encoder layers only).
+
+    Attributes ``family`` ("ctc" or "whisper"), ``model_type``, ``num_layers``, ``num_heads`` (one per
+    layer), ``d_model``, ``frame_shift``, ``framing`` (:class:`LabelFraming`), ``featurizer``,
+    ``max_samples`` (Whisper's window; None otherwise), ``processor``, ``model`` (the transformers
+    model), ``padding_mass`` (Whisper: [sum, count] of the attention mass audio frames gave to padding).
+    """
+
+    def __init__(self, source: str | Path, device: str = "cpu"):
+        super().__init__()
+        tf = _transformers()
+        source = check_folder(source)
+        try:
+            config = tf.AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--upstream-ckpt {source}: cannot read a transformers config ({e})") from None
+        mt = config.model_type
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named"
+        if mt in REFUSED:
+            raise ValueError(f"--upstream-ckpt {source}: {mt} ({archs}) is not supported: {REFUSED[mt]}")
+        if mt not in FAMILIES:
+            raise ValueError(f"--upstream-ckpt {source}: model type {mt!r} ({archs}) is not supported; expected one "
+                             f"of {', '.join(FAMILIES)} (Wav2Vec2ForCTC, HubertForCTC, their base models, "
+                             f"WhisperForConditionalGeneration)")
+        self.family, base, heads = FAMILIES[mt]
+        arch = next((a for a in (config.architectures or []) if a in heads), base)
+        self.model_type, self.source = mt, source
+        try:
+            if self.family == "whisper":
+                self.processor = tf.AutoProcessor.from_pretrained(source)
+                self.feature_extractor = self.processor.feature_extractor
+            else:
+                self.feature_extractor = tf.AutoFeatureExtractor.from_pretrained(source)
+                self.processor = None
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"--upstream-ckpt {source}: no usable feature extractor / processor ({e})") from None
+        self.model = getattr(tf, arch).from_pretrained(source, attn_implementation="eager").eval().to(device)
+        self.config = config
+        base_model = self.model.base_model
+        if self.family == "whisper":
+            self.encoder, self.decoder = base_model.encoder, base_model.decoder
+            self.layers = list(self.encoder.layers)
+            self.final_norm = self.encoder.layer_norm
+            fe = self.feature_extractor
+            self.max_samples = int(fe.n_samples)
+            stride = int(fe.hop_length) * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
+            self.frame_shift = stride / SAMPLE_RATE
+            # frame k centred at k * shift: the centre rule's window is 0
+            self.framing = LabelFraming(self.frame_shift, 0.0, count=partial(whisper_frames, stride=stride),
+                                        min_frames=1, frame_ms=1000 / SAMPLE_RATE)
+        else:
+            self.encoder, self.decoder = base_model.encoder, None
+            self.layers = list(self.encoder.layers)
+            self.final_norm = self.encoder.layer_norm if config.do_stable_layer_norm else None
+            kernels, strides = tuple(config.conv_kernel), tuple(config.conv_stride)
+            r = conv_receptive_field(kernels, strides)
+            self.max_samples = None
+            self.frame_shift = math.prod(strides) / SAMPLE_RATE
+            self.framing = LabelFraming(self.frame_shift, r / SAMPLE_RATE,
+                                        count=partial(conv_frames, kernels=kernels, strides=strides),
+                                        min_frames=r, frame_ms=1000 / SAMPLE_RATE)
+        self.attentions_modules = [self._attention(layer) for layer in self.layers]
+        self.num_layers = len(self.layers)
+        self.num_heads = [int(a.num_heads) for a in self.attentions_modules]
+        self.d_model = int(config.d_model if self.family == "whisper" else config.hidden_size)
+        self.featurizer = WaveFeaturizer()
+        self.padding_mass = [0.0, 0]
+        self.summary = {"source": str(source), "model_type": mt, "class": arch, "layers": self.num_layers,
+                        "heads": self.num_heads[0], "frame_shift_s": self.frame_shift,
+                        "pre_layer_norm": bool(self.family == "whisper" or config.do_stable_layer_norm)}
+        if self.family == "whisper":
+            self.summary["window"] = (f"every input is padded to the model's {self.max_samples / SAMPLE_RATE:g} s window; "
+                                      "only the encoder frames covering the audio are analysed, each map cut to them "
+                                      "and its rows renormalised (context mixing: raw maps over the whole window)")
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str = "cpu") -> HFUpstream:
+        return cls(source, device)
+
+    @staticmethod
+    def _attention(layer: nn.Module) -> nn.Module:
+        return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def check_samples(self, samples: int, what: str) -> None:
+        """Refuse an input longer than Whisper's window (before any work)."""
+        if self.max_samples is not None and samples > self.max_samples:
+            raise ValueError(f"{what}: {samples / SAMPLE_RATE:.2f} s is longer than the model's "
+                             f"{self.max_samples / SAMPLE_RATE:g} s window (Whisper analyses one window; "
+                             f"cut the audio or leave this utterance out)")
+
+    def model_input(self, wave: torch.Tensor) -> dict:
+        """The feature extractor's input for one waveform ``(samples,)``, on the model's device."""
+        self.check_samples(wave.numel(), "input")
+        x = self.feature_extractor(wave.float().cpu().numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        key = "input_features" if self.family == "whisper" else "input_values"
+        return {key: x[key].to(self.model.device, self.model.dtype)}
+
+    def num_frames(self, samples: int) -> int:
+        """Encoder frames analysed for ``samples`` of audio (Whisper: those covering the audio)."""
+        return self.framing.count(samples)
+
+    # --- capture --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self, layers: list[nn.Module]):
+        """Records, for each of ``layers``, its call ``(args, kwargs)`` and its output."""
+        calls, outputs, handles = [None] * len(layers), [None] * len(layers), []
+        for i, layer in enumerate(layers):
+            def pre(mod, args, kwargs, i=i):
+                calls[i] = (args, dict(kwargs))
+
+            def post(mod, args, out, i=i):
+                outputs[i] = out[0] if isinstance(out, tuple) else out
+            handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
+        try:
+            yield calls, outputs
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def masked_heads(self, head_mask):
+        """Zeroes the chosen heads' outputs before each attention's output projection."""
+        keep = self.head_mask_tensor(head_mask)
+        handles = []
+        if keep is not None:
+            for l, attn in enumerate(self.attentions_modules):
+                if bool(keep[l].all()):
+                    continue
+                k = keep[l].to(self.model.device)
+
+                def pre(mod, args, k=k):
+                    x = args[0]
+                    x = (x.unflatten(-1, (k.numel(), -1)) * k[:, None].to(x.dtype)).flatten(-2)
+                    return (x, *args[1:])
+                handles.append(attn.out_proj.register_forward_pre_hook(pre))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ``(num_layers, heads)`` 0/1 keep-mask from a tensor of that shape or ``{layer: [heads to mask]}``
+    head_mask_tensor = TeraUpstream.head_mask_tensor
+
+    def run_encoder(self, wave: torch.Tensor, head_mask=None) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+        """One waveform through the encoder: ``(maps, hidden, calls)`` with maps ``(1, H, T, T)`` per
+        layer over every frame (Whisper: its whole window), ``num_layers + 1`` hidden states ``(1, T, d)``
+        (the last after the final norm, if any) and each layer's recorded call."""
+        inputs = self.model_input(wave)
+        with self.capture(self.layers) as (calls, outputs), self.masked_heads(head_mask):
+            if self.family == "whisper":
+                out = self.encoder(**inputs, output_attentions=True)
+            else:
+                out = self.model.base_model(**inputs, output_attentions=True)
+        first = calls[0][0][0] if calls[0][0] else calls[0][1]["hidden_states"]
+        last = outputs[-1] if self.final_norm is None else self.final_norm(outputs[-1])
+        return list(out.attentions), [first, *outputs[:-1], last], calls
+
+    # --- capture interface ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor, return_attentions: bool = False,
+               return_hidden_states: bool = False, head_mask=None) -> EncoderOutput:
+        """``features (B, samples, 1)`` padded waveforms, ``lengths (B,)`` samples -> :class:`EncoderOutput`
+        with ``(B, H, T', T')`` maps per layer and ``num_layers + 1`` hidden states ``(B, T', d)``,
+        ``T'`` the most encoder frames analysed in the batch; each utterance runs alone."""
+        if features.dim() != 3 or features.shape[-1] != 1:
+            raise ValueError(f"features must be (B, samples, 1) waveforms; got {tuple(features.shape)}")
+        if lengths.shape != (features.shape[0],):
+            raise ValueError(f"lengths must be ({features.shape[0]},); got {tuple(lengths.shape)}")
+        maps, hidden, counts = [], [], []
+        for b, n in enumerate(lengths.tolist()):
+            a, h, _ = self.run_encoder(features[b, :n, 0], head_mask)
+            T = self.num_frames(n)
+            if self.family == "whisper":  # the frames covering the audio; rows renormalised over them
+                kept = [m[:, :, :T, :T] for m in a]
+                mass = torch.stack([k.sum(-1) for k in kept])
+                self.padding_mass[0] += float((1 - mass).mean())
+                self.padding_mass[1] += 1
+                self.summary["mean_attention_mass_on_padding"] = self.padding_mass[0] / self.padding_mass[1]
+                a = [k / k.sum(-1, keepdim=True) for k in kept]
+                h = [x[:, :T] for x in h]
+            elif a[0].shape[-1] != T:
+                raise RuntimeError(f"the model gave {a[0].shape[-1]} frames for {n} samples; expected {T}")
+            maps.append(a)
+            hidden.append(h)
+            counts.append(T)
+        Tm = max(counts)
+
+        def pad(x, dims):
+            p = []
+            for d in reversed(range(x.dim())):
+                p += [0, Tm - x.shape[d]] if d in dims else [0, 0]
+            return nn.functional.pad(x, p)
+        attentions = [torch.cat([pad(m[l], (2, 3)) for m in maps]) for l in range(self.num_layers)]
+        states = [torch.cat([pad(h[l], (1,)) for h in hidden]) for l in range(self.num_layers + 1)]
+        return EncoderOutput(states[-1], torch.tensor(counts, device=features.device),
+                             attentions if return_attentions else None, states if return_hidden_states else None)
+
+    def forward(self, features, lengths, head_mask=None):
+        return self.encode(features, lengths, head_mask=head_mask).output
+
+    # --- Whisper decoder ----------------------------------------------------------------------------
+    def prompt_ids(self, language: str | None = "en", task: str = "transcribe") -> list[int]:
+        """The decoder prompt (start of transcript, language, task, no timestamps) from the tokenizer."""
+        tok = self.processor.tokenizer
+        tok.set_prefix_tokens(language=language if self.model.generation_config.is_multilingual is not False else None,
+                              task=task, predict_timestamps=False)
+        return list(tok.prefix_tokens)
+
+    @torch.inference_mode()
+    def greedy_ids(self, wave: torch.Tensor, max_new_tokens: int | None = None, language: str | None = "en") -> list[int]:
+        """Greedy transcript (argmax each step, the generation config's suppressed tokens left out),
+        the prompt included, the end-of-text token kept when produced."""
+        inputs = self.model_input(wave)
+        enc = self.encoder(**inputs).last_hidden_state
+        ids = self.prompt_ids(language)
+        gc = self.model.generation_config
+        suppress = list(getattr(gc, "suppress_tokens", None) or [])
+        begin = list(getattr(gc, "begin_suppress_tokens", None) or [])
+        eos = self.config.eos_token_id
+        limit = self.config.max_target_positions - len(ids)  # default: as many as the decoder holds
+        limit = limit if max_new_tokens is None else min(max_new_tokens, limit)
+        for step in range(limit):
+            logits = self.model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids], device=enc.device),
+                                use_cache=False).logits[0, -1]
+            banned = suppress + (begin if step == 0 else [])
+            if banned:
+                logits[banned] = -float("inf")
+            ids.append(int(logits.argmax()))
+            if ids[-1] == eos:
+                break
+        return ids
+
+    def reference_ids(self, text: str, language: str | None = "en") -> list[int]:
+        """The prompt, the reference text's tokens and end-of-text."""
+        tok = self.processor.tokenizer
+        return self.prompt_ids(language) + tok.encode(" " + text.strip(), add_special_tokens=False) + [self.config.eos_token_id]
+
+    def run_decoder(self, wave: torch.Tensor, ids: list[int]):
+        """Teacher-forced decoder pass: ``(encoder_out (1, S, d), self maps, cross maps, hidden, calls)``
+        with ``(1, H, N, N)`` / ``(1, H, N, S)`` maps per layer, ``S`` the whole window."""
+        inputs = self.model_input(wave)
+        enc = self.encoder(**inputs).last_hidden_state
+        with self.capture(list(self.decoder.layers)) as (calls, outputs):
+            out = self.model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids], device=enc.device),
+                             output_attentions=True, use_cache=False)
+        last = self.decoder.layer_norm(outputs[-1])
+        return enc, list(out.decoder_attentions), list(out.cross_attentions), [*outputs[:-1], last], calls
+
+
+# --- Value Zeroing (Mohebbi et al., 2023) -----------------------------------------------------------
+def _doubled(x, n: int, expand: bool):
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        x = x.double()
+        return x.expand(n, *x.shape[1:]) if expand else x
+    return x
+
+
+@torch.inference_mode()
+def value_zeroing_distances(layer: nn.Module, call: tuple, value_proj: nn.Module, masks: torch.Tensor,
+                            final_norm: nn.Module | None = None, chunk: int = 32) -> torch.Tensor:
+    """Value Zeroing (Mohebbi, Zuidema, Chrupała, Alishahi, 2023, "Quantifying Context Mixing in
+    Transformers", EACL, section 3): for each row of ``masks (G, S)`` (1 = keep the value vector of
+    source position s, 0 = zero it in every head), re-run ``layer`` on its recorded ``call`` with
+    the output of ``value_proj`` (a module inside ``layer``: its self- or cross-attention's value
+    projection) multiplied by the mask, and everything else unchanged; returns the cosine distance
+    ``(G, T)`` of each receiving position's output to the unaltered output (after ``final_norm``
+    when given), exactly 0 where the output did not change. Runs in float64, the unaltered variant in the same batch as the altered ones."""
+    names = {m: n for n, m in layer.named_modules()}
+    if value_proj not in names:
+        raise ValueError("value_proj is not a module of layer")
+    layer64 = copy.deepcopy(layer).double()
+    v64 = dict(layer64.named_modules())[names[value_proj]]
+    norm64 = copy.deepcopy(final_norm).double() if final_norm is not None else None
+    import inspect
+
+    bound = inspect.signature(layer.forward).bind(*call[0], **call[1])  # positional arguments by name
+    kwargs = {**{k: v for k, v in bound.arguments.items() if k != "kwargs"}, **bound.arguments.get("kwargs", {})}
+    current = {}
+    handle = v64.register_forward_hook(lambda m, i, o: o * current["mask"][:, :, None])
+    try:
+        out = []
+        for s in range(0, masks.shape[0], chunk):
+            m = torch.cat([torch.ones_like(masks[:1]), masks[s:s + chunk]]).double()
+            n = m.shape[0]
+            current["mask"] = m
+            kw = {k: _doubled(v, n, k in ("hidden_states", "encoder_hidden_states")) for k, v in kwargs.items()}
+            y = layer64(**kw)
+            y = y[0] if isinstance(y, tuple) else y
+            if norm64 is not None:
+                y = norm64(y)
+            ref = y[:1].expand(n - 1, -1, -1)
+            cos = nn.functional.cosine_similarity(y[1:], ref, dim=-1)
+            # an output left exactly as it was is at distance 0 (1 - cos of equal vectors rounds to ~1e-16)
+            out.append(torch.where((y[1:] == ref).all(-1), torch.zeros_like(cos), 1.0 - cos))
+    finally:
+        handle.remove()
+    return torch.cat(out).clamp_min(0).float()
+
+
+# --- word-level context mixing ------------------------------------------------------------------------
+def _members(groups: list[list[int]], size: int, device) -> torch.Tensor:
+    from analysis.context_mixing import _group_mask
+
+    return _group_mask(groups, size, device)
+
+
+def _values_through_output(attn_module: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """``v (1, S, H * d_h)`` value projections -> ``(H, S, d)`` per-head values through ``out_proj``."""
+    H = attn_module.num_heads
+    vh = v[0].unflatten(-1, (H, -1)).transpose(0, 1)  # (H, S, d_h)
+    w = attn_module.out_proj.weight.t().reshape(H, vh.shape[-1], -1)  # (H, d_h, d)
+    return torch.einsum("hsv,hvd->hsd", vh, w)
+
+
+@contextlib.contextmanager
+def _record_values(modules: list[nn.Module]):
+    values, handles = [None] * len(modules), []
+    for i, m in enumerate(modules):
+        handles.append(m.v_proj.register_forward_hook(lambda mod, a, o, i=i: values.__setitem__(i, o)))
+    try:
+        yield values
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _scores(attn, vo, receivers, sources, dist, methods) -> dict[str, torch.Tensor]:
+    from analysis.context_mixing import (
+        group_attention,
+        group_attention_norm,
+        group_value_zeroing,
+    )
+
+    out = {}
+    if "attention" in methods:
+        out["attention"] = group_attention(attn, receivers, sources)
+    if "attention_norm" in methods:
+        out["attention_norm"] = group_attention_norm(attn, vo, receivers, sources)
+    if "value_zeroing" in methods:
+        out["value_zeroing"] = group_value_zeroing(dist, receivers)
+    return out
+
+
+@torch.inference_mode()
+def hf_context_mixing(up: HFUpstream, wave: torch.Tensor, words: list[list[int]], decoder_ids: list[int] | None = None,
+                      methods=("attention", "attention_norm", "value_zeroing")) -> dict:
+    """Word-level context mixing of one utterance ``wave (samples,)`` with ``words`` (encoder frame
+    indices of each word). Returns ``{"encoder": {method: (L, W, W)}}`` and, for Whisper with
+    ``decoder_ids`` (the teacher-forced decoder tokens, prompt included), ``"decoder"``
+    ``{method: (L, N, N)}`` (causal: row i receives from tokens 0..i) and ``"cross"`` ``{method: (L, N, W)}``.
+    Rows receive, columns give; the maps are the model's own (Whisper: over its whole window, the words
+    lying in the frames that cover the audio)."""
+    from analysis.context_mixing import METHODS
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown context-mixing method(s) {sorted(unknown)}; expected {METHODS}")
+    if len(words) < 2:
+        raise ValueError("context mixing compares words: fewer than two aligned words")
+    up.check_samples(wave.numel(), "utterance")
+    with _record_values(up.attentions_modules) as values:
+        maps, _, calls = up.run_encoder(wave)
+    S = maps[0].shape[-1]
+    gm = _members(words, S, maps[0].device)
+    enc = {m: [] for m in methods}
+    for l, layer in enumerate(up.layers):
+        attn_mod = up.attentions_modules[l]
+        vo = _values_through_output(attn_mod, values[l]) if "attention_norm" in methods else None
+        dist = (value_zeroing_distances(layer, calls[l], attn_mod.v_proj, 1.0 - gm,
+                                        up.final_norm if l == up.num_layers - 1 else None)
+                if "value_zeroing" in methods else None)
+        for m, v in _scores(maps[l][0].float(), vo, gm, gm, dist, methods).items():
+            enc[m].append(v)
+    out = {"encoder": {m: torch.stack(v).cpu() for m, v in enc.items()}}
+    if up.family != "whisper" or decoder_ids is None:
+        return out
+    dec_layers = list(up.decoder.layers)
+    self_mods = [layer.self_attn for layer in dec_layers]
+    cross_mods = [layer.encoder_attn for layer in dec_layers]
+    with _record_values(self_mods) as sv, _record_values(cross_mods) as cv:
+        _, smaps, cmaps, _, dcalls = up.run_decoder(wave, decoder_ids)
+    N = len(decoder_ids)
+    eye = torch.eye(N, device=gm.device)
+    dec, cross = {m: [] for m in methods}, {m: [] for m in methods}
+    for l, layer in enumerate(dec_layers):
+        final = up.decoder.layer_norm if l == len(dec_layers) - 1 else None
+        vz = "value_zeroing" in methods
+        d_self = value_zeroing_distances(layer, dcalls[l], layer.self_attn.v_proj, 1.0 - eye, final) if vz else None
+        d_cross = value_zeroing_distances(layer, dcalls[l], layer.encoder_attn.v_proj, 1.0 - gm, final) if vz else None
+        norm = "attention_norm" in methods
+        vo_s = _values_through_output(layer.self_attn, sv[l]) if norm else None
+        vo_c = _values_through_output(layer.encoder_attn, cv[l]) if norm else None
+        for m, v in _scores(smaps[l][0].float(), vo_s, eye, eye, d_self, methods).items():
+            dec[m].append(v)
+        for m, v in _scores(cmaps[l][0].float(), vo_c, eye, gm, d_cross, methods).items():
+            cross[m].append(v)
+    out["decoder"] = {m: torch.stack(v).cpu() for m, v in dec.items()}
+    out["cross"] = {m: torch.stack(v).cpu() for m, v in cross.items()}
+    return out
