@@ -29,7 +29,7 @@ class Bench:
         self.onnx = OnnxRows()
 
     def model(self, reuse: str) -> ConformerCTC:
-        """Our model with plan ``reuse`` at the run's size (random weights, seed 0)."""
+        """Our model with plan ``reuse`` at the run's size (random weights, ``torch.manual_seed(0)``)."""
         torch.manual_seed(0)
         c = self.config
         return ConformerCTC(c.vocab_size, d_model=c.d_model, num_layers=c.num_layers, ffn_dim=c.ffn_dim,
@@ -37,7 +37,7 @@ class Bench:
                             input_dim=INPUT_DIM, input_layer=INPUT_LAYER)
 
     def peer(self, name: str = "torchaudio", ours: ConformerCTC | None = None) -> nn.Module:
-        """The peer row ``name``: torchaudio's Conformer (random weights, seed 0), or espnet2's
+        """The peer row ``name``: torchaudio's Conformer (random weights, ``torch.manual_seed(0)``), or espnet2's
         ``ConformerEncoder`` carrying the weights of ``ours`` (a plan-free baseline)."""
         if name == "espnet":
             return espnet_peer_module(ours)

@@ -54,7 +54,7 @@ def header(c: BenchConfig, malloc: str) -> dict:
 def build_rows(bench: Bench, results: dict) -> tuple[list[tuple[str, nn.Module]], list[dict]]:
     """``(kind, module)`` of every row of the run and its record entry (``config``, ``kind``,
     ``parameters``). The materialised row runs the same model as its fused row; the ESPnet peer
-    carries our baseline's weights (seed 0, as its row's) and is checked equal to it in fp32
+    carries our baseline's weights (drawn as its row's) and is checked equal to it in fp32
     (:func:`check_peer`, ``results["peer_check"]``) before it is cast."""
     c = bench.config
     built, modules, entries = {}, [], []

@@ -51,8 +51,8 @@ def steady_malloc() -> bool:
     """Make glibc's allocator keep freed large blocks (mmap threshold 32 MiB, trim threshold 1 GiB),
     as jemalloc / tcmalloc do: by default each freed multi-MiB tensor goes back to the system and
     the next one is page-faulted in afresh, and how often depends on the history of earlier
-    allocations, which on CPU moves a layer's time from run to run. False where the C library is
-    not glibc."""
+    allocations, which on CPU moves a layer's time from run to run (``recipes/librispeech/RESULTS.md``
+    has the measurement). False where the C library is not glibc."""
     import ctypes
 
     try:
