@@ -69,8 +69,8 @@ def test_session_after_the_global_pool(exported):
     import sys
 
     plan, model, path, _ = exported
-    code = ("import sys; from models.onnx_runtime import compare, session, shared_thread_pool; from tests.test_export import "
-            f"tiny_model; shared_thread_pool(1); r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
+    code = ("import sys; from models.onnx_runtime import compare, session, shared_thread_pool; "
+            f"from tests.test_export import tiny_model; shared_thread_pool(1); r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
             "print(max(x['max_abs_diff'] for x in r))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -198,7 +198,7 @@ def test_evaluate_with_onnxruntime_engine_equals_torch(checkpoint, prepared, tmp
 def test_check_refuses_a_graph_that_differs(exported):
     """The one equality check (:func:`models.onnx_runtime.check_session`) fails a graph whose
     log-probabilities or lengths differ from the module's, naming the case."""
-    from models.onnx_runtime import OnnxMismatch, check_session, check_inputs
+    from models.onnx_runtime import OnnxMismatch, check_inputs, check_session
 
     plan, model, path, _ = exported
     sess = session(path, threads=1)
