@@ -5,7 +5,7 @@
     python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
     python -m analysis suggest-reuse --ckpt BASE --manifest M --out DIR [--groups K ...] [--limit N]
                                             (which layers could share maps; see analysis/suggest.py)
-    python -m analysis latency ...          (encoder latency benchmark; see analysis/latency/)
+    python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
 
 ``--manifest`` is a prepared subset name (``mini-test``) or a ``.jsonl`` path; utterances without
 alignment are skipped and counted. ``--reference`` is a baseline checkpoint or a saved ``par.json``
