@@ -147,7 +147,7 @@ def zero_shot(model, loader, tokenizer, sources: list[int] | None, device: str =
 
 def encoder_gflop(model, length: int = 768) -> float:
     """GFLOP of one encoder forward of ``model`` at ``length`` frames (batch 1)."""
-    from analysis.latency import count_flops
+    from models.flops import count_flops
 
     x = torch.zeros(1, length, model.d_model, device=next(model.parameters()).device)
     with torch.inference_mode():

@@ -31,8 +31,8 @@ each call (PyTorch eager caches the projection).
 
 Unless ``--no-check``, the exported model is run by ONNX Runtime and compared with PyTorch's eager
 forward at several lengths (one of them past 256 encoder frames, where eager chunks its attention)
-and on a padded batch: every output within ``1e-4`` (log-probabilities) and equal lengths, or the
-export fails.
+and on a padded batch (:func:`models.onnx_runtime.compare`): every output within
+:data:`~models.onnx_runtime.ATOL` (log-probabilities) and equal lengths, or the export fails.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CHECK_LENGTHS = (64, 203, 1031)  # fbank frames (conv2d: 15, 50 and 257 encoder frames), after the shortest
-ATOL = 1e-4
+from models.onnx_runtime import OnnxCTC, compare, session
+from models.subsampling import input_frames
 
 
 @contextlib.contextmanager
@@ -94,7 +94,9 @@ def export_onnx(module: nn.Module, args: tuple, path: str | Path, input_names: l
     return path
 
 
-def example_features(batch: int = 2, frames: int = 4 * 64 + 3, input_dim: int = 80, seed: int = 0):
+def example_features(batch: int = 2, frames: int = input_frames(64), input_dim: int = 80, seed: int = 0):
+    """``(features (batch, frames, input_dim), lengths (batch,))``, random, every utterance of full length:
+    the example the exporter traces (by default 64 encoder frames of the conv2d front end)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, frames, input_dim, generator=g), torch.full((batch,), frames, dtype=torch.long)
 
@@ -105,108 +107,19 @@ def export_model(model: nn.Module, path: str | Path, opset: int | None = None) -
     from torch.export import Dim
 
     model = model.eval()
-    features, lengths = example_features(input_dim=model.input_dim)
+    frames = input_frames(64, model.frontend.input_layer)  # 64 encoder frames: below eager's attention chunking
+    features, lengths = example_features(frames=frames, input_dim=model.input_dim)
     batch, time = Dim("batch", min=1), Dim("time", min=model.frontend.min_frames)
     return export_onnx(model, (features, lengths), path, ["features", "lengths"], ["log_probs", "out_lengths"],
                        {"features": {0: batch, 1: time}, "lengths": {0: batch}}, opset)
 
 
-def session(path: str | Path, threads: int | None = None, shared_pool: bool = False):
-    """An ONNX Runtime CPU session of ``path`` (all graph optimisations; ``threads`` intra-op
-    threads, one inter-op thread, sequential execution). ``shared_pool``: run on the process's
-    global thread pool (:func:`shared_thread_pool`) instead of the session's own; once that pool
-    exists every session runs on it (ONNX Runtime refuses a pool of its own then), ``threads``
-    aside."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if shared_pool or _POOL_THREADS is not None:
-        options.use_per_session_threads = False
-    else:
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class OnnxCTC:
-    """An exported ``model.onnx`` (:func:`export_model`) run by ONNX Runtime (:func:`session`),
-    called as :class:`~models.ctc.ConformerCTC` is: ``(features (B, T, F), lengths (B,)) ->
-    (log_probs (B, T', V), out_lengths (B,))``, CPU tensors, so that the decoders take its output."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.session = session(path, threads)
-
-    def __call__(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_probs, out_lengths = self.session.run(None, {"features": features.float().cpu().numpy(),
-                                                         "lengths": lengths.long().cpu().numpy()})
-        return torch.from_numpy(log_probs), torch.from_numpy(out_lengths)
-
-
 def onnx_engine(model: nn.Module, folder: str | Path, threads: int | None = None) -> tuple[OnnxCTC, list[dict]]:
-    """``model`` exported to ``folder/model.onnx``, checked against PyTorch (:func:`compare`, raises
-    ``AssertionError`` past :data:`ATOL`) and loaded by ONNX Runtime; returns it with the check."""
+    """``model`` exported to ``folder/model.onnx``, loaded by ONNX Runtime and checked against PyTorch
+    (:func:`models.onnx_runtime.compare`, raises ``AssertionError`` past :data:`~models.onnx_runtime.ATOL`);
+    returns it with the check."""
     runner = OnnxCTC(export_model(model, Path(folder) / "model.onnx"), threads)
     return runner, compare(model, runner.session)
-
-
-_POOL_THREADS: int | None = None
-
-
-def shared_thread_pool(threads: int) -> int:
-    """Gives ONNX Runtime one global pool of ``threads`` intra-op threads for the sessions made with
-    ``shared_pool=True``, once per process (ONNX Runtime cannot replace it); returns the pool's size.
-    Sessions with pools of their own, run by turns (as the latency benchmark's interleaved rows
-    are), slow each other down: a session's threads keep spinning after its run while the next
-    session's threads want the cores (measured on 2 cores: p90 twice the median)."""
-    global _POOL_THREADS
-    import onnxruntime.capi._pybind_state as C
-
-    if _POOL_THREADS is not None:  # ONNX Runtime makes its global pools once per process
-        return _POOL_THREADS
-    C.set_global_thread_pool_sizes(threads, 1)
-    _POOL_THREADS = threads
-    return threads
-
-
-def check_inputs(input_dim: int = 80, lengths=CHECK_LENGTHS, seed: int = 1) -> list[tuple]:
-    """``(name, features, lengths)`` of the check: one utterance of each length, then a padded batch of
-    all of them (the longest first: lengths from the longest down to the shortest)."""
-    g = torch.Generator().manual_seed(seed)
-    cases = []
-    for T in lengths:
-        cases.append((f"T={T}", torch.randn(1, T, input_dim, generator=g), torch.tensor([T])))
-    longest = max(lengths)
-    padded = torch.randn(len(lengths), longest, input_dim, generator=g)
-    lens = torch.tensor(sorted(lengths, reverse=True))
-    for i, T in enumerate(lens.tolist()):
-        padded[i, T:] = 0.0  # as the loaders pad
-    cases.append((f"padded {lens.tolist()}", padded, lens))
-    return cases
-
-
-def compare(model: nn.Module, sess, lengths=None, atol: float = ATOL) -> list[dict]:
-    """ONNX Runtime's outputs against PyTorch's eager forward (inference mode) on :func:`check_inputs`
-    (default lengths: the shortest the export takes, then :data:`CHECK_LENGTHS`):
-    ``[{"case", "max_abs_diff", "lengths_equal"}]``, the difference over every output frame (padding
-    included). Raises ``AssertionError`` if any exceeds ``atol`` or a length differs."""
-    results = []
-    lengths = lengths or (model.frontend.min_frames, *CHECK_LENGTHS)
-    with torch.inference_mode():
-        for name, features, lens in check_inputs(model.input_dim, lengths):
-            ref, ref_lengths = model(features, lens)
-            out, out_lengths = sess.run(None, {"features": features.numpy(), "lengths": lens.numpy()})
-            diff = (torch.from_numpy(out) - ref).abs().max().item()
-            equal = torch.equal(torch.from_numpy(out_lengths), ref_lengths)
-            results.append({"case": name, "max_abs_diff": diff, "lengths_equal": equal})
-            if not (diff <= atol and equal and out.shape == tuple(ref.shape)):
-                raise AssertionError(f"ONNX Runtime differs from PyTorch on {name}: max |diff| {diff:.3g} "
-                                     f"(tolerance {atol:g}), shapes {out.shape} vs {tuple(ref.shape)}, "
-                                     f"lengths {out_lengths.tolist()} vs {ref_lengths.tolist()}")
-    return results
 
 
 def attention_softmaxes(path: str | Path) -> list[int]:

@@ -42,6 +42,19 @@ def subsampled_count(frames: int, input_layer: str = "conv2d") -> int:
     return max(0, frames)
 
 
+def input_frames(frames: int, input_layer: str = "conv2d") -> int:
+    """The fewest input frames that give ``frames`` output frames (0 for none): each layer's
+    ``(n - k) // s + 1`` inverted, ``(n - 1) s + k``, from the last layer back (conv2d: ``4 T + 3``,
+    conv2d6: ``6 T + 5``, conv2d8: ``8 T + 7``); ``input_frames(1)`` is :func:`receptive_field`."""
+    if frames < 0:
+        raise ValueError(f"frames must be >= 0, got {frames}")
+    if frames == 0:
+        return 0
+    for k, s in reversed(_layers(input_layer)):
+        frames = (frames - 1) * s + k
+    return frames
+
+
 def subsampling_factor(input_layer: str = "conv2d") -> int:
     """Input frames per output frame (4, 6 or 8)."""
     factor = 1

@@ -14,8 +14,8 @@ pytest.importorskip("onnxscript", reason="the onnx extra is not installed (pip i
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
 
 from models import ConformerCTC  # noqa: E402
-from models.export import (ATOL, attention_softmaxes, compare, export_model, op_counts,  # noqa: E402
-                           session)
+from models.export import attention_softmaxes, export_model, op_counts  # noqa: E402
+from models.onnx_runtime import ATOL, compare, session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=32, num_layers=4, ffn_dim=64, kernel_size=5, subsampling_channels=8, input_dim=80)
@@ -69,8 +69,8 @@ def test_session_after_the_global_pool(exported):
     import sys
 
     plan, model, path, _ = exported
-    code = ("import sys; from models.export import compare, session, shared_thread_pool; from tests.test_export import "
-            f"tiny_model; shared_thread_pool(1); r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
+    code = ("import sys; from models.onnx_runtime import compare, session, shared_thread_pool; "
+            f"from tests.test_export import tiny_model; shared_thread_pool(1); r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
             "print(max(x['max_abs_diff'] for x in r))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -193,3 +193,28 @@ def test_evaluate_with_onnxruntime_engine_equals_torch(checkpoint, prepared, tmp
         evaluate.main([*common, "--engine", "onnxruntime", "--no-beam", "--out", str(tmp_path / "torch")])
     with pytest.raises(SystemExit, match="error: --engine onnxruntime runs fp32 on the CPU"):
         evaluate.main([*common, "--engine", "onnxruntime", "--dtype", "bf16", "--out", str(tmp_path / "bad")])
+
+
+def test_check_refuses_a_graph_that_differs(exported):
+    """The one equality check (:func:`models.onnx_runtime.check_session`) fails a graph whose
+    log-probabilities or lengths differ from the module's, naming the case."""
+    from models.onnx_runtime import OnnxMismatch, check_inputs, check_session
+
+    plan, model, path, _ = exported
+    sess = session(path, threads=1)
+    cases = check_inputs(80, (64,))
+    assert check_session(model, sess, cases)[0]["lengths_equal"]
+
+    def shifted(features, lengths):
+        log_probs, out_lengths = model(features, lengths)
+        return log_probs + 10 * ATOL, out_lengths
+
+    def longer(features, lengths):
+        log_probs, out_lengths = model(features, lengths)
+        return log_probs, out_lengths + 1
+
+    with pytest.raises(OnnxMismatch, match=r"on T=64: max \|diff\| 0.001"):
+        check_session(shifted, sess, cases)
+    with pytest.raises(OnnxMismatch, match="integer outputs"):
+        check_session(longer, sess, cases)
+    assert issubclass(OnnxMismatch, AssertionError)  # evaluate.py and the export CLI catch AssertionError

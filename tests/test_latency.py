@@ -1,6 +1,7 @@
 """The latency benchmark end to end at tiny sizes: well-formed JSON, inference mode, errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis import latency
+from analysis.latency import bench as bench_module
+from analysis.latency import engines
+from models.flops import count_flops
 
 TINY = ["--d-model", "32", "--num-layers", "4", "--ffn-dim", "64", "--kernel-size", "5", "--lengths", "16", "32",
         "--warmup", "1", "--runs", "3", "--train-length", "16", "--train-batch", "2", "--train-runs", "2", "--quiet"]
@@ -25,7 +29,7 @@ def _one_thread():
 
 def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     modes = []
-    real = latency.measure
+    real = bench_module.measure
 
     def spy(fn, device, warmup, runs):
         def checked():
@@ -34,7 +38,7 @@ def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
 
         return real(checked, device, warmup, runs)
 
-    monkeypatch.setattr(latency, "measure", spy)
+    monkeypatch.setattr(bench_module, "measure", spy)
     out = latency.main(["--reuse", "1(H4)x4", "2(H4)x2", *TINY, "--json", str(tmp_path / "r.json"),
                         "--png", str(tmp_path / "r.png")])
     data = json.loads((tmp_path / "r.json").read_text())
@@ -69,7 +73,7 @@ def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
 def test_flop_count_matches_the_architecture():
     """An independent count of the matrix products of one encoder forward (d 32, FFN 64, kernel 5,
     4 layers, T 16, batch 1): ours adds the positional projection-free rel-pos term to the peer's."""
-    a = latency.parser().parse_args(TINY)
+    a = latency.parse_config(TINY)
     bench = latency.Bench(a)
     T, d, f, k, n = 16, 32, 64, 5, 4
     common = 8 * T * d * f + 8 * T * d * d + 4 * T * T * d + 6 * T * d * d + 2 * T * d * k  # FFNs, q k v o, SDPA, conv
@@ -77,20 +81,20 @@ def test_flop_count_matches_the_architecture():
     model, peer = bench.model("1(H4)x4").eval(), bench.peer().eval()
     with torch.inference_mode():
         ours = bench.forward_fn("fused", model, T)
-        assert latency.count_flops(ours) == n * (common + rel_pos + 2 * (2 * T - 1) * d * d)  # + linear_pos
+        assert count_flops(ours) == n * (common + rel_pos + 2 * (2 * T - 1) * d * d)  # + linear_pos
         # the projection of the position table is cached after the first call
-        assert latency.count_flops(ours) == n * (common + rel_pos)
-        assert latency.count_flops(bench.forward_fn("peer", peer, T)) == n * common
+        assert count_flops(ours) == n * (common + rel_pos)
+        assert count_flops(bench.forward_fn("peer", peer, T)) == n * common
 
 
 def test_reuse_model_matches_parameter_budget_of_peer_shape():
-    a = latency.parser().parse_args(TINY)
+    a = latency.parse_config(TINY)
     bench = latency.Bench(a)
     peer = bench.peer()
     assert sum(p.numel() for p in peer.parameters()) > 0
     x, lengths = bench.inputs(16)
     assert x.shape == (1, 16, 32)
-    a.include_frontend = True
+    bench = latency.Bench(dataclasses.replace(a, include_frontend=True))
     x, lengths = bench.inputs(16)
     assert x.shape[1] == 67 and ((67 - 1) // 2 - 1) // 2 == 16
 
@@ -107,13 +111,13 @@ def test_bad_arguments():
 
 def test_runs_interleaved_over_configurations(monkeypatch):
     calls = []
-    real = latency.measure
+    real = bench_module.measure
 
     def spy(fn, device, warmup, runs):
         calls.append((fn, warmup, runs))
         return real(fn, device, warmup, runs)
 
-    monkeypatch.setattr(latency, "measure", spy)
+    monkeypatch.setattr(bench_module, "measure", spy)
     args = list(TINY)
     i = args.index("--lengths")
     del args[i + 2]  # one length: 16
@@ -158,7 +162,7 @@ def host_reads(fn) -> list[str]:
 def test_peer_runs_torchaudio_layers_without_mask(frontend):
     """The peer row's callable computes what ``torchaudio.models.Conformer.forward`` computes on the
     benchmark's full-length inputs (behind our front end with ``--include-frontend``)."""
-    a = latency.parser().parse_args([*SMALL, "--batch-size", "2"] + (["--include-frontend"] if frontend else []))
+    a = latency.parse_config([*SMALL, "--batch-size", "2"] + (["--include-frontend"] if frontend else []))
     bench = latency.Bench(a)
     peer = bench.peer().eval()
     x, lengths = bench.inputs(16)
@@ -175,7 +179,7 @@ def test_peer_runs_torchaudio_layers_without_mask(frontend):
 def test_captured_callables_read_nothing_back(frontend, monkeypatch):
     """What ``--cuda-graphs`` captures (the fused rows, the materialised row, the peer) reads no
     tensor back to the host while a capture is under way (simulated on CPU)."""
-    a = latency.parser().parse_args([*SMALL, "--cuda-graphs"] + (["--include-frontend"] if frontend else []))
+    a = latency.parse_config([*SMALL, "--cuda-graphs"] + (["--include-frontend"] if frontend else []))
     bench = latency.Bench(a)
     model, peer = bench.model("1(H4)x2").eval(), bench.peer().eval()
     with torch.inference_mode():
@@ -205,8 +209,8 @@ def test_frontend_with_peer_end_to_end():
         for T in ("16", "32"):
             assert e["by_length"][T]["median_ms"] > 0 and e["by_length"][T]["gflop"] > 0
     # both rows add the same front end: the same GFLOP with it as without it
-    a = latency.parser().parse_args(SMALL)
-    with_frontend = latency.Bench(latency.parser().parse_args([*SMALL, "--include-frontend"]))
+    a = latency.parse_config(SMALL)
+    with_frontend = latency.Bench(latency.parse_config([*SMALL, "--include-frontend"]))
     bench = latency.Bench(a)
     model = bench.model("1(H4)x2").eval()
     gflop = {}
@@ -215,7 +219,7 @@ def test_frontend_with_peer_end_to_end():
             for kind, module in (("fused", model), ("peer", b.peer().eval())):
                 fn = b.forward_fn(kind, module, 16)
                 fn()  # as prepare() does: our position projection is cached, not counted
-                gflop[kind, b.a.include_frontend] = latency.count_flops(fn)
+                gflop[kind, b.config.include_frontend] = count_flops(fn)
     assert gflop["fused", True] - gflop["fused", False] == gflop["peer", True] - gflop["peer", False] > 0
 
 
@@ -263,8 +267,8 @@ def test_compile_refuses_to_fall_back_to_eager(fresh_dynamo, monkeypatch):
     """A recompile limit too small for the run is an error, not a silent fall-back to eager."""
     config = torch._dynamo.config
     before = (config.recompile_limit, config.fail_on_recompile_limit_hit)
-    real = latency.compile_settings
-    monkeypatch.setattr(latency, "compile_settings", lambda entries: {**real(entries), "recompile_limit": 1})
+    real = engines.compile_settings
+    monkeypatch.setattr(engines, "compile_settings", lambda entries: {**real(entries), "recompile_limit": 1})
     with pytest.raises(RuntimeError, match="recompile limit"):
         latency.main(COMPILED)
     assert (config.recompile_limit, config.fail_on_recompile_limit_hit) == before

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from analysis import latency
+from analysis.latency import bench as bench_module
+from analysis.latency import benchmark
 
 SMALL = ["--d-model", "32", "--num-layers", "2", "--ffn-dim", "64", "--kernel-size", "3", "--lengths", "16", "32",
          "--runs", "2", "--warmup", "1", "--train-runs", "0", "--rounds", "1", "--quiet", "--threads", "1"]
@@ -51,7 +53,7 @@ def test_onnxruntime_engine_end_to_end(frontend):
 
 @pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed (pip install '.[onnx]')")
 def test_onnxruntime_rows_compute_the_torch_rows_function():
-    a = latency.parser().parse_args([*SMALL, "--engine", "onnxruntime", "--include-frontend"])
+    a = latency.parse_config([*SMALL, "--engine", "onnxruntime", "--include-frontend"])
     bench = latency.Bench(a)
     model, peer = bench.model("2(H4)x1").eval(), bench.peer().eval()
     for kind, module in (("fused", model), ("peer", peer)):
@@ -80,7 +82,7 @@ def test_bf16_modes(mode, monkeypatch):
         handle.remove()
     assert out["dtype"] == "bf16" and out["precision_mode"] == mode
     assert seen == {torch.bfloat16}  # every matrix product of every row, ours and the peer's
-    bench = latency.Bench(latency.parser().parse_args([*SMALL, "--dtype", "bf16", "--precision-mode", mode]))
+    bench = latency.Bench(latency.parse_config([*SMALL, "--dtype", "bf16", "--precision-mode", mode]))
     assert bench.weights_dtype == (torch.float32 if mode == "autocast" else torch.bfloat16)
 
 
@@ -103,9 +105,9 @@ def test_espnet_peer_equals_ours_before_timing(monkeypatch):
     """The espnet row carries our baseline's weights and computes our function (checked before any
     timing, in the JSON); the torchaudio row is kept."""
     order = []
-    real_check, real_measure = latency.check_peer, latency.measure
-    monkeypatch.setattr(latency, "check_peer", lambda *a, **k: order.append("check") or real_check(*a, **k))
-    monkeypatch.setattr(latency, "measure", lambda *a, **k: order.append("measure") or real_measure(*a, **k))
+    real_check, real_measure = benchmark.check_peer, bench_module.measure
+    monkeypatch.setattr(benchmark, "check_peer", lambda *a, **k: order.append("check") or real_check(*a, **k))
+    monkeypatch.setattr(bench_module, "measure", lambda *a, **k: order.append("measure") or real_measure(*a, **k))
     out = latency.main(["--reuse", "1(H4)x2", "2(H4)x1", *SMALL, "--include-frontend", "--peer", "espnet"])
     assert [e["config"] for e in out["inference"]] == ["1(H4)x2", "1(H4)x2+materialised", "2(H4)x1", "torchaudio",
                                                        "espnet"]
@@ -131,7 +133,7 @@ def test_espnet_peer_that_differs_is_not_timed(monkeypatch):
         return peer
 
     monkeypatch.setattr(models.espnet, "espnet_peer", broken)
-    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed a peer that differs"))
+    monkeypatch.setattr(bench_module, "measure", lambda *a, **k: pytest.fail("timed a peer that differs"))
     with pytest.raises(RuntimeError, match="refusing to time it"):
         latency.main(["--reuse", "1(H4)x2", *SMALL, "--include-frontend", "--peer", "espnet"])
 
@@ -149,8 +151,8 @@ def test_onnxruntime_rows_count_the_graphs_full_positional_scores(plan, computin
     T, d = 512, 32
     args = ["--d-model", str(d), "--num-layers", "2", "--ffn-dim", "64", "--kernel-size", "3", "--runs", "1",
             "--threads", "1"]
-    eager_bench = latency.Bench(latency.parser().parse_args(args))
-    onnx_bench = latency.Bench(latency.parser().parse_args([*args, "--engine", "onnxruntime"]))
+    eager_bench = latency.Bench(latency.parse_config(args))
+    onnx_bench = latency.Bench(latency.parse_config([*args, "--engine", "onnxruntime"]))
     model = onnx_bench.model(plan).eval()
     onnx_bench.export("fused", model)
     with torch.inference_mode():

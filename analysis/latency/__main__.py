@@ -1,0 +1,3 @@
+from analysis.latency.cli import main
+
+main()
