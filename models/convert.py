@@ -31,6 +31,7 @@ from data.features import GlobalCMVN, atomic_write_text, check_writable
 from data.tokenizer import Tokenizer
 from models.checkpoint import save_model_checkpoint
 from models.ctc import ConformerCTC
+from models.config import ModelConfig
 from models.espnet import ConversionError, espnet_to_ours, frontend_options, model_options
 from models.subsampling import receptive_field
 
@@ -51,14 +52,14 @@ def resolve(path: str | Path, *anchors: Path, what: str) -> Path:
                             f"(give it explicitly)")
 
 
-def _check_shapes(ours: dict, target: dict, options: dict) -> None:
+def _check_shapes(ours: dict, target: dict, options: ModelConfig) -> None:
     """One message for the first key that does not fit the model the config describes."""
     from models.espnet import ours_to_espnet
 
     def name(key: str) -> str:  # ESPnet's name of one of our keys
-        return next(iter(ours_to_espnet({key: None}, options["num_layers"], options["input_layer"])))
+        return next(iter(ours_to_espnet({key: None}, options.num_layers, options.input_layer)))
 
-    size = f"{options['num_layers']} blocks, input_layer {options['input_layer']}"
+    size = f"{options.num_layers} blocks, input_layer {options.input_layer}"
     missing = [k for k in target if k not in ours]
     if missing:
         raise ConversionError(f"the state dict lacks {name(missing[0])!r}, which the config's encoder ({size}) has "
@@ -88,7 +89,7 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     anchors = (config_path.parent, model_path.parent)
     options, notes = model_options(config)
     front = frontend_options(config)
-    if options["input_dim"] != front["n_mels"]:
+    if options.input_dim != front["n_mels"]:
         raise ConversionError(f"frontend_conf: n_mels {front['n_mels']} does not match the encoder input")
     # the tokenizer, in ESPnet's output order
     if config.get("token_type", "bpe") != "bpe":
@@ -115,12 +116,12 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     if "ctc.ctc_lo.weight" not in state:
         raise ConversionError(f"{model_path}: no CTC head (ctc.ctc_lo); a model trained with ctc_weight 0 cannot be "
                               f"decoded by CTC")
-    ours, ignored = espnet_to_ours(state, options["num_layers"], options["input_layer"])
+    ours, ignored = espnet_to_ours(state, options.num_layers, options.input_layer)
     decoder = [k for k in ignored if k.startswith("decoder.")]
     if decoder:
         notes.append(f"the attention decoder ({len(decoder)} tensors, decoder: {config.get('decoder')}) is ignored: "
                      f"the converted model decodes with its CTC head only")
-    model = ConformerCTC(len(token_list), **options)
+    model = ConformerCTC(len(token_list), options)
     try:
         _check_shapes(ours, model.state_dict(), options)
     except ConversionError as e:
@@ -163,30 +164,31 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
         else:
             raise ConversionError("normalize: global_mvn needs its statistics: give --stats feats_stats.npz")
     elif normalize is None:
-        cmvn, source = GlobalCMVN(dim=options["input_dim"]), None
+        cmvn, source = GlobalCMVN(dim=options.input_dim), None
         notes.append("normalize: null: features are not normalised")
     else:
         raise ConversionError(f"normalize: {normalize!r} is not supported (global_mvn or null)")
-    if cmvn.mean.numel() != options["input_dim"]:
+    if cmvn.mean.numel() != options.input_dim:
         raise ConversionError(f"normalisation statistics of {cmvn.mean.numel()} features; the model takes "
-                              f"{options['input_dim']}")
+                              f"{options.input_dim}")
     # the checkpoint and what goes beside it
     check_writable(out)
     shutil.copyfile(bpe, out / "bpe.model")
     atomic_write_text(out / "tokens.txt", "".join(t + "\n" for t in token_list))
     cmvn.save(out / "cmvn.json")
-    features = {"type": "espnet", "config": front, "min_frames": receptive_field(options["input_layer"])}
+    features = {"type": "espnet", "config": front, "min_frames": receptive_field(options.input_layer)}
     atomic_write_text(out / "features.json", json.dumps(features, indent=2))
-    hp = {**options, "tokenizer_path": str((out / "bpe.model").resolve()),
-          "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()}, "features": features}
+    hp = {"data_dir": str(out.resolve()), "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()},
+          "features": features}
     save_model_checkpoint(out / "model.ckpt", model.eval(), Tokenizer(out / "bpe.model", token_list=token_list), hp)
     # train.py fit --config recipes/.../retrofit.yaml --config OUT/model.yaml --model.reuse PLAN
     #   --data.data_dir <a folder of data.prepare --inputs OUT>
-    fit = {"model": {**{k: v for k, v in options.items() if k != "dropout" and k != "attention_dropout"},
+    #   (the options that fix the model's function; the recipe's own dropout and BatchNorm momentum)
+    fit = {"model": {**options.options("plan"), **options.options("function"),
                      "init_from": str((out / "model.ckpt").resolve())}}
     atomic_write_text(out / "model.yaml", yaml.safe_dump(fit, sort_keys=False))
     record = {"source": {"config": str(config_path), "model": str(model_path), "bpe": str(bpe), "stats": source},
-              "model": options, "vocab_size": len(token_list), "frontend": front, "notes": notes,
+              "model": options.options(), "vocab_size": len(token_list), "frontend": front, "notes": notes,
               "ignored_keys": len(ignored), "checkpoint": str(out / "model.ckpt")}
     atomic_write_text(out / "conversion.json", json.dumps(record, indent=2))
     return record

@@ -15,7 +15,9 @@ import torch
 
 import evaluate
 from models.checkpoint import checkpoint_paths, load_model
-import train
+from training.callbacks import default_callbacks
+from training.cli import AtomicCheckpointIO
+from training.module import CTCModule, lr_lambda
 from data.datamodule import ASRDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +52,16 @@ def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4,
          recorder=None, train_sets=("mini-train",), **model_kw):
     L.seed_everything(0, workers=True)
     dm = ASRDataModule(str(prepared), list(train_sets), ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
-    module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
     rec = recorder or Recorder()
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=limit,
                         limit_val_batches=1, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=[rec, *train.default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
+                        callbacks=[rec, *default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
                         default_root_dir=str(root), val_check_interval=val_every,
                         use_distributed_sampler=False, enable_model_summary=False)
     for cb in trainer.checkpoint_callbacks:
         cb.dirpath = str(root / "checkpoints")
-    trainer.strategy.checkpoint_io = train.AtomicCheckpointIO()
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return rec.losses, module, trainer
 
@@ -140,22 +142,22 @@ def test_validation_sharding_scores_every_utterance_once():
 
 
 def test_lr_schedule_shape():
-    f = lambda s: train.lr_lambda(s, warmup=10, hold=5, decay=10, final_scale=0.1)  # noqa: E731
+    f = lambda s: lr_lambda(s, warmup=10, hold=5, decay=10, final_scale=0.1)  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == f(14) == 1.0
     assert f(20) == pytest.approx(0.55) and f(25) == pytest.approx(0.1) and f(1000) == pytest.approx(0.1)
 
 
 def test_non_finite_loss_skips_step_without_touching_weights(prepared, tmp_path, monkeypatch):
-    real = train.CTCModule.ctc_loss
+    real = CTCModule.ctc_loss
 
     def poisoned(self, batch):
         loss, lp, ol = real(self, batch)
         return (loss * float("nan") if self.training else loss), lp, ol
 
-    monkeypatch.setattr(train.CTCModule, "ctc_loss", poisoned)
+    monkeypatch.setattr(CTCModule, "ctc_loss", poisoned)
     L.seed_everything(0)
-    before = train.CTCModule(str(prepared / "bpe.model"), **TINY).state_dict()
+    before = CTCModule(str(prepared / "bpe.model"), **TINY).state_dict()
     _, module, _ = _fit(prepared, tmp_path, max_steps=3, max_epochs=1, limit=3)
     assert module.skipped_steps == 3
     after = module.state_dict()
@@ -165,7 +167,7 @@ def test_non_finite_loss_skips_step_without_touching_weights(prepared, tmp_path,
 
 
 def test_non_finite_gradient_is_dropped(prepared):
-    module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
+    module = CTCModule(str(prepared / "bpe.model"), **TINY)
     for p in module.parameters():
         p.grad = torch.ones_like(p)
     next(module.parameters()).grad[0] = float("inf")
@@ -176,7 +178,7 @@ def test_non_finite_gradient_is_dropped(prepared):
 
 def test_weight_noise_is_removed_exactly(prepared):
     """Noise added and removed restores the weights bit for bit (DDP replicas must not drift)."""
-    module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, "weight_noise": 0.02})
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, "weight_noise": 0.02})
     before = {k: v.clone() for k, v in module.state_dict().items()}
     for _ in range(5):
         module._add_weight_noise()
@@ -201,7 +203,7 @@ def test_gradient_check_reads_the_host_once(prepared):
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
-    module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
+    module = CTCModule(str(prepared / "bpe.model"), **TINY)
     module.log = lambda *a, **k: None
     for p in module.parameters():
         p.grad = torch.ones_like(p)
@@ -311,11 +313,11 @@ def test_resume_with_another_tokenizer_refused(prepared, trained, tmp_path):
     from data.tokenizer import Tokenizer
 
     other = Tokenizer.train(["SOME OTHER TEXT ENTIRELY", "WITH OTHER WORDS"], tmp_path / "other", vocab_size=30)
-    module = train.CTCModule(other.path, **TINY)
+    module = CTCModule(other.path, **TINY)
     ckpt = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
     with pytest.raises(ValueError, match="trained with another tokenizer"):
         module.on_load_checkpoint(ckpt)
-    train.CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(ckpt)  # the right one loads
+    CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(ckpt)  # the right one loads
 
 
 def _cli(args, tmp_path):
