@@ -74,24 +74,21 @@ def _check_shapes(ours: dict, target: dict, options: ModelConfig) -> None:
                                   f"token_list must match the weights)")
 
 
-def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | Path, stats: str | None = None,
-                   bpe: str | None = None) -> dict:
-    """Converts an ESPnet ASR model (see the module docstring); returns the conversion record."""
+def _read_config(config_path: Path) -> dict:
     import yaml
 
-    config_path, model_path, out = Path(config_path), Path(model_path), Path(out)
     try:
         config = yaml.safe_load(config_path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"{config_path}: not a readable ESPnet config ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: not an ESPnet config (a mapping of options)")
-    anchors = (config_path.parent, model_path.parent)
-    options, notes = model_options(config)
-    front = frontend_options(config)
-    if options.input_dim != front["n_mels"]:
-        raise ConversionError(f"frontend_conf: n_mels {front['n_mels']} does not match the encoder input")
-    # the tokenizer, in ESPnet's output order
+    return config
+
+
+def _tokens(config: dict, anchors: tuple[Path, ...], bpe: str | Path | None) -> tuple[list[str], Path]:
+    """ESPnet's output order (``token_list``, inline or a file) and the SentencePiece model, checked
+    to load together."""
     if config.get("token_type", "bpe") != "bpe":
         raise ConversionError(f"token_type: {config.get('token_type')!r} is not supported (only 'bpe')")
     token_list = config.get("token_list")
@@ -103,8 +100,11 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
         if not config.get("bpemodel"):
             raise ConversionError("bpemodel: missing from the config; give --bpe")
         bpe = resolve(config["bpemodel"], *anchors, what="bpemodel")
-    tokenizer = Tokenizer(bpe, token_list=token_list)
-    # weights
+    Tokenizer(bpe, token_list=token_list)  # refuses a list that does not fit the model, before any long work
+    return token_list, Path(bpe)
+
+
+def _read_state(model_path: Path) -> dict:
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -116,62 +116,51 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     if "ctc.ctc_lo.weight" not in state:
         raise ConversionError(f"{model_path}: no CTC head (ctc.ctc_lo); a model trained with ctc_weight 0 cannot be "
                               f"decoded by CTC")
-    ours, ignored = espnet_to_ours(state, options.num_layers, options.input_layer)
-    decoder = [k for k in ignored if k.startswith("decoder.")]
-    if decoder:
-        notes.append(f"the attention decoder ({len(decoder)} tensors, decoder: {config.get('decoder')}) is ignored: "
-                     f"the converted model decodes with its CTC head only")
-    model = ConformerCTC(len(token_list), options)
-    try:
-        _check_shapes(ours, model.state_dict(), options)
-    except ConversionError as e:
-        raise ConversionError(f"{model_path} does not match {config_path}: {e}") from None
-    model.load_state_dict(ours, strict=True)
-    # front end and normalisation
-    frontend = EspnetFrontend(**front)
-    if "frontend.logmel.melmat" in state:
-        saved = state["frontend.logmel.melmat"].float()
-        if saved.shape != frontend.melmat.shape or not torch.allclose(saved, frontend.melmat, atol=1e-6, rtol=1e-4):
-            raise ConversionError(f"{model_path}: frontend.logmel.melmat differs from the Mel filters of the config's "
-                                  f"frontend_conf ({front})")
+    return state
+
+
+def _normalisation(config: dict, state: dict, stats: str | None, anchors: tuple[Path, ...], model_path: Path,
+                   input_dim: int, notes: list[str]) -> tuple[GlobalCMVN, str | None]:
+    """The model's feature normalisation (``GlobalMVN`` from the stats file, checked against the
+    buffers in the state dict, or the buffers alone; or none) and where it came from."""
     normalize = config.get("normalize")
     norm_conf = dict(config.get("normalize_conf") or {})
-    if normalize == "global_mvn":
-        saved = (state.get("normalize.mean"), state.get("normalize.std"))
-        stats_path = stats or norm_conf.get("stats_file")
-        if stats_path is not None:
-            try:
-                stats_path = resolve(stats_path, *anchors, what="stats file")
-            except FileNotFoundError:
-                if saved[0] is None or stats:
-                    raise
-                stats_path = None
-        if stats_path is not None:
-            # GlobalMVN keeps the file's mean and std as buffers whatever it normalises: both must match
-            raw = global_mvn(stats_path, True, True, norm_conf.get("eps", 1e-20))
-            for buffer, value, what, name in ((saved[0], raw.mean, "mean", "normalize.mean"),
-                                              (saved[1], raw.std, "standard deviation", "normalize.std")):
-                if buffer is not None and not torch.allclose(buffer.float(), value, rtol=1e-4, atol=1e-5):
-                    raise ConversionError(f"{stats_path}: its {what} differs from {name} in {model_path} (another "
-                                          f"model's statistics?)")
-            cmvn = global_mvn(stats_path, norm_conf.get("norm_means", True), norm_conf.get("norm_vars", True),
-                              norm_conf.get("eps", 1e-20))
-            source = str(stats_path)
-        elif saved[0] is not None and saved[1] is not None:
-            mean = saved[0].float() if norm_conf.get("norm_means", True) else torch.zeros_like(saved[0]).float()
-            std = saved[1].float() if norm_conf.get("norm_vars", True) else torch.ones_like(saved[1]).float()
-            cmvn, source = GlobalCMVN(mean, std, dim=mean.numel()), f"{model_path} (normalize.mean / std)"
-        else:
-            raise ConversionError("normalize: global_mvn needs its statistics: give --stats feats_stats.npz")
-    elif normalize is None:
-        cmvn, source = GlobalCMVN(dim=options.input_dim), None
+    if normalize is None:
         notes.append("normalize: null: features are not normalised")
-    else:
+        return GlobalCMVN(dim=input_dim), None
+    if normalize != "global_mvn":
         raise ConversionError(f"normalize: {normalize!r} is not supported (global_mvn or null)")
-    if cmvn.mean.numel() != options.input_dim:
-        raise ConversionError(f"normalisation statistics of {cmvn.mean.numel()} features; the model takes "
-                              f"{options.input_dim}")
-    # the checkpoint and what goes beside it
+    saved = (state.get("normalize.mean"), state.get("normalize.std"))
+    stats_path = stats or norm_conf.get("stats_file")
+    if stats_path is not None:
+        try:
+            stats_path = resolve(stats_path, *anchors, what="stats file")
+        except FileNotFoundError:
+            if saved[0] is None or stats:
+                raise
+            stats_path = None
+    if stats_path is not None:
+        # GlobalMVN keeps the file's mean and std as buffers whatever it normalises: both must match
+        raw = global_mvn(stats_path, True, True, norm_conf.get("eps", 1e-20))
+        for buffer, value, what, name in ((saved[0], raw.mean, "mean", "normalize.mean"),
+                                          (saved[1], raw.std, "standard deviation", "normalize.std")):
+            if buffer is not None and not torch.allclose(buffer.float(), value, rtol=1e-4, atol=1e-5):
+                raise ConversionError(f"{stats_path}: its {what} differs from {name} in {model_path} (another "
+                                      f"model's statistics?)")
+        return global_mvn(stats_path, norm_conf.get("norm_means", True), norm_conf.get("norm_vars", True),
+                          norm_conf.get("eps", 1e-20)), str(stats_path)
+    if saved[0] is not None and saved[1] is not None:
+        mean = saved[0].float() if norm_conf.get("norm_means", True) else torch.zeros_like(saved[0]).float()
+        std = saved[1].float() if norm_conf.get("norm_vars", True) else torch.ones_like(saved[1]).float()
+        return GlobalCMVN(mean, std, dim=mean.numel()), f"{model_path} (normalize.mean / std)"
+    raise ConversionError("normalize: global_mvn needs its statistics: give --stats feats_stats.npz")
+
+
+def _write(out: Path, model: ConformerCTC, bpe: Path, token_list: list[str], cmvn: GlobalCMVN, front: dict) -> None:
+    """``model.ckpt`` and what goes beside it (see the module docstring), except ``conversion.json``."""
+    import yaml
+
+    options = model.model_config
     check_writable(out)
     shutil.copyfile(bpe, out / "bpe.model")
     atomic_write_text(out / "tokens.txt", "".join(t + "\n" for t in token_list))
@@ -187,6 +176,42 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     fit = {"model": {**options.options("plan"), **options.options("function"),
                      "init_from": str((out / "model.ckpt").resolve())}}
     atomic_write_text(out / "model.yaml", yaml.safe_dump(fit, sort_keys=False))
+
+
+def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | Path, stats: str | None = None,
+                   bpe: str | None = None) -> dict:
+    """Converts an ESPnet ASR model (see the module docstring); returns the conversion record."""
+    config_path, model_path, out = Path(config_path), Path(model_path), Path(out)
+    config = _read_config(config_path)
+    anchors = (config_path.parent, model_path.parent)
+    options, notes = model_options(config)
+    front = frontend_options(config)
+    if options.input_dim != front["n_mels"]:
+        raise ConversionError(f"frontend_conf: n_mels {front['n_mels']} does not match the encoder input")
+    token_list, bpe = _tokens(config, anchors, bpe)
+    state = _read_state(model_path)
+    ours, ignored = espnet_to_ours(state, options.num_layers, options.input_layer)
+    decoder = [k for k in ignored if k.startswith("decoder.")]
+    if decoder:
+        notes.append(f"the attention decoder ({len(decoder)} tensors, decoder: {config.get('decoder')}) is ignored: "
+                     f"the converted model decodes with its CTC head only")
+    model = ConformerCTC(len(token_list), options)
+    try:
+        _check_shapes(ours, model.state_dict(), options)
+    except ConversionError as e:
+        raise ConversionError(f"{model_path} does not match {config_path}: {e}") from None
+    model.load_state_dict(ours, strict=True)
+    frontend = EspnetFrontend(**front)
+    if "frontend.logmel.melmat" in state:
+        saved = state["frontend.logmel.melmat"].float()
+        if saved.shape != frontend.melmat.shape or not torch.allclose(saved, frontend.melmat, atol=1e-6, rtol=1e-4):
+            raise ConversionError(f"{model_path}: frontend.logmel.melmat differs from the Mel filters of the config's "
+                                  f"frontend_conf ({front})")
+    cmvn, source = _normalisation(config, state, stats, anchors, model_path, options.input_dim, notes)
+    if cmvn.mean.numel() != options.input_dim:
+        raise ConversionError(f"normalisation statistics of {cmvn.mean.numel()} features; the model takes "
+                              f"{options.input_dim}")
+    _write(out, model, bpe, token_list, cmvn, front)
     record = {"source": {"config": str(config_path), "model": str(model_path), "bpe": str(bpe), "stats": source},
               "model": options.options(), "vocab_size": len(token_list), "frontend": front, "notes": notes,
               "ignored_keys": len(ignored), "checkpoint": str(out / "model.ckpt")}

@@ -345,6 +345,75 @@ def _cli_run(subcommand, args, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def _earlier_layout(ckpt: dict, embedded: bool = True) -> dict:
+    """``ckpt`` (the current layout, with its ``data`` record) in the layout written before it: the
+    tokenizer, ``cmvn`` and ``features`` at the top level, the data folder named by
+    ``hyper_parameters.tokenizer_path``, Lightning's ``_instantiator`` among the hyper-parameters;
+    ``embedded`` False: as written before tokenizers were embedded (``vocab_size`` and
+    ``tokenizer_sha256`` among the hyper-parameters, neither tokenizer nor statistics)."""
+    old = {k: v for k, v in ckpt.items() if k != "data"}
+    data = ckpt["data"]
+    old["hyper_parameters"] = {"tokenizer_path": str(Path(data["dir"]) / "bpe.model"), **ckpt["hyper_parameters"],
+                               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    if embedded:
+        old.update(tokenizer=data["tokenizer"], cmvn=data["cmvn"])
+    else:
+        old["hyper_parameters"].update(vocab_size=data["tokenizer"]["vocab_size"],
+                                       tokenizer_sha256=data["tokenizer"]["sha256"])
+    return old
+
+
+def test_checkpoints_of_the_earlier_layouts_load(prepared, tmp_path):
+    """A checkpoint in the layout train.py and ``save_model_checkpoint`` wrote before the data
+    record (built here key by key), and one written before tokenizers were embedded, load with
+    their weights, tokenizer, statistics, data folder and hyper-parameters; a training module
+    resumes from the first; re-saved, it is the current layout and loads the same."""
+    from data.features import GlobalCMVN
+    from data.tokenizer import Tokenizer
+    from models import ConformerCTC
+    from models.checkpoint import model_cmvn, save_model_checkpoint, training_data_dir
+
+    tok = Tokenizer(prepared / "bpe.model")
+    torch.manual_seed(0)
+    model = ConformerCTC(tok.vocab_size, reuse="1(H2)+1(H2)", d_model=32, num_layers=2, ffn_dim=64, kernel_size=5,
+                         subsampling_channels=8, bn_momentum=0.1)
+    cmvn = GlobalCMVN.load(prepared / "cmvn.json")
+    hp = {"tokenizer_path": str((prepared / "bpe.model").resolve()), "reuse": "1(H2)+1(H2)", "d_model": 32,
+          "num_layers": 2, "ffn_dim": 64, "kernel_size": 5, "dropout": 0.1, "attention_dropout": 0.1,
+          "was_gamma": None, "bn_momentum": 0.1, "subsampling_channels": 8, "input_dim": 80, "lr": 3e-3,
+          "weight_decay": 1e-5, "betas": (0.9, 0.99), "eps": 1e-8, "warmup_steps": 5, "hold_steps": 100,
+          "decay_steps": 100, "final_lr_scale": 0.01, "weight_noise": 0.0, "weight_noise_start": 0, "init_from": None,
+          "layer_norm_eps": 1e-5, "final_norm": False, "input_layer": "conv2d",
+          "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    top_level = {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.6.0", "state_dict": weights,
+                 "hyper_parameters": hp, "skipped_steps": 0, "precision": {"precision": "32-true"},
+                 "tokenizer": {"sha256": tok.digest, "vocab_size": tok.vocab_size,
+                               "model": (prepared / "bpe.model").read_bytes(), "name": "bpe.model"},
+                 "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()}}
+    before_embedding = {"epoch": 0, "global_step": 3, "state_dict": weights,
+                        "hyper_parameters": {**hp, "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.digest}}
+    for name, ckpt in (("top-level", top_level), ("before-embedding", before_embedding)):
+        torch.save(ckpt, tmp_path / f"{name}.ckpt")
+        loaded, loaded_tok, info = load_model(tmp_path / f"{name}.ckpt")
+        assert loaded.reuse == model.reuse == "1(H2)x2" and loaded.model_config == model.model_config
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+        assert loaded_tok.digest == tok.digest == info["tokenizer_sha256"] and info["vocab_size"] == tok.vocab_size
+        assert training_data_dir(info) == prepared.resolve() and info["lr"] == 3e-3 and info["init_from"] is None
+        assert "_instantiator" not in info
+        assert torch.equal(model_cmvn(info, prepared).mean, cmvn.mean)  # embedded, or the folder's (older)
+    assert info["cmvn"] is None  # before embedding: the folder's cmvn.json
+    CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(top_level)  # a resumed run accepts it
+    _, _, info = load_model(tmp_path / "top-level.ckpt")
+    save_model_checkpoint(tmp_path / "resaved.ckpt", model, tok, info)
+    resaved = torch.load(tmp_path / "resaved.ckpt", weights_only=True)
+    assert resaved["data"]["dir"] == str(prepared.resolve()) and "tokenizer_path" not in resaved["hyper_parameters"]
+    again, _, info_again = load_model(tmp_path / "resaved.ckpt")
+    assert again.model_config == model.model_config and torch.equal(info_again["cmvn"]["std"], cmvn.std)
+    same = lambda d: {k: v for k, v in d.items() if k not in ("checkpoints", "cmvn", "reuse")}  # noqa: E731
+    assert same(info_again) == same(info) and info_again["reuse"] == model.reuse  # the plan in its normal form
+
+
 def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, monkeypatch):
     """``--ckpt_path FILE`` for fit / validate (also a checkpoint written before tokenizers were
     embedded), and evaluation and analysis from another folder, once the data folder is gone."""
@@ -357,14 +426,13 @@ def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, m
     _fit(data_a, tmp_path / "run", max_epochs=1, limit=3)
     ckpts = tmp_path / "run" / "checkpoints"
     epoch0 = ckpts / "epoch000.ckpt"
-    old = torch.load(epoch0, map_location="cpu", weights_only=False)  # as train.py wrote them before
-    old["hyper_parameters"].update(vocab_size=old["tokenizer"]["vocab_size"], tokenizer_sha256=old["tokenizer"]["sha256"])
-    del old["tokenizer"], old["cmvn"]
-    torch.save(old, ckpts / "old-style.ckpt")
+    current = torch.load(epoch0, map_location="cpu", weights_only=False)
+    torch.save(_earlier_layout(current), ckpts / "top-level.ckpt")  # as train.py wrote them before
+    torch.save(_earlier_layout(current, embedded=False), ckpts / "old-style.ckpt")
     shutil.move(str(data_a), str(data_b))  # the data folder the checkpoints name is gone
     work.mkdir()
     data = ["--data.data_dir", str(data_b), "--trainer.limit_val_batches", "1"]
-    for ckpt in (epoch0, ckpts / "old-style.ckpt"):
+    for ckpt in (epoch0, ckpts / "top-level.ckpt", ckpts / "old-style.ckpt"):
         r = _cli_run("validate", [*data, "--ckpt_path", str(ckpt)], work)
         assert r.returncode == 0 and "val_wer" in r.stdout, r.stderr[-2000:]
     r = _cli_run("fit", [*data, "--ckpt_path", str(epoch0), "--trainer.max_epochs", "2", "--trainer.limit_train_batches",
