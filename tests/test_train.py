@@ -461,3 +461,45 @@ def test_last_checkpoint_is_the_last_even_when_dev_wer_does_not_improve(prepared
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 6
     assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+def test_module_options_are_the_model_configuration_flat():
+    """The training module's signature (what jsonargparse turns into ``--model.*``) lists every
+    :class:`ModelConfig` field flat beside the training options, and a parse of flat flags builds
+    the model those options describe."""
+    import dataclasses
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    from models.config import MODEL_KEYS, ModelConfig
+
+    params = inspect.signature(CTCModule).parameters
+    assert all(params[f.name].default == f.default for f in dataclasses.fields(ModelConfig))
+    assert {"tokenizer_path", "lr", "warmup_steps", "init_from"} <= set(params) and "model_options" not in params
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(CTCModule, "model")
+    cfg = parser.parse_args(["--model.tokenizer_path", "bpe.model", "--model.d_model", "96", "--model.was_gamma", "0.5",
+                             "--model.reuse", "2(H4)x2", "--model.num_layers", "4", "--model.lr", "0.1"])
+    assert cfg.model.d_model == 96 and cfg.model.was_gamma == 0.5 and cfg.model.lr == 0.1
+    assert [k for k in vars(cfg.model) if k in MODEL_KEYS] == list(MODEL_KEYS)
+    with pytest.raises(Exception, match="d_model"):
+        parser.parse_args(["--model.tokenizer_path", "x", "--model.d_model", "wide"])
+
+
+def test_module_hyper_parameters_are_the_model_options_and_the_training_options(prepared):
+    """The module builds the model of its options and records them (normal-form plan) beside the
+    training options; its checkpoint entries name the data folder and embed the tokenizer."""
+    from models.checkpoint import CheckpointRecord
+
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, "was_gamma": 0.5})
+    assert module.model.model_config.was_gamma == 0.5 and module.model.d_model == TINY["d_model"]
+    assert dict(module.hparams) == {**module.model.model_config.options(), **{
+        k: v for k, v in TINY.items() if k in ("lr", "warmup_steps", "hold_steps", "decay_steps")},
+        "weight_decay": 1e-5, "betas": (0.9, 0.99), "eps": 1e-8, "final_lr_scale": 0.01, "weight_noise": 0.0,
+        "weight_noise_start": 0, "init_from": None}
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    record = CheckpointRecord.read(checkpoint)
+    assert record.data.dir == str(prepared.resolve()) and record.tokenizer().digest == module.tokenizer.digest
+    assert record.model == module.model.model_config and record.hparams["lr"] == TINY["lr"]
