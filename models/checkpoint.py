@@ -1,17 +1,146 @@
-"""Loading trained checkpoints (train.py's Lightning checkpoints), with checkpoint averaging."""
+"""Checkpoints: one record of what a checkpoint holds (:class:`CheckpointRecord`, with its data
+folder explicit in :class:`DataRecord`), one writer (:func:`write_checkpoint`), and loading, with
+checkpoint averaging, of train.py's Lightning checkpoints and of :func:`save_model_checkpoint`'s.
+
+Layout (``torch.save`` of a dict; Lightning's own entries, optimiser and loop states, beside):
+
+- ``hyper_parameters``: the model options (:class:`models.config.ModelConfig`) and the other
+  hyper-parameters (training options such as ``lr``, provenance such as ``init_from`` /
+  ``retrofit_from``), one flat mapping, as Lightning and ``--ckpt_path FILE`` expect;
+- ``data``: ``dir`` (the prepared data folder, resolved when training started; it may have moved
+  since), ``tokenizer`` (the SentencePiece model embedded: ``sha256``, ``vocab_size``, ``model``
+  bytes, ``name``, and a converted model's ``token_list``), ``cmvn`` (``{"mean": (F,), "std": (F,)}``)
+  and ``features`` (a converted model's front-end record, or None for our fbank);
+- ``state_dict``: the weights as ``model.*`` (the training module's attribute).
+
+Older layouts keep loading (:meth:`CheckpointRecord.read`): until the data record, the tokenizer,
+``cmvn`` and ``features`` stood at the top level and the folder was named by
+``hyper_parameters.tokenizer_path``; before tokenizers were embedded, ``vocab_size`` and
+``tokenizer_sha256`` stood among the hyper-parameters and the tokenizer was read from its path.
+"""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from data.features import GlobalCMVN
+from data.features import GlobalCMVN, atomic_write
 from data.tokenizer import Tokenizer
+from models.config import MODEL_KEYS, ModelConfig
 from models.ctc import ConformerCTC
 
-MODEL_KEYS = ("reuse", "d_model", "num_layers", "ffn_dim", "kernel_size", "dropout", "attention_dropout",
-              "was_gamma", "bn_momentum", "subsampling_channels", "input_dim", "layer_norm_eps", "final_norm",
-              "input_layer")
+# hyper-parameters that older layouts held and that are run-time data, not hyper-parameters (the
+# tokenizer and its data folder), or Lightning's CLI bookkeeping
+_NOT_HYPER_PARAMETERS = ("tokenizer_path", "vocab_size", "tokenizer_sha256", "_instantiator", "_class_path")
+# what load_model's information adds beside the hyper-parameters
+_INFO_KEYS = ("tokenizer_path", "data_dir", "vocab_size", "tokenizer_sha256", "checkpoints", "cmvn", "features")
+
+
+@dataclass
+class DataRecord:
+    """What a model takes and was trained on, kept in its checkpoint so that evaluation, analysis
+    and resumption work from any folder after the data folder is gone (see the module docstring)."""
+
+    dir: str | None
+    tokenizer: dict
+    cmvn: dict | None = None
+    features: dict | None = None
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, data_dir: str | Path | None, cmvn: GlobalCMVN | dict | None = None,
+           features: dict | None = None) -> DataRecord:
+        """The record of a tokenizer (embedded whole) and the CMVN statistics and front-end record
+        of the data it was trained on."""
+        if isinstance(cmvn, GlobalCMVN):
+            cmvn = {"mean": cmvn.mean.detach().cpu().clone(), "std": cmvn.std.detach().cpu().clone()}
+        return cls(None if data_dir is None else str(data_dir), embedded_tokenizer(tokenizer), cmvn, features)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """Where the tokenizer was when training started (read only for checkpoints that do not embed it)."""
+        name = self.tokenizer.get("name") or "bpe.model"
+        return Path(self.dir) / name if self.dir else Path(name)
+
+
+@dataclass
+class CheckpointRecord:
+    """A checkpoint's model options, data record and other hyper-parameters (see the module docstring)."""
+
+    model: ModelConfig
+    data: DataRecord
+    hparams: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.data.tokenizer["vocab_size"]
+
+    def hyper_parameters(self) -> dict:
+        """The flat ``hyper_parameters`` entry: the model options, then the others."""
+        return {**self.model.options(), **self.hparams}
+
+    def entries(self) -> dict:
+        """The checkpoint entries of this record (to which the weights and Lightning's states are added)."""
+        return {"hyper_parameters": self.hyper_parameters(), "data": asdict(self.data)}
+
+    @classmethod
+    def read(cls, checkpoint, where: str | Path = "checkpoint") -> CheckpointRecord:
+        """The record of a loaded checkpoint dict, in any layout this repository has written;
+        ``ValueError`` naming ``where`` for anything else."""
+        hp = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not hp or "reuse" not in hp:
+            raise ValueError(f"{where}: not a checkpoint of train.py's CTCModule (no model hyper-parameters)")
+        data = checkpoint.get("data")
+        if isinstance(data, dict):
+            record = DataRecord(**data)
+        else:  # the top-level layout
+            path = Path(hp.get("tokenizer_path", "bpe.model"))
+            tok = checkpoint.get("tokenizer")
+            if not isinstance(tok, dict):  # before tokenizers were embedded
+                tok = {"vocab_size": hp.get("vocab_size"), "sha256": hp.get("tokenizer_sha256"), "model": None}
+            tok = {"name": path.name, **tok}
+            record = DataRecord(str(path.parent) if "tokenizer_path" in hp else None, tok, checkpoint.get("cmvn"),
+                                checkpoint.get("features"))
+        if record.tokenizer.get("vocab_size") is None:
+            raise ValueError(f"{where}: not a checkpoint of train.py's CTCModule (no vocabulary size)")
+        rest = {k: v for k, v in hp.items() if k not in MODEL_KEYS and k not in _NOT_HYPER_PARAMETERS}
+        return cls(ModelConfig.from_mapping(hp), record, rest)
+
+    def info(self, paths: list[Path]) -> dict:
+        """The flat mapping :func:`load_model` returns: the hyper-parameters, ``tokenizer_path``,
+        ``data_dir``, ``vocab_size``, ``tokenizer_sha256``, ``checkpoints``, ``cmvn``, ``features``."""
+        return {**self.hyper_parameters(), "tokenizer_path": str(self.data.tokenizer_path), "data_dir": self.data.dir,
+                "vocab_size": self.vocab_size, "tokenizer_sha256": self.data.tokenizer.get("sha256"),
+                "checkpoints": [str(p) for p in paths], "cmvn": self.data.cmvn, "features": self.data.features}
+
+    def tokenizer(self, path: str | Path | None = None, where: str | Path = "the checkpoint") -> Tokenizer:
+        """The embedded tokenizer, or (``path`` given, or a checkpoint that does not embed it) the
+        file, which must be the one the model was trained with (``ValueError`` naming ``where``)."""
+        tok = self.data.tokenizer
+        if path is not None or tok.get("model") is None:
+            tokenizer = Tokenizer(path or self.data.tokenizer_path)
+        else:
+            tokenizer = Tokenizer(self.data.tokenizer_path, tok["model"], tok.get("token_list"))
+        if tokenizer.vocab_size != self.vocab_size or (tok.get("sha256") is not None
+                                                       and tokenizer.digest != tok["sha256"]):
+            raise ValueError(f"tokenizer {tokenizer.path} ({tokenizer.vocab_size} outputs) is not the one {where} "
+                             f"was trained with ({self.vocab_size} outputs, sha256 {tok.get('sha256')})")
+        return tokenizer
+
+
+def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """The one writer of checkpoint files (train.py's, through its checkpoint I/O, and
+    :func:`save_model_checkpoint`'s): to a temporary file renamed into place, so that an
+    interrupted write leaves the previous checkpoint intact; temporaries of a killed write are
+    removed first. A full disk is one clear ``OSError``."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*"):  # left by a write that was killed (SIGKILL)
+        stale.unlink(missing_ok=True)
+    try:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    except (OSError, RuntimeError) as e:  # disk full: torch reports "unexpected pos"
+        raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); is the disk full? "
+                      f"The previous checkpoint there is intact") from None
 
 
 def checkpoint_paths(ckpt: str | Path, average: int = 1) -> list[Path]:
@@ -48,16 +177,6 @@ def average_state_dicts(states: list[dict]) -> dict:
     return out
 
 
-def tokenizer_record(checkpoint: dict) -> tuple[int | None, str | None, bytes | None]:
-    """``(vocab_size, sha256, model bytes or None)`` of a checkpoint: from its embedded tokenizer, or
-    (checkpoints written before tokenizers were embedded) from its hyper-parameters."""
-    tok = checkpoint.get("tokenizer")
-    if isinstance(tok, dict):
-        return tok.get("vocab_size"), tok.get("sha256"), tok.get("model")
-    hp = checkpoint.get("hyper_parameters") or {}
-    return hp.get("vocab_size"), hp.get("tokenizer_sha256"), None
-
-
 def embedded_tokenizer(tokenizer: Tokenizer) -> dict:
     """The tokenizer as a checkpoint embeds it (what :func:`tokenizer_record` reads back); with the
     output order of a converted ESPnet model (``token_list``) where it has one."""
@@ -69,18 +188,21 @@ def embedded_tokenizer(tokenizer: Tokenizer) -> dict:
 
 
 def training_data_dir(hp: dict, data_dir: str | Path | None = None) -> Path:
-    """``data_dir`` if given, else the prepared folder the model was trained from (its tokenizer's
-    folder at training time; it may have moved since)."""
-    return Path(data_dir) if data_dir else Path(hp.get("tokenizer_path", ".")).parent
+    """``data_dir`` if given, else the prepared folder the model was trained from (``hp`` as
+    :func:`load_model` returns it; the folder may have moved since)."""
+    if data_dir:
+        return Path(data_dir)
+    if hp.get("data_dir"):
+        return Path(hp["data_dir"])
+    return Path(hp.get("tokenizer_path", ".")).parent
 
 
 def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | None = None,
                device: str = "cpu") -> tuple[ConformerCTC, Tokenizer, dict]:
-    """Model (eval mode), tokenizer and hyper-parameters from a training checkpoint (or several,
-    averaged). The tokenizer is the one embedded in the checkpoint (older checkpoints: the file
-    they name); ``tokenizer_path`` may name a file, which must be the same model. The returned
-    hyper-parameters carry ``vocab_size``, ``tokenizer_sha256``, ``checkpoints`` and ``cmvn``
-    (the embedded statistics ``{"mean", "std"}``, or None; see :func:`model_cmvn`)."""
+    """Model (eval mode), tokenizer and information (:meth:`CheckpointRecord.info`) from a
+    checkpoint (or several, averaged). The tokenizer is the one embedded in the checkpoint (older
+    checkpoints: the file they name); ``tokenizer_path`` may name a file, which must be the same
+    model. ``cmvn`` in the information is the embedded statistics or None (see :func:`model_cmvn`)."""
     paths = checkpoint_paths(ckpt, average)
     loaded = []
     for p in paths:
@@ -88,28 +210,15 @@ def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | 
             loaded.append(torch.load(p, map_location="cpu", weights_only=False))
         except Exception as e:  # truncated, empty or not a torch file at all
             raise ValueError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    hp = loaded[-1].get("hyper_parameters") if isinstance(loaded[-1], dict) else None
-    vocab_size, digest, model_bytes = tokenizer_record(loaded[-1]) if hp else (None, None, None)
-    if not hp or vocab_size is None or "reuse" not in hp:
-        raise ValueError(f"{paths[-1]}: not a checkpoint of train.py's CTCModule (no model hyper-parameters)")
-    if tokenizer_path is not None or model_bytes is None:
-        tokenizer_path = Path(tokenizer_path or hp["tokenizer_path"])
-        tokenizer = Tokenizer(tokenizer_path)
-    else:
-        tokenizer = Tokenizer(hp.get("tokenizer_path", "bpe.model"), model_bytes,
-                              (loaded[-1].get("tokenizer") or {}).get("token_list"))
-    if tokenizer.vocab_size != vocab_size or (digest is not None and tokenizer.digest != digest):
-        raise ValueError(f"tokenizer {tokenizer.path} ({tokenizer.vocab_size} outputs) is not the one {paths[-1]} "
-                         f"was trained with ({vocab_size} outputs, sha256 {digest})")
-    model = ConformerCTC(vocab_size, **{k: hp[k] for k in MODEL_KEYS if k in hp})
+    record = CheckpointRecord.read(loaded[-1], paths[-1])
+    tokenizer = record.tokenizer(tokenizer_path, paths[-1])
+    model = ConformerCTC(record.vocab_size, record.model)
     states = [{k[len("model."):]: v for k, v in c["state_dict"].items() if k.startswith("model.")} for c in loaded]
     try:
         model.load_state_dict(average_state_dicts(states) if len(states) > 1 else states[0])
     except RuntimeError as e:
         raise ValueError(f"{paths[-1]}: weights do not fit the model its hyper-parameters describe ({e})") from None
-    info = {**hp, "vocab_size": vocab_size, "tokenizer_sha256": digest, "checkpoints": [str(p) for p in paths],
-            "cmvn": loaded[-1].get("cmvn"), "features": loaded[-1].get("features")}
-    return model.to(device).eval(), tokenizer, info
+    return model.to(device).eval(), tokenizer, record.info(paths)
 
 
 def model_cmvn(hp: dict, data_dir: str | Path | None = None) -> GlobalCMVN:
@@ -183,15 +292,12 @@ def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = No
 
 
 def save_model_checkpoint(path: str | Path, model: ConformerCTC, tokenizer: Tokenizer, hp: dict) -> None:
-    """A self-contained checkpoint (weights, hyper-parameters, tokenizer, CMVN, the feature record
-    of a converted model) that :func:`load_model` reads, e.g. averaged weights."""
-    from data.features import atomic_write
-
-    init = {k: v for k, v in hp.items() if k not in ("checkpoints", "cmvn", "vocab_size", "tokenizer_sha256", "features")}
-    ckpt = {"hyper_parameters": init, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "tokenizer": embedded_tokenizer(tokenizer)}
-    if hp.get("cmvn") is not None:
-        ckpt["cmvn"] = hp["cmvn"]
-    if hp.get("features") is not None:
-        ckpt["features"] = hp["features"]
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    """A self-contained checkpoint of ``model`` (weights, options, tokenizer, CMVN, the feature
+    record of a converted model) that :func:`load_model` reads, e.g. averaged weights. ``hp``:
+    :func:`load_model`'s information, or any mapping with ``cmvn``, ``features`` and the data folder
+    (``data_dir``, or ``tokenizer_path``'s folder); its other entries that are not model options
+    (``lr``, ``retrofit_from``, ...) are kept as hyper-parameters. The options are the model's own."""
+    data_dir = hp.get("data_dir") or (Path(hp["tokenizer_path"]).parent if hp.get("tokenizer_path") else None)
+    record = CheckpointRecord(model.model_config, DataRecord.of(tokenizer, data_dir, hp.get("cmvn"), hp.get("features")),
+                              {k: v for k, v in hp.items() if k not in MODEL_KEYS and k not in _INFO_KEYS})
+    write_checkpoint(path, {**record.entries(), "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}})

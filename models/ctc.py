@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from models.config import ModelConfig, model_config_of, takes_model_options
 from models.conformer import ConformerEncoder
 from models.reuse import format_reuse_config, parse_reuse_config
 from models.subsampling import Conv2dSubsampling
@@ -39,48 +40,40 @@ class EncoderOutput:
 
 
 class ConformerCTC(nn.Module):
-    """Conformer-CTC acoustic model with layer-wise attention map reuse.
+    """Conformer-CTC acoustic model with layer-wise attention map reuse (Shim, Choi, Sung, ICLR 2022).
 
     Args:
         vocab_size: CTC outputs, blank (index 0) included (129 for 128 BPE units).
-        input_dim: feature width (80 log-Mel bins).
-        d_model, num_layers, ffn_dim, kernel_size: Conformer size (Conformer-M: 256, 16, 1024, 31).
-        reuse: reuse plan string, e.g. ``"1(H4)x16"`` (baseline) or ``"4(H8)x4"`` (see :mod:`models.reuse`).
-        dropout, attention_dropout: hidden and attention-probability dropout.
-        subsampling_channels: channels of the Conv2d front end.
-        was_gamma: weak attention suppression (None = off; the paper's value is 0.5).
-        bn_momentum: BatchNorm momentum of the convolution modules (PyTorch convention).
-        layer_norm_eps: epsilon of every LayerNorm (ours 1e-5; ESPnet's 1e-12).
-        final_norm: a LayerNorm after the last block (ESPnet's ``after_norm``); the hidden states
-            stay the blocks' outputs, the encoder output is normalised.
-        input_layer: the Conv2d front end, ``conv2d`` (time / 4, 40 ms frames), ``conv2d6`` or
-            ``conv2d8`` (see :mod:`models.subsampling`).
+        config: the model options (:class:`models.config.ModelConfig`; default: its defaults, the
+            paper's model), to which the keyword ``options`` (the same fields: ``d_model=...``,
+            ``reuse=...``) are applied. ``ConformerCTC(V, cfg)`` and ``ConformerCTC(V, **options)``
+            build the same model.
 
-    The defaults are the paper's model; the last three options exist to hold converted ESPnet
-    models (:mod:`models.espnet`).
+    ``model_config`` holds the options as built (the plan in its normal form); ``config`` the same
+    as the constructor's keyword arguments, ``vocab_size`` included.
     """
 
-    def __init__(self, vocab_size: int, input_dim: int = 80, d_model: int = 256, num_layers: int = 16,
-                 ffn_dim: int = 1024, kernel_size: int = 31, reuse: str = "1(H4)x16", dropout: float = 0.1,
-                 attention_dropout: float = 0.1, subsampling_channels: int = 256, was_gamma: float | None = None,
-                 bn_momentum: float = 0.005, layer_norm_eps: float = 1e-5, final_norm: bool = False,
-                 input_layer: str = "conv2d"):
+    @takes_model_options
+    def __init__(self, vocab_size: int, config: ModelConfig | None = None, **options):
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size must count the blank and at least one token, got {vocab_size}")
-        self.plans = parse_reuse_config(reuse, num_layers, d_model)
+        cfg = model_config_of(options, config)
+        self.plans = parse_reuse_config(cfg.reuse, cfg.num_layers, cfg.d_model)
         self.reuse = format_reuse_config(self.plans)
-        # the constructor's arguments (to build a model of the same size, e.g. with another plan)
-        self.config = dict(vocab_size=vocab_size, input_dim=input_dim, d_model=d_model, num_layers=num_layers,
-                           ffn_dim=ffn_dim, kernel_size=kernel_size, reuse=self.reuse, dropout=dropout,
-                           attention_dropout=attention_dropout, subsampling_channels=subsampling_channels,
-                           was_gamma=was_gamma, bn_momentum=bn_momentum, layer_norm_eps=layer_norm_eps,
-                           final_norm=final_norm, input_layer=input_layer)
-        self.vocab_size, self.input_dim, self.d_model, self.num_layers = vocab_size, input_dim, d_model, num_layers
-        self.frontend = Conv2dSubsampling(input_dim, d_model, subsampling_channels, input_layer)
-        self.encoder = ConformerEncoder(self.plans, d_model, ffn_dim, kernel_size, dropout, attention_dropout,
-                                        was_gamma, bn_momentum, layer_norm_eps, final_norm)
-        self.head = nn.Linear(d_model, vocab_size)
+        self.model_config = cfg.replace(reuse=self.reuse)
+        self.vocab_size, self.input_dim, self.d_model, self.num_layers = vocab_size, cfg.input_dim, cfg.d_model, cfg.num_layers
+        self.frontend = Conv2dSubsampling(cfg.input_dim, cfg.d_model, cfg.subsampling_channels, cfg.input_layer)
+        self.encoder = ConformerEncoder(self.plans, cfg.d_model, cfg.ffn_dim, cfg.kernel_size, cfg.dropout,
+                                        cfg.attention_dropout, cfg.was_gamma, cfg.bn_momentum, cfg.layer_norm_eps,
+                                        cfg.final_norm)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+
+    @property
+    def config(self) -> dict:
+        """The constructor's keyword arguments: ``ConformerCTC(**model.config)`` is a model of the
+        same size and plan."""
+        return {"vocab_size": self.vocab_size, **self.model_config.options()}
 
     @property
     def num_heads(self) -> list[int]:

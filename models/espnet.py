@@ -19,6 +19,7 @@ import re
 import torch
 from torch import nn
 
+from models.config import ModelConfig
 from models.ctc import ConformerCTC
 from models.subsampling import INPUT_LAYERS
 
@@ -111,9 +112,9 @@ def espnet_to_ours(state: dict, num_layers: int, input_layer: str = "conv2d") ->
     return out, ignored
 
 
-def model_options(config: dict) -> tuple[dict, list[str]]:
-    """:class:`ConformerCTC` keyword arguments (without ``vocab_size``) of an ESPnet ASR
-    ``config.yaml``, and notes on what is left aside; raises :class:`ConversionError` for what
+def model_options(config: dict) -> tuple[ModelConfig, list[str]]:
+    """The model options of an ESPnet ASR ``config.yaml`` (:class:`ConformerCTC`'s, without the
+    vocabulary size), and notes on what is left aside; raises :class:`ConversionError` for what
     would change the function."""
     notes = []
     encoder = config.get("encoder")
@@ -148,7 +149,7 @@ def model_options(config: dict) -> tuple[dict, list[str]]:
     if frontend != "default":
         raise ConversionError(f"frontend: {frontend!r} is not supported (only 'default')")
     n_mels = int((config.get("frontend_conf") or {}).get("n_mels", 80))
-    options = dict(input_dim=n_mels, d_model=d_model, num_layers=blocks, ffn_dim=int(conf.get("linear_units", 2048)),
+    options = ModelConfig(input_dim=n_mels, d_model=d_model, num_layers=blocks, ffn_dim=int(conf.get("linear_units", 2048)),
                    kernel_size=int(conf.get("cnn_module_kernel", 31)), reuse=f"1(H{heads})x{blocks}",
                    dropout=float(conf.get("dropout_rate", 0.1)),
                    attention_dropout=float(conf.get("attention_dropout_rate", 0.0)), subsampling_channels=d_model,
@@ -202,13 +203,13 @@ def encoder_kwargs(model: ConformerCTC) -> dict:
     if any(p.reuses for p in model.plans) or len(set(model.num_heads)) != 1:
         raise ConversionError(f"plan {model.reuse!r}: ESPnet's encoder has one head count and no map reuse; "
                               f"only a baseline 1(Hh)xL has an ESPnet peer")
-    c = model.config
-    return dict(input_size=c["input_dim"], output_size=c["d_model"], attention_heads=model.num_heads[0],
-                linear_units=c["ffn_dim"], num_blocks=c["num_layers"], dropout_rate=c["dropout"],
-                positional_dropout_rate=c["dropout"], attention_dropout_rate=c["attention_dropout"],
-                input_layer=c["input_layer"], normalize_before=True, macaron_style=True, rel_pos_type="latest",
+    c = model.model_config
+    return dict(input_size=c.input_dim, output_size=c.d_model, attention_heads=model.num_heads[0],
+                linear_units=c.ffn_dim, num_blocks=c.num_layers, dropout_rate=c.dropout,
+                positional_dropout_rate=c.dropout, attention_dropout_rate=c.attention_dropout,
+                input_layer=c.input_layer, normalize_before=True, macaron_style=True, rel_pos_type="latest",
                 pos_enc_layer_type="rel_pos", selfattention_layer_type="rel_selfattn", activation_type="swish",
-                use_cnn_module=True, cnn_module_kernel=c["kernel_size"])
+                use_cnn_module=True, cnn_module_kernel=c.kernel_size)
 
 
 def espnet_peer(model: ConformerCTC) -> EspnetPeer:
@@ -218,18 +219,18 @@ def espnet_peer(model: ConformerCTC) -> EspnetPeer:
     ``model`` has none), so that a latency row times the same model in ESPnet's code."""
     from espnet2.asr.encoder.conformer_encoder import ConformerEncoder as EspnetEncoder
 
-    c = model.config
-    if c["subsampling_channels"] != c["d_model"]:
-        raise ConversionError(f"subsampling_channels {c['subsampling_channels']} != d_model {c['d_model']}: ESPnet's "
+    c = model.model_config
+    if c.subsampling_channels != c.d_model:
+        raise ConversionError(f"subsampling_channels {c.subsampling_channels} != d_model {c.d_model}: ESPnet's "
                               f"Conv2d front end has d_model channels")
     encoder = EspnetEncoder(**encoder_kwargs(model))
-    if not c["final_norm"]:
+    if not c.final_norm:
         encoder.after_norm = nn.Identity()
     for m in encoder.modules():
         if isinstance(m, nn.LayerNorm):
-            m.eps = c["layer_norm_eps"]
+            m.eps = c.layer_norm_eps
     state = {k[len("encoder."):]: v for k, v in ours_to_espnet(model.state_dict(), model.num_layers,
-                                                              c["input_layer"]).items()
+                                                              c.input_layer).items()
              if k.startswith("encoder.")}
     encoder.load_state_dict(state, strict=True)
     p = next(model.parameters())

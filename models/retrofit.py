@@ -16,7 +16,7 @@ move). Query, key and positional weights of reuse layers are dropped.
 
 The plan must give every layer the baseline's head count (a group's heads are those of its first
 layer); a plan that does not is refused, naming the layer. Both paths start from the baseline's
-function: this tool keeps its options (:data:`FUNCTION_OPTIONS`, ``was_gamma`` included), CMVN
+function: this tool keeps its options (:data:`models.config.FUNCTION_OPTIONS`, ``was_gamma`` included), CMVN
 statistics and front end, and says so; ``train.py --model.init_from`` refuses a recipe or a data
 folder (``cmvn.json``, ``features.json``) that differs from them, naming the difference.
 """
@@ -32,19 +32,13 @@ import torch
 from models.ctc import ConformerCTC
 
 
-# the options of ConformerCTC that change the function it computes (besides the plan): a retrofit
-# keeps the baseline's (check_plan), and train.py's --model.init_from refuses a recipe that differs
-FUNCTION_OPTIONS = ("input_dim", "d_model", "num_layers", "ffn_dim", "kernel_size", "subsampling_channels",
-                    "layer_norm_eps", "final_norm", "input_layer", "was_gamma")
-
-
 def check_plan(base: ConformerCTC, reuse: str) -> ConformerCTC:
     """An (untrained) model of ``base``'s size with plan ``reuse``, after checking that the plan
     fits the baseline."""
     if any(p.reuses for p in base.plans):
         raise ValueError(f"the checkpoint is a reuse model ({base.reuse}); retrofit starts from a baseline whose every "
                          f"layer computes its own maps")
-    new = ConformerCTC(**{**base.config, "reuse": reuse})
+    new = ConformerCTC(base.vocab_size, base.model_config.replace(reuse=reuse))
     for layer, (p, h) in enumerate(zip(new.plans, base.num_heads)):
         if p.num_heads != h:
             raise ValueError(f"plan {reuse!r} gives layer {layer} {p.num_heads} heads; the baseline's layer {layer} "
@@ -101,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         base, tokenizer, hp = load_model(a.ckpt)
         new = retrofit(base, a.reuse, a.seed)
-        save_model_checkpoint(a.out, new, tokenizer, {**hp, "reuse": new.reuse, "retrofit_from": hp["checkpoints"][-1]})
+        save_model_checkpoint(a.out, new, tokenizer, {**hp, "retrofit_from": hp["checkpoints"][-1]})
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"{hp['reuse']} -> {new.reuse}: {sum(p.numel() for p in base.parameters()):,} -> "
           f"{sum(p.numel() for p in new.parameters()):,} parameters; wrote {Path(a.out)} (the baseline's "
-          f"was_gamma {new.config['was_gamma']}, CMVN statistics and front end kept)")
+          f"was_gamma {new.model_config.was_gamma}, CMVN statistics and front end kept)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-import train  # noqa: E402
+from training import cli  # noqa: E402
+from training.module import CTCModule  # noqa: E402
 
 
 class Instrument(L.Callback):
@@ -53,7 +54,7 @@ def main() -> None:
     nan_at = os.environ.get("DDP_TEST_NAN")
     if nan_at:
         rank, step = map(int, nan_at.split(":"))
-        real = train.CTCModule.ctc_loss
+        real = CTCModule.ctc_loss
 
         def poisoned(self, batch):
             loss, log_probs, out_lengths = real(self, batch)
@@ -61,16 +62,16 @@ def main() -> None:
                 loss = loss * float("nan")
             return loss, log_probs, out_lengths
 
-        train.CTCModule.ctc_loss = poisoned
+        CTCModule.ctc_loss = poisoned
     out = os.environ.get("DDP_TEST_OUT")
     if out:
-        callbacks = train.default_callbacks
+        callbacks = cli.default_callbacks
 
         def with_instrument(keep_last: int = 5):
             return [*callbacks(keep_last), Instrument(Path(out))]
 
-        train.default_callbacks = with_instrument
-    train.main()
+        cli.default_callbacks = with_instrument  # what training.cli.main passes to the trainer
+    cli.main()
 
 
 if __name__ == "__main__":

@@ -468,3 +468,29 @@ def test_encoder_traces_as_one_graph(reuse):
     with torch.inference_mode():
         explained = torch._dynamo.explain(lambda h: model.encoder(h, None)[0])(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_one_model_configuration():
+    """``ModelConfig`` is the one list of model options: the constructor's signature lists each
+    field with its default, a config and keyword options build the same model, an unknown option
+    names itself, and the function options are those a plan change keeps."""
+    import dataclasses
+    import inspect
+
+    from models.config import FUNCTION_OPTIONS, MODEL_KEYS, ModelConfig
+
+    params = inspect.signature(ConformerCTC).parameters
+    for f in dataclasses.fields(ModelConfig):
+        assert params[f.name].default == f.default and params[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert [p for p in params if p in MODEL_KEYS] == list(MODEL_KEYS)
+    cfg = ModelConfig(reuse="1(H2)+1(H2)", d_model=16, num_layers=2, ffn_dim=32, kernel_size=3, input_dim=20,
+                      subsampling_channels=4, was_gamma=0.5)
+    a, b = ConformerCTC(9, cfg), ConformerCTC(9, **cfg.options())
+    assert a.model_config == b.model_config == cfg.replace(reuse="1(H2)x2") and a.reuse == "1(H2)x2"
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert ConformerCTC(**a.config).model_config == a.model_config  # config: the constructor's arguments
+    assert ConformerCTC(9, cfg, d_model=32).d_model == 32  # keyword options over the config
+    with pytest.raises(TypeError, match="'d_modle'"):
+        ConformerCTC(9, d_modle=32)
+    assert set(FUNCTION_OPTIONS) == set(MODEL_KEYS) - {"reuse", "dropout", "attention_dropout", "bn_momentum"}
+    assert ModelConfig.from_mapping({"d_model": 16, "lr": 1e-3}) == ModelConfig(d_model=16)  # others ignored

@@ -16,7 +16,9 @@ import soundfile as sf
 import torch
 
 import evaluate
-import train
+from training.callbacks import default_callbacks
+from training.cli import AtomicCheckpointIO, tokenizer_of
+from training.module import CTCModule
 from data.prepare import prepare, read_manifest, write_manifest
 from data.text import normalise, unsupported
 from data.tokenizer import Tokenizer
@@ -188,9 +190,9 @@ def test_max_time_names_itself(prepared, tmp_path, capsys):
 
     L.seed_everything(0)
     dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0)
-    module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
+    module = CTCModule(str(prepared / "bpe.model"), **TINY)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, max_time={"seconds": 0.001}, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=train.default_callbacks(2),
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=default_callbacks(2),
                         default_root_dir=str(tmp_path), limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(module, dm)
     assert "TRAINING CUT SHORT by max_time: step 1 of" in capsys.readouterr().err
@@ -314,7 +316,7 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match=r"last.ckpt: cannot write the checkpoint .*disk full"):
-        train.AtomicCheckpointIO().save_checkpoint({"x": 1}, path)
+        AtomicCheckpointIO().save_checkpoint({"x": 1}, path)
     assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
@@ -360,7 +362,7 @@ def test_killed_checkpoint_temporaries_are_removed_and_files_are_readable(tmp_pa
     stale.write_bytes(b"half a checkpoint")
     old = os.umask(0o022)
     try:
-        train.AtomicCheckpointIO().save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.ckpt")
+        AtomicCheckpointIO().save_checkpoint({"x": torch.ones(2)}, tmp_path / "last.ckpt")
         atomic_write_text(tmp_path / "r.json", "{}")
     finally:
         os.umask(old)
@@ -388,9 +390,11 @@ def test_lexicon_is_replaced_whole_never_rewritten_in_place(prepared, tmp_path):
 def test_checkpoint_remembers_its_data_folder_resolved(prepared, tmp_path, monkeypatch):
     """Trained with a relative ``--data.data_dir`` (make demo's exp/demo/data), the checkpoint
     names the folder resolved, so evaluate.py --sets finds its manifests from any folder."""
-    from models.checkpoint import training_data_dir
+    from models.checkpoint import CheckpointRecord, training_data_dir
 
     monkeypatch.chdir(prepared.parent)
-    module = train.CTCModule(train.tokenizer_of(prepared.name), **{k: v for k, v in TINY.items()})
+    module = CTCModule(tokenizer_of(prepared.name), **{k: v for k, v in TINY.items()})
     monkeypatch.chdir(tmp_path)
-    assert training_data_dir(dict(module.hparams)) == prepared.resolve()
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)  # what every checkpoint of the module records
+    assert training_data_dir(CheckpointRecord.read(checkpoint).info([])) == prepared.resolve()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evaluate
-import train
+from training.module import CTCModule
 from models import ConformerCTC
 from models.retrofit import main as retrofit_main
 from models.retrofit import retrofit, zero_shot_sources
@@ -97,7 +97,7 @@ def test_fit_from_a_baseline_and_resume(prepared, baseline, tmp_path):
     from models.checkpoint import load_model
 
     kw = dict(reuse="2(H2)x2", num_layers=4, init_from=str(baseline))
-    module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **kw})
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, **kw})
     base, _, _ = load_model(baseline)
     expected = retrofit(base, "2(H2)x2").state_dict()
     for k, v in module.model.state_dict().items():
@@ -115,11 +115,11 @@ def test_init_from_mismatches_are_refused(prepared, baseline, tmp_path):
     from data.tokenizer import Tokenizer
 
     with pytest.raises(ValueError, match="not this recipe's size .*d_model 32 vs 48"):
-        train.CTCModule(str(prepared / "bpe.model"), **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "d_model": 48,
+        CTCModule(str(prepared / "bpe.model"), **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "d_model": 48,
                                                           "init_from": str(baseline)})
     other = Tokenizer.train(["SOME OTHER TEXT", "MORE WORDS HERE"], tmp_path / "other", vocab_size=30)
     with pytest.raises(ValueError, match="trained with another tokenizer"):
-        train.CTCModule(other.path, **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "init_from": str(baseline)})
+        CTCModule(other.path, **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "init_from": str(baseline)})
 
 
 def _base_checkpoint(prepared, path, was_gamma=None, cmvn_shift=0.0, features=None):
@@ -154,7 +154,7 @@ def test_init_from_starts_from_the_zero_shot_reuse(prepared, tmp_path):
 
     ckpt = _base_checkpoint(prepared, tmp_path / "base.ckpt", was_gamma=0.5)
     kw = {**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4, "was_gamma": 0.5, "init_from": str(ckpt)}
-    module = train.CTCModule(str(prepared / "bpe.model"), **kw).eval()
+    module = CTCModule(str(prepared / "bpe.model"), **kw).eval()
     dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0)
     ours_ds = dm.dataset(["mini-dev"])
     base, tok, hp = load_model(ckpt)
@@ -180,5 +180,5 @@ def test_init_from_refuses_what_changes_the_function(prepared, tmp_path, change,
     or front end of the data folder other than the checkpoint's."""
     ckpt = _base_checkpoint(prepared, tmp_path / "base.ckpt", **change)
     with pytest.raises(ValueError, match=f"--model.init_from {ckpt}: .*{message}"):
-        train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4,
+        CTCModule(str(prepared / "bpe.model"), **{**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4,
                                                           "init_from": str(ckpt)})

@@ -15,7 +15,9 @@ import torch
 
 import evaluate
 from models.checkpoint import checkpoint_paths, load_model
-import train
+from training.callbacks import default_callbacks
+from training.cli import AtomicCheckpointIO
+from training.module import CTCModule, lr_lambda
 from data.datamodule import ASRDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +52,16 @@ def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4,
          recorder=None, train_sets=("mini-train",), **model_kw):
     L.seed_everything(0, workers=True)
     dm = ASRDataModule(str(prepared), list(train_sets), ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
-    module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
     rec = recorder or Recorder()
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=limit,
                         limit_val_batches=1, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=[rec, *train.default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
+                        callbacks=[rec, *default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
                         default_root_dir=str(root), val_check_interval=val_every,
                         use_distributed_sampler=False, enable_model_summary=False)
     for cb in trainer.checkpoint_callbacks:
         cb.dirpath = str(root / "checkpoints")
-    trainer.strategy.checkpoint_io = train.AtomicCheckpointIO()
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return rec.losses, module, trainer
 
@@ -140,22 +142,22 @@ def test_validation_sharding_scores_every_utterance_once():
 
 
 def test_lr_schedule_shape():
-    f = lambda s: train.lr_lambda(s, warmup=10, hold=5, decay=10, final_scale=0.1)  # noqa: E731
+    f = lambda s: lr_lambda(s, warmup=10, hold=5, decay=10, final_scale=0.1)  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == f(14) == 1.0
     assert f(20) == pytest.approx(0.55) and f(25) == pytest.approx(0.1) and f(1000) == pytest.approx(0.1)
 
 
 def test_non_finite_loss_skips_step_without_touching_weights(prepared, tmp_path, monkeypatch):
-    real = train.CTCModule.ctc_loss
+    real = CTCModule.ctc_loss
 
     def poisoned(self, batch):
         loss, lp, ol = real(self, batch)
         return (loss * float("nan") if self.training else loss), lp, ol
 
-    monkeypatch.setattr(train.CTCModule, "ctc_loss", poisoned)
+    monkeypatch.setattr(CTCModule, "ctc_loss", poisoned)
     L.seed_everything(0)
-    before = train.CTCModule(str(prepared / "bpe.model"), **TINY).state_dict()
+    before = CTCModule(str(prepared / "bpe.model"), **TINY).state_dict()
     _, module, _ = _fit(prepared, tmp_path, max_steps=3, max_epochs=1, limit=3)
     assert module.skipped_steps == 3
     after = module.state_dict()
@@ -165,7 +167,7 @@ def test_non_finite_loss_skips_step_without_touching_weights(prepared, tmp_path,
 
 
 def test_non_finite_gradient_is_dropped(prepared):
-    module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
+    module = CTCModule(str(prepared / "bpe.model"), **TINY)
     for p in module.parameters():
         p.grad = torch.ones_like(p)
     next(module.parameters()).grad[0] = float("inf")
@@ -176,7 +178,7 @@ def test_non_finite_gradient_is_dropped(prepared):
 
 def test_weight_noise_is_removed_exactly(prepared):
     """Noise added and removed restores the weights bit for bit (DDP replicas must not drift)."""
-    module = train.CTCModule(str(prepared / "bpe.model"), **{**TINY, "weight_noise": 0.02})
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, "weight_noise": 0.02})
     before = {k: v.clone() for k, v in module.state_dict().items()}
     for _ in range(5):
         module._add_weight_noise()
@@ -201,7 +203,7 @@ def test_gradient_check_reads_the_host_once(prepared):
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
-    module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
+    module = CTCModule(str(prepared / "bpe.model"), **TINY)
     module.log = lambda *a, **k: None
     for p in module.parameters():
         p.grad = torch.ones_like(p)
@@ -311,11 +313,11 @@ def test_resume_with_another_tokenizer_refused(prepared, trained, tmp_path):
     from data.tokenizer import Tokenizer
 
     other = Tokenizer.train(["SOME OTHER TEXT ENTIRELY", "WITH OTHER WORDS"], tmp_path / "other", vocab_size=30)
-    module = train.CTCModule(other.path, **TINY)
+    module = CTCModule(other.path, **TINY)
     ckpt = torch.load(trained / "last.ckpt", map_location="cpu", weights_only=False)
     with pytest.raises(ValueError, match="trained with another tokenizer"):
         module.on_load_checkpoint(ckpt)
-    train.CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(ckpt)  # the right one loads
+    CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(ckpt)  # the right one loads
 
 
 def _cli(args, tmp_path):
@@ -343,6 +345,75 @@ def _cli_run(subcommand, args, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def _earlier_layout(ckpt: dict, embedded: bool = True) -> dict:
+    """``ckpt`` (the current layout, with its ``data`` record) in the layout written before it: the
+    tokenizer, ``cmvn`` and ``features`` at the top level, the data folder named by
+    ``hyper_parameters.tokenizer_path``, Lightning's ``_instantiator`` among the hyper-parameters;
+    ``embedded`` False: as written before tokenizers were embedded (``vocab_size`` and
+    ``tokenizer_sha256`` among the hyper-parameters, neither tokenizer nor statistics)."""
+    old = {k: v for k, v in ckpt.items() if k != "data"}
+    data = ckpt["data"]
+    old["hyper_parameters"] = {"tokenizer_path": str(Path(data["dir"]) / "bpe.model"), **ckpt["hyper_parameters"],
+                               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    if embedded:
+        old.update(tokenizer=data["tokenizer"], cmvn=data["cmvn"])
+    else:
+        old["hyper_parameters"].update(vocab_size=data["tokenizer"]["vocab_size"],
+                                       tokenizer_sha256=data["tokenizer"]["sha256"])
+    return old
+
+
+def test_checkpoints_of_the_earlier_layouts_load(prepared, tmp_path):
+    """A checkpoint in the layout train.py and ``save_model_checkpoint`` wrote before the data
+    record (built here key by key), and one written before tokenizers were embedded, load with
+    their weights, tokenizer, statistics, data folder and hyper-parameters; a training module
+    resumes from the first; re-saved, it is the current layout and loads the same."""
+    from data.features import GlobalCMVN
+    from data.tokenizer import Tokenizer
+    from models import ConformerCTC
+    from models.checkpoint import model_cmvn, save_model_checkpoint, training_data_dir
+
+    tok = Tokenizer(prepared / "bpe.model")
+    torch.manual_seed(0)
+    model = ConformerCTC(tok.vocab_size, reuse="1(H2)+1(H2)", d_model=32, num_layers=2, ffn_dim=64, kernel_size=5,
+                         subsampling_channels=8, bn_momentum=0.1)
+    cmvn = GlobalCMVN.load(prepared / "cmvn.json")
+    hp = {"tokenizer_path": str((prepared / "bpe.model").resolve()), "reuse": "1(H2)+1(H2)", "d_model": 32,
+          "num_layers": 2, "ffn_dim": 64, "kernel_size": 5, "dropout": 0.1, "attention_dropout": 0.1,
+          "was_gamma": None, "bn_momentum": 0.1, "subsampling_channels": 8, "input_dim": 80, "lr": 3e-3,
+          "weight_decay": 1e-5, "betas": (0.9, 0.99), "eps": 1e-8, "warmup_steps": 5, "hold_steps": 100,
+          "decay_steps": 100, "final_lr_scale": 0.01, "weight_noise": 0.0, "weight_noise_start": 0, "init_from": None,
+          "layer_norm_eps": 1e-5, "final_norm": False, "input_layer": "conv2d",
+          "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    top_level = {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.6.0", "state_dict": weights,
+                 "hyper_parameters": hp, "skipped_steps": 0, "precision": {"precision": "32-true"},
+                 "tokenizer": {"sha256": tok.digest, "vocab_size": tok.vocab_size,
+                               "model": (prepared / "bpe.model").read_bytes(), "name": "bpe.model"},
+                 "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()}}
+    before_embedding = {"epoch": 0, "global_step": 3, "state_dict": weights,
+                        "hyper_parameters": {**hp, "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.digest}}
+    for name, ckpt in (("top-level", top_level), ("before-embedding", before_embedding)):
+        torch.save(ckpt, tmp_path / f"{name}.ckpt")
+        loaded, loaded_tok, info = load_model(tmp_path / f"{name}.ckpt")
+        assert loaded.reuse == model.reuse == "1(H2)x2" and loaded.model_config == model.model_config
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+        assert loaded_tok.digest == tok.digest == info["tokenizer_sha256"] and info["vocab_size"] == tok.vocab_size
+        assert training_data_dir(info) == prepared.resolve() and info["lr"] == 3e-3 and info["init_from"] is None
+        assert "_instantiator" not in info
+        assert torch.equal(model_cmvn(info, prepared).mean, cmvn.mean)  # embedded, or the folder's (older)
+    assert info["cmvn"] is None  # before embedding: the folder's cmvn.json
+    CTCModule(str(prepared / "bpe.model"), **TINY).on_load_checkpoint(top_level)  # a resumed run accepts it
+    _, _, info = load_model(tmp_path / "top-level.ckpt")
+    save_model_checkpoint(tmp_path / "resaved.ckpt", model, tok, info)
+    resaved = torch.load(tmp_path / "resaved.ckpt", weights_only=True)
+    assert resaved["data"]["dir"] == str(prepared.resolve()) and "tokenizer_path" not in resaved["hyper_parameters"]
+    again, _, info_again = load_model(tmp_path / "resaved.ckpt")
+    assert again.model_config == model.model_config and torch.equal(info_again["cmvn"]["std"], cmvn.std)
+    same = lambda d: {k: v for k, v in d.items() if k not in ("checkpoints", "cmvn", "reuse")}  # noqa: E731
+    assert same(info_again) == same(info) and info_again["reuse"] == model.reuse  # the plan in its normal form
+
+
 def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, monkeypatch):
     """``--ckpt_path FILE`` for fit / validate (also a checkpoint written before tokenizers were
     embedded), and evaluation and analysis from another folder, once the data folder is gone."""
@@ -355,14 +426,13 @@ def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, m
     _fit(data_a, tmp_path / "run", max_epochs=1, limit=3)
     ckpts = tmp_path / "run" / "checkpoints"
     epoch0 = ckpts / "epoch000.ckpt"
-    old = torch.load(epoch0, map_location="cpu", weights_only=False)  # as train.py wrote them before
-    old["hyper_parameters"].update(vocab_size=old["tokenizer"]["vocab_size"], tokenizer_sha256=old["tokenizer"]["sha256"])
-    del old["tokenizer"], old["cmvn"]
-    torch.save(old, ckpts / "old-style.ckpt")
+    current = torch.load(epoch0, map_location="cpu", weights_only=False)
+    torch.save(_earlier_layout(current), ckpts / "top-level.ckpt")  # as train.py wrote them before
+    torch.save(_earlier_layout(current, embedded=False), ckpts / "old-style.ckpt")
     shutil.move(str(data_a), str(data_b))  # the data folder the checkpoints name is gone
     work.mkdir()
     data = ["--data.data_dir", str(data_b), "--trainer.limit_val_batches", "1"]
-    for ckpt in (epoch0, ckpts / "old-style.ckpt"):
+    for ckpt in (epoch0, ckpts / "top-level.ckpt", ckpts / "old-style.ckpt"):
         r = _cli_run("validate", [*data, "--ckpt_path", str(ckpt)], work)
         assert r.returncode == 0 and "val_wer" in r.stdout, r.stderr[-2000:]
     r = _cli_run("fit", [*data, "--ckpt_path", str(epoch0), "--trainer.max_epochs", "2", "--trainer.limit_train_batches",
@@ -391,3 +461,45 @@ def test_last_checkpoint_is_the_last_even_when_dev_wer_does_not_improve(prepared
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 6
     assert len(list((tmp_path / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+def test_module_options_are_the_model_configuration_flat():
+    """The training module's signature (what jsonargparse turns into ``--model.*``) lists every
+    :class:`ModelConfig` field flat beside the training options, and a parse of flat flags builds
+    the model those options describe."""
+    import dataclasses
+    import inspect
+
+    from jsonargparse import ArgumentParser
+
+    from models.config import MODEL_KEYS, ModelConfig
+
+    params = inspect.signature(CTCModule).parameters
+    assert all(params[f.name].default == f.default for f in dataclasses.fields(ModelConfig))
+    assert {"tokenizer_path", "lr", "warmup_steps", "init_from"} <= set(params) and "model_options" not in params
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(CTCModule, "model")
+    cfg = parser.parse_args(["--model.tokenizer_path", "bpe.model", "--model.d_model", "96", "--model.was_gamma", "0.5",
+                             "--model.reuse", "2(H4)x2", "--model.num_layers", "4", "--model.lr", "0.1"])
+    assert cfg.model.d_model == 96 and cfg.model.was_gamma == 0.5 and cfg.model.lr == 0.1
+    assert [k for k in vars(cfg.model) if k in MODEL_KEYS] == list(MODEL_KEYS)
+    with pytest.raises(Exception, match="d_model"):
+        parser.parse_args(["--model.tokenizer_path", "x", "--model.d_model", "wide"])
+
+
+def test_module_hyper_parameters_are_the_model_options_and_the_training_options(prepared):
+    """The module builds the model of its options and records them (normal-form plan) beside the
+    training options; its checkpoint entries name the data folder and embed the tokenizer."""
+    from models.checkpoint import CheckpointRecord
+
+    module = CTCModule(str(prepared / "bpe.model"), **{**TINY, "was_gamma": 0.5})
+    assert module.model.model_config.was_gamma == 0.5 and module.model.d_model == TINY["d_model"]
+    assert dict(module.hparams) == {**module.model.model_config.options(), **{
+        k: v for k, v in TINY.items() if k in ("lr", "warmup_steps", "hold_steps", "decay_steps")},
+        "weight_decay": 1e-5, "betas": (0.9, 0.99), "eps": 1e-8, "final_lr_scale": 0.01, "weight_noise": 0.0,
+        "weight_noise_start": 0, "init_from": None}
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    record = CheckpointRecord.read(checkpoint)
+    assert record.data.dir == str(prepared.resolve()) and record.tokenizer().digest == module.tokenizer.digest
+    assert record.model == module.model.model_config and record.hparams["lr"] == TINY["lr"]
