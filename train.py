@@ -37,6 +37,7 @@ from models import ConformerCTC
 from models.checkpoint import embedded_tokenizer, tokenizer_record
 from models.decoding import greedy_decode
 from models.precision import PrecisionChoice, resolve_training_precision
+from training.attention_maps import AttentionMaps
 
 
 def lr_lambda(step: int, warmup: int, hold: int, decay: int, final_scale: float) -> float:
@@ -329,6 +330,8 @@ class ASRCLI(LightningCLI):
                 cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if (self.config[self.subcommand] if self.subcommand else self.config).get("attention_maps"):
+            trainer.callbacks.append(AttentionMaps())  # off: not created, nothing computed
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -346,6 +349,9 @@ class ASRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.data_dir", "model.tokenizer_path", compute_fn=tokenizer_of)
+        parser.add_argument("--attention_maps", type=bool, default=True,
+                            help="at each validation, log one dev utterance's attention maps and per-layer CAD "
+                                 "to TensorBoard (training/attention_maps.py)")
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path FILE``: Lightning parses the checkpoint's hyper-parameters back as the
