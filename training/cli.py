@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from data.datamodule import ASRDataModule
 from models.checkpoint import CheckpointRecord, write_checkpoint
 from models.precision import PrecisionChoice, resolve_training_precision
+from training.attention_maps import AttentionMaps
 from training.callbacks import default_callbacks
 from training.module import CTCModule
 
@@ -70,6 +71,8 @@ class ASRCLI(LightningCLI):
                 cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if (self.config[self.subcommand] if self.subcommand else self.config).get("attention_maps"):
+            trainer.callbacks.append(AttentionMaps())  # off: not created, nothing computed
         return trainer
 
     def before_instantiate_classes(self) -> None:
@@ -87,6 +90,9 @@ class ASRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.data_dir", "model.tokenizer_path", compute_fn=tokenizer_of)
+        parser.add_argument("--attention_maps", type=bool, default=True,
+                            help="at each validation, log one dev utterance's attention maps and per-layer CAD "
+                                 "to TensorBoard (training/attention_maps.py)")
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path FILE``: the model is built with the checkpoint's hyper-parameters (what
@@ -127,6 +133,3 @@ def main(args=None):
             raise
         sys.exit(f"error: {e}\n(set TRAIN_TRACEBACK=1 for the traceback)")
 
-
-if __name__ == "__main__":
-    main()
