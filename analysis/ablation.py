@@ -1,4 +1,4 @@
-"""Cumulative head ablation within each head category (SPEC section 8; seed 000).
+"""Cumulative head ablation within each head category (Gopinath & Rodriguez, "Probing self-attention in self-supervised speech models for cross-linguistic differences", following Yang, Liu, Lee, Interspeech 2020).
 
 Heads of each category are masked one more at a time, best-ranked first; after each step the
 downstream metric is measured (frame accuracy of the last layer's phoneme probe, or any callable),

@@ -1,4 +1,4 @@
-"""Cumulative attention diagonality (SPEC section 5; Shim et al. 2022, Eq. 3).
+"""Cumulative attention diagonality (Shim, Choi, Sung, ICLR 2022, Eq. 3).
 
     CAD = integral_0^1 (1/T) sum_i sum_j A[i,j] 1[|i-j| <= r (T-1)] dr
         = 1 - sum_i sum_j A[i,j] |i-j| / (T (T-1))

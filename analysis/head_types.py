@@ -1,5 +1,6 @@
-"""Attention-head scores, head categories and phoneme relation maps (SPEC section 8; seed 000,
-following Yang et al. 2020).
+"""Attention-head scores, head categories and phoneme relation maps (Gopinath & Rodriguez,
+"Probing self-attention in self-supervised speech models for cross-linguistic differences", following
+Yang, Liu, Lee, Interspeech 2020).
 
 Per map (natural logarithm, H = entropy)::
 

@@ -1,4 +1,4 @@
-"""Phoneme attention relationship (PAR) and its coverage (SPEC section 6; Shim et al. 2022, Eqs. 4-6).
+"""Phoneme attention relationship (PAR) and its coverage (Shim, Choi, Sung, ICLR 2022, Eqs. 4-6).
 
 For one utterance and head, with ``C_p`` the frames of class p and ``E_p(i)`` the run of class p
 that contains frame i::
@@ -62,7 +62,7 @@ def par_speech(a: torch.Tensor, y: torch.Tensor, num_classes: int = 36) -> torch
 
 
 def par_coverage(par: torch.Tensor, ref: torch.Tensor, top_k: int = 10) -> float:
-    """Coverage of ``par (C, C)`` against ``ref (C, C)`` (SPEC Eq. 6)::
+    """Coverage of ``par (C, C)`` against ``ref (C, C)`` (Shim, Choi, Sung, ICLR 2022, Eq. 6)::
 
         R[p,q] = min(P[p,q] / P_ref[p,q], 1);  R = mean_p mean_{q in Q_p} R[p,q]
 

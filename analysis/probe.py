@@ -1,4 +1,4 @@
-"""Per-layer linear phoneme probes on frozen hidden states (SPEC section 7; Shim et al. 2022, A.5).
+"""Per-layer linear phoneme probes on frozen hidden states (Shim, Choi, Sung, ICLR 2022, Section 3.3, Appendix A.5).
 
 One linear classifier per encoder layer (layer 0 = the input of the first block) predicts the
 37 labels (36 phoneme classes + silence) of each 40 ms frame. Hidden states of every layer are

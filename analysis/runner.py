@@ -161,7 +161,7 @@ def accumulated_coverage(par_layers: torch.Tensor, ref: torch.Tensor, top_k: int
 
 
 def reference_par(par_layers: torch.Tensor) -> torch.Tensor:
-    """The reference of SPEC section 6: mean PAR over the lower half of the layers."""
+    """The coverage reference of Shim, Choi, Sung, ICLR 2022 (Section 5, Eq. 6): mean PAR over the lower half of the layers."""
     return torch.nanmean(par_layers[: max(1, par_layers.shape[0] // 2)], 0)
 
 

@@ -1,4 +1,4 @@
-"""Dropping silence frames from attention maps (SPEC section 4).
+"""Dropping silence frames from attention maps (as Shim, Choi, Sung, ICLR 2022 do, Appendix A.3).
 
 Analyses other than the probe remove the rows and columns of silence frames (label -1 here, or
 36 = ``data.alignments.SILENCE`` in the 37-label set) and renormalise each remaining row to 1.

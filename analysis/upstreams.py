@@ -157,8 +157,8 @@ class TeraUpstream(nn.Module):
 
 def build_random_tera(num_layers: int = 3, num_heads: int = 12, hidden_size: int = 768, seed: int = 0,
                       audio: dict | None = None) -> tuple[dict, TeraUpstream]:
-    """A randomly initialised TERA (seed 000's size by default) and its checkpoint dict, in the
-    format s3prl's hub downloads; for tests and for trying the tools without a download."""
+    """A randomly initialised TERA (by default TERA-base's size: 3 layers, 12 heads, 768 dimensions) and its
+    checkpoint dict, in the format s3prl's hub downloads; for tests and for trying the tools without a download."""
     torch.manual_seed(seed)
     config = {
         "transformer": {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,

@@ -1,4 +1,4 @@
-"""Relative positional multi-head self-attention, with layer-wise map reuse (SPEC sections 1-2).
+"""Relative positional multi-head self-attention, with layer-wise map reuse (Shim, Choi, Sung, ICLR 2022, Section 4, Appendix A.1).
 
 The computing layer follows ESPnet's ``RelPositionMultiHeadedAttention`` ("latest" rel-pos,
 Transformer-XL style)::

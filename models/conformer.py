@@ -1,4 +1,4 @@
-"""Conformer blocks and the encoder that wires a reuse plan through them (SPEC sections 1-2).
+"""Conformer blocks and the encoder that wires a reuse plan through them (Shim, Choi, Sung, ICLR 2022, Section 4, Appendix A.1).
 
 Block (ESPnet / Gulati et al.): macaron FFN (half step) -> multi-head self-attention -> convolution
 module -> FFN (half step) -> LayerNorm, each sub-layer pre-normed with a residual connection.

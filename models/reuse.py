@@ -1,4 +1,4 @@
-"""Layer-wise attention map reuse plans (Shim et al. 2022, Table 2; SPEC section 2).
+"""Layer-wise attention map reuse plans (Shim, Choi, Sung, ICLR 2022, Section 4, Table 2).
 
 A plan string splits the encoder's layers into consecutive groups::
 

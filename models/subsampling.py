@@ -1,4 +1,4 @@
-"""Convolutional front end: Conv2d layers + ReLU subsampling time by 4, 6 or 8 (SPEC section 1).
+"""Convolutional front end: Conv2d layers + ReLU subsampling time by 4, 6 or 8 (Shim, Choi, Sung, ICLR 2022, Appendix A.1).
 
 The layouts are ESPnet's ``input_layer`` options (same layers, same parameter names):
 

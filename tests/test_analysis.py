@@ -64,7 +64,7 @@ def test_drop_silence_removes_rows_columns_and_renormalises():
 # --- PAR ---------------------------------------------------------------------------------------
 
 def par_loop(A, labels, C):
-    """Plain loops over SPEC section 6, after dropping silence."""
+    """Plain loops over PAR (Shim, Choi, Sung, ICLR 2022, Eqs. 4-6), after dropping silence."""
     a, y = drop_silence(A, labels)
     H, T = a.shape[0], a.shape[-1]
     y = y.tolist()

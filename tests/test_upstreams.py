@@ -1,4 +1,4 @@
-"""TERA / Mockingjay through s3prl's own classes, behind our capture interface (seed 000)."""
+"""TERA / Mockingjay through s3prl's own classes, behind our capture interface (the analyses of Gopinath & Rodriguez, "Probing self-attention in self-supervised speech models for cross-linguistic differences")."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from analysis.upstreams import S3PRL_HELP, TeraUpstream, build_random_tera  # no
 
 @pytest.fixture(scope="module")
 def tera_ckpt(tmp_path_factory):
-    states, _ = build_random_tera(num_layers=3, num_heads=12, hidden_size=768)  # seed 000's TERA size
+    states, _ = build_random_tera(num_layers=3, num_heads=12, hidden_size=768)  # the TERA size those analyses use
     path = tmp_path_factory.mktemp("tera") / "states-1000000.ckpt"
     torch.save(states, path)
     return path
