@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.datamodule import ASRDataModule
-from data.features import atomic_write
+from common.io import atomic_write
 from data.tokenizer import BLANK, Tokenizer
 from models import ConformerCTC
 from models.checkpoint import embedded_tokenizer, tokenizer_record

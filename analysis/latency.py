@@ -326,7 +326,7 @@ class Bench:
         import tempfile
 
         from models.export import export_onnx, session, shared_thread_pool
-        from models.subsampling import receptive_field
+        from data.framing import receptive_field
         from torch.export import Dim
 
         key = id(module)

@@ -131,7 +131,7 @@ def input_differences(hp: dict, data_dir: str | Path) -> list[str]:
     (a checkpoint without statistics is not compared on them)."""
     import json
 
-    from data.datamodule import model_features
+    from data.dataset import model_features
 
     data_dir = Path(data_dir)
     out = []
@@ -153,16 +153,15 @@ def input_differences(hp: dict, data_dir: str | Path) -> list[str]:
 
 def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = None):
     """``(cmvn, featurizer, framing)``: the features a model takes, for
-    :class:`~data.datamodule.ManifestDataset`. Ours: None and None (the dataset's 80-dim fbank) and
+    :class:`~data.dataset.ManifestDataset`. Ours: None and None (the dataset's 80-dim fbank) and
     the framing of its front end; a converted ESPnet model: its ``DefaultFrontend``
     (:class:`~data.espnet_frontend.EspnetFrontend`) from the checkpoint's ``features`` record, and
     its frames placed in time by its STFT hop. ``cmvn``: :func:`model_cmvn`."""
     from functools import partial
 
-    from data.datamodule import LabelFraming
     from data.espnet_frontend import frontend_of
     from data.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS
-    from models.subsampling import receptive_field, subsampled_count, subsampling_factor
+    from data.framing import LabelFraming, receptive_field, subsampled_count, subsampling_factor
 
     cmvn = model_cmvn(hp, data_dir)
     layer = model.frontend.input_layer
@@ -185,7 +184,7 @@ def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = No
 def save_model_checkpoint(path: str | Path, model: ConformerCTC, tokenizer: Tokenizer, hp: dict) -> None:
     """A self-contained checkpoint (weights, hyper-parameters, tokenizer, CMVN, the feature record
     of a converted model) that :func:`load_model` reads, e.g. averaged weights."""
-    from data.features import atomic_write
+    from common.io import atomic_write
 
     init = {k: v for k, v in hp.items() if k not in ("checkpoints", "cmvn", "vocab_size", "tokenizer_sha256", "features")}
     ckpt = {"hyper_parameters": init, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},

@@ -19,8 +19,8 @@ import re
 import torch
 from torch import nn
 
+from data.framing import INPUT_LAYERS
 from models.ctc import ConformerCTC
-from models.subsampling import INPUT_LAYERS
 
 ESPNET_LAYER_NORM_EPS = 1e-12
 
