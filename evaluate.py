@@ -28,9 +28,12 @@ from pathlib import Path
 import jiwer
 import torch
 
-from data.datamodule import ManifestDataset, ordered_loader
-from data.features import atomic_write_text, check_writable
-from models.decoding import BeamSearch, greedy_decode, parse_weight, write_lexicon
+from common.io import atomic_write_text, check_writable
+from data.dataset import ManifestDataset
+from data.lexicon import write_lexicon
+from data.manifest import resolve_manifest, training_transcripts
+from data.sampler import ordered_loader
+from models.decoding import BeamSearch, greedy_decode, parse_weight
 from models.checkpoint import load_model, model_inputs, save_model_checkpoint, training_data_dir
 from models.precision import DTYPES, inference_precision, precision_problem, precision_warning
 
@@ -209,12 +212,11 @@ def make_decoders(a: argparse.Namespace, tokenizer, data_dir: Path, folder: Path
     word_scores = [parse_weight("--word-score", w) for w in scores if w is not None] or [0.0]
     lexicon = a.lexicon if a.lexicon or not a.lm else "train"  # a word LM needs a lexicon
     if lexicon == "train":
-        from data.prepare import read_manifest
-
-        train_sets = sorted((data_dir / "manifests").glob("*train*.jsonl"))
-        if not train_sets:
-            raise FileNotFoundError(f"--lexicon train: no *train*.jsonl manifest under {data_dir / 'manifests'}")
-        words = {w for m in train_sets for e in read_manifest(m) for w in e["text"].split()}
+        try:
+            sentences, _ = training_transcripts(data_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--lexicon train: {e}") from None
+        words = {w for s in sentences for w in s.split()}
         lexicon = folder / "lexicon.txt"
         write_lexicon(words, tokenizer, lexicon)
     elif lexicon is not None and not Path(lexicon).is_file():
@@ -260,11 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         model, tokenizer, hp, data_dir, (cmvn, featurizer, framing) = open_model(a)
-        manifests = [Path(s) if s.endswith(".jsonl") else data_dir / "manifests" / f"{s}.jsonl" for s in a.sets]
-        for name, m in zip(a.sets, manifests):
-            if not m.is_file():
-                raise FileNotFoundError(f"manifest {m} does not exist" + ("" if a.data_dir or name.endswith(".jsonl") else
-                                        " (has the data folder moved? give --data-dir or the .jsonl path)"))
+        moved = "" if a.data_dir else " (has the data folder moved? give --data-dir or the .jsonl path)"
+        manifests = [resolve_manifest(s, data_dir, "" if s.endswith(".jsonl") else moved) for s in a.sets]
         ckpt = Path(a.ckpt)
         out = Path(a.out) if a.out else default_out(ckpt, hp["checkpoints"], a.average)
         out = out if a.out or a.dtype == "fp32" else out.with_name(f"{out.name}-{a.dtype}")

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from data.datamodule import collate
-from data.features import SAMPLE_RATE, AudioError, atomic_write_text, check_writable, fbank, load_audio
+from common.io import atomic_write_text, check_writable
+from data.dataset import collate
+from data.features import SAMPLE_RATE, AudioError, fbank, load_audio
 from evaluate import add_model_arguments, computing_model, make_decoders, open_model, synchronize
 from models.decoding import align_words, greedy_decode
 
@@ -121,7 +122,7 @@ def trim_pauses(loud: torch.Tensor, start: int, end: int, hop: int, margin: int)
 
 def frame_seconds(first: int, last: int, framing) -> tuple[float, float]:
     """Start and end (seconds) of model frames ``first .. last``: frame ``k`` is centred at
-    ``k * shift + window / 2`` (:class:`data.datamodule.LabelFraming`) and stands for ``shift``."""
+    ``k * shift + window / 2`` (:class:`data.framing.LabelFraming`) and stands for ``shift``."""
     centre = lambda k: k * framing.shift + framing.window / 2  # noqa: E731
     return max(0.0, centre(first) - framing.shift / 2), centre(last) + framing.shift / 2
 

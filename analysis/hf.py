@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from analysis.upstreams import TeraUpstream
-from data.datamodule import LabelFraming
+from data.framing import LabelFraming
 from data.features import SAMPLE_RATE
 from models.ctc import EncoderOutput
 

@@ -66,7 +66,7 @@ def run_transcribe(args: list[str]) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     import evaluate
-    from data.prepare import read_manifest
+    from data.manifest import read_manifest
 
     p = argparse.ArgumentParser(prog="python -m analysis.long_recording", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)

@@ -19,9 +19,12 @@ from analysis.par import par_coverage
 from analysis.probe import collect, probe_accuracy, train_probes
 from analysis.runner import (accumulated_coverage, aligned_manifest, attention_stats, labelled_loader, load_par,
                              reference_par, save_par)
+from common.io import atomic_write_text, check_writable
 from data.alignments import PHONE_CLASSES, read_textgrid
-from data.datamodule import LabelFraming, encoder_frames
-from data.features import SAMPLE_RATE, atomic_write_text, check_writable, fbank, load_audio
+from data.dataset import entry_frames
+from data.features import SAMPLE_RATE, fbank, load_audio
+from data.framing import LabelFraming
+from data.manifest import read_manifest, resolve_manifest, write_manifest
 from models.checkpoint import load_model, model_inputs, training_data_dir
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
@@ -104,8 +107,6 @@ class Report:
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
         self.max_frames, self.probe_epochs, self.progress = max_frames, probe_epochs, progress
         if upstream == "hf":  # Whisper: every utterance must fit its window, checked before any work
-            from data.prepare import read_manifest
-
             for e in read_manifest(self.manifest):
                 self.model.check_samples(round(e["duration"] * SAMPLE_RATE), f"{self.manifest}: utterance {e['id']}")
         self.results: dict = {"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
@@ -126,8 +127,6 @@ class Report:
     def _check_mixing_utterance(self) -> dict:
         """The utterance of the context-mixing figure, checked before any work: it must be in the
         manifest and hold at least two aligned words."""
-        from data.prepare import read_manifest
-
         entries = read_manifest(self.manifest)
         if self.utterance:
             entries = [e for e in entries if e["id"] == self.utterance]
@@ -135,10 +134,7 @@ class Report:
                 raise ValueError(f"--utterance {self.utterance} is not among the aligned utterances of {self.manifest}")
         framing = self.framing or LabelFraming()
         for e in entries:  # the first with two words or more (the named one must have them)
-            if self.upstream == "hf":
-                T = framing.count(round(e["duration"] * SAMPLE_RATE))
-            else:
-                T = encoder_frames(int(e.get("num_frames") or round(e["duration"] * 100)))
+            T = framing.count(entry_frames(e, self.featurizer))  # the model's own frames (4x, 6x, 8x)
             if len(read_textgrid(e["alignment"]).word_frames(T, framing.shift, framing.window)) >= 2:
                 return e
             if self.utterance:
@@ -147,17 +143,8 @@ class Report:
         raise ValueError(f"{self.manifest}: no utterance with two aligned words for context mixing")
 
     def _manifest_path(self, name: str) -> Path:
-        p = Path(name)
-        if p.suffix == ".jsonl":
-            if not p.is_file():
-                raise FileNotFoundError(f"manifest {p} does not exist")
-            return p
-        if self.data_dir is None:
-            raise ValueError(f"manifest {name!r}: give a .jsonl path, or --data-dir for prepared subset names")
-        p = self.data_dir / "manifests" / f"{name}.jsonl"
-        if not p.is_file():
-            raise FileNotFoundError(f"manifest {p} does not exist (give a .jsonl path or a prepared subset name)")
-        return p
+        hint = "" if name.endswith(".jsonl") else " (give a .jsonl path or a prepared subset name)"
+        return resolve_manifest(name, self.data_dir, hint)
 
     def loader(self, manifest: Path | None = None, limit: int | None = None):
         return labelled_loader(manifest or self.manifest, self.cmvn, self.max_frames,
@@ -233,8 +220,6 @@ class Report:
         if self.probe_train is not None:
             train_m, _ = aligned_manifest(self.probe_train, self.alignments, self.out / "probe_train.jsonl")
             return train_m, self.manifest
-        from data.prepare import read_manifest, write_manifest
-
         entries = read_manifest(self.manifest)[: self.limit]
         if len(entries) < 2:
             raise ValueError(f"{self.manifest}: need at least 2 aligned utterances to split for the probes")
@@ -313,7 +298,7 @@ class Report:
         the report's manifest (``--limit`` utterances): ``OUT/saliency.json`` and three figures."""
         from analysis.saliency import CTCSaliency
         from analysis.saliency_report import run
-        from data.datamodule import ManifestDataset
+        from data.dataset import ManifestDataset
 
         if self.upstream is not None:
             raise ValueError("saliency needs a CTC model of ours (or a converted ESPnet one), not an upstream")

@@ -15,10 +15,11 @@ from analysis.cad import cad
 from analysis.head_types import head_scores, phoneme_relation_speech
 from analysis.par import par_speech
 from analysis.silence import drop_silence
-from data.alignments import NUM_PHONES, SILENCE
-from data.datamodule import ManifestDataset, ordered_loader
+from data.alignments import NUM_PHONES, SILENCE, find_alignment
+from data.dataset import ManifestDataset
 from data.features import GlobalCMVN
-from data.prepare import find_alignment, read_manifest, write_manifest
+from data.manifest import read_manifest, write_manifest
+from data.sampler import ordered_loader
 
 
 def aligned_manifest(manifest: str | Path, alignments: str | Path | None, out: Path) -> tuple[Path, dict]:

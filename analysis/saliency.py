@@ -160,7 +160,7 @@ class CTCSaliency:
     """:class:`SaliencyModel` of a :class:`~models.ctc.ConformerCTC` (eval mode; blank = 0)."""
 
     def __init__(self, model):
-        from models.subsampling import receptive_field, subsampling_factor
+        from data.framing import receptive_field, subsampling_factor
 
         self.model = model.eval()
         self.computes = [not p.reuses for p in model.plans]

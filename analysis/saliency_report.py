@@ -138,7 +138,7 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
         "utterance": str(plot_utterance(*example, model, out / "saliency_utterance.png", spectrogram)),
         "deletion": str(plot_deletion(result, out / "saliency_deletion.png")),
     }
-    from data.features import atomic_write_text
+    from common.io import atomic_write_text
 
     atomic_write_text(out / "saliency.json", json.dumps(result, indent=1))
     return result

@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +173,10 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     from analysis import plots
     from analysis.par import par_coverage
     from analysis.runner import AttentionStats, reference_par
-    from data.datamodule import ManifestDataset, ordered_loader
-    from data.features import atomic_write_text, check_writable
+    from common.io import atomic_write_text, check_writable
+    from data.dataset import ManifestDataset
+    from data.manifest import resolve_manifest
+    from data.sampler import ordered_loader
     from models import ConformerCTC
     from models.checkpoint import load_model, model_inputs, training_data_dir
     from models.retrofit import check_plan
@@ -196,11 +197,7 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     if per_k < 1:
         raise ValueError(f"--per-k must be at least 1, got {per_k}")
     root = training_data_dir(hp, data_dir)
-    path = Path(manifest)
-    if path.suffix != ".jsonl":
-        path = root / "manifests" / f"{manifest}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+    path = resolve_manifest(manifest, root)
     cmvn, featurizer, framing = model_inputs(model, hp, root)  # the model's own features (ours or ESPnet's)
     ds = ManifestDataset([path], tokenizer=tokenizer, cmvn=cmvn, featurizer=featurizer, framing=framing)
     aligned = all(e.get("alignment") for e in ds.entries)

@@ -1,8 +1,8 @@
 """Phone and word alignments in Montreal Forced Aligner's TextGrid form, and frame labels.
 
 MFA writes one TextGrid per utterance with a ``words`` and a ``phones`` tier; phones are ARPAbet
-with stress digits, silences are empty intervals (or ``sil`` / ``sp`` / ``spn``). Following
-SPEC section 4, stress digits are stripped and AA+AO, OW+OY, SH+ZH are merged, giving the 36
+with stress digits, silences are empty intervals (or ``sil`` / ``sp`` / ``spn``). As in the
+phonetic analysis of Shim, Choi and Sung (ICLR 2022), stress digits are stripped and AA+AO, OW+OY, SH+ZH are merged, giving the 36
 classes of :data:`PHONE_CLASSES` (indices 0..35) plus silence (:data:`SILENCE`, index 36).
 """
 from __future__ import annotations
@@ -167,3 +167,13 @@ def write_textgrid(path: str | Path, words: list[Interval], phones: list[Interva
                 clean.append((s, e, label))
         tg.addTier(textgrid.IntervalTier(name, clean, 0.0, round(duration, 4)))
     tg.save(str(path), format="long_textgrid", includeBlankSpaces=True)
+
+
+def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
+    """The TextGrid of an utterance under an MFA output root, trying the usual layouts."""
+    spk, chap, uid = entry["speaker"], entry["chapter"], entry["id"]
+    for candidate in (align_root / subset / spk / f"{uid}.TextGrid", align_root / subset / spk / chap / f"{uid}.TextGrid",
+                      align_root / spk / f"{uid}.TextGrid", align_root / spk / chap / f"{uid}.TextGrid"):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -1,4 +1,4 @@
-"""Audio -> features: 80-dim log-Mel filterbank, global CMVN and SpecAugment (SPEC sections 1, 3).
+"""Audio -> features: 80-dim log-Mel filterbank, global CMVN and SpecAugment (Park et al., 2019).
 
 Audio is read with ``soundfile`` (torchaudio's own loader needs torchcodec). Filterbanks come
 from ``torchaudio.compliance.kaldi.fbank`` (25 ms window, 10 ms shift), masks from
@@ -7,31 +7,18 @@ from ``torchaudio.compliance.kaldi.fbank`` (25 ms window, 10 ms shift), masks fr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 
+from common.io import atomic_write_text
+
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
-
-
-# The fewest 10 ms frames the model's Conv2d front end takes (models.subsampling.receptive_field("conv2d")):
-# shorter utterances are dropped at preparation and skipped (and reported) wherever a manifest is read.
-MIN_FRAMES = 7
-
-
-def too_short(frames: int, min_frames: int = MIN_FRAMES, frame_ms: float = FRAME_SHIFT_MS) -> str | None:
-    """Why an utterance of ``frames`` feature frames (of ``frame_ms``; our fbank's 10 ms by default)
-    cannot be used by a model that needs ``min_frames``, or None if it can."""
-    if frames < min_frames:
-        return f"too short: {frames} frames of {frame_ms:g} ms, the model needs >= {min_frames}"
-    return None
 
 
 class AudioError(ValueError):
@@ -129,8 +116,11 @@ class GlobalCMVN(torch.nn.Module):
 
 
 class SpecAugment(torch.nn.Module):
-    """SpecAugment without time warping (SPEC section 3): ``freq_masks`` masks of width up to
-    ``freq_width`` bins and ``time_masks`` masks of width up to ``time_ratio`` of the utterance.
+    """SpecAugment without time warping (Park et al., 2019, section 2; the adaptive time masks
+    of Park et al., 2020, "SpecAugment on large scale datasets"): ``freq_masks`` masks of width
+    up to ``freq_width`` bins and ``time_masks`` masks of width up to ``time_ratio`` of the
+    utterance. The defaults (2 x 27 bins, 10 x 5 %) are Park et al.'s LibriSpeech policy as the
+    Conformer used it (Gulati et al., 2020, section 3.1).
 
     Works on one utterance ``(T, F)``; masked values are set to ``mask_value`` (0 = the mean
     after CMVN). Active only in training mode.
@@ -156,48 +146,3 @@ class SpecAugment(torch.nn.Module):
             for _ in range(self.time_masks):
                 spec = AF.mask_along_axis(spec, width + 1, self.mask_value, axis=2)
         return spec.squeeze(0).t()
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def check_writable(folder: str | Path) -> Path:
-    """Creates ``folder`` if needed and proves a file can be written there, before long work
-    starts; raises ``OSError`` naming the folder otherwise."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise OSError(f"{folder}: cannot write there ({e.strerror or e})") from None
-    return folder
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half file."""
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a half file."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """``write(tmp)`` fills a temporary file beside ``path``, which is then given the umask's mode
-    and renamed into place: an interrupted write never leaves a half file, and leaves no temporary."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -34,8 +34,10 @@ import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from data.features import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
+from data.lexicon import write_lexicon
 from data.librispeech import download_file, sha256sum
+from data.manifest import training_transcripts
 
 OPENSLR_LM_URL = "https://www.openslr.org/resources/11"
 #: the files of openslr resource 11 this module knows, by short name
@@ -105,8 +107,6 @@ def download_lm(names: list[str], dest: str | Path, tokenizer=None, base_url: st
     each ``.arpa.gz`` is decompressed beside it (``4-gram.arpa``). With a ``tokenizer`` (ours)
     the lexicon is fetched too and its words written spelled with our pieces to
     ``dest/librispeech-lexicon.bpe.txt``. Returns name -> path of what to use (ARPA, lexicon)."""
-    from models.decoding import write_lexicon
-
     files = []
     for name in names:
         file = LM_FILES.get(name, name)
@@ -246,18 +246,6 @@ def build_arpa(sentences, path: str | Path, order: int = 3) -> dict:
             "discounts": [round(d, 4) for d in discounts], "words": len(probs[0])}
 
 
-def training_sentences(data_dir: str | Path) -> tuple[list[str], list[Path]]:
-    """The transcripts of a prepared folder's ``*train*`` manifests (normalised, as the
-    references and ``--lexicon train`` are)."""
-    from data.prepare import read_manifest
-    from data.text import normalise
-
-    manifests = sorted((Path(data_dir) / "manifests").glob("*train*.jsonl"))
-    if not manifests:
-        raise FileNotFoundError(f"no *train*.jsonl manifest under {Path(data_dir) / 'manifests'}")
-    return [normalise(e["text"]) for m in manifests for e in read_manifest(m)], manifests
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data.lm", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             for path in out.values():
                 print(path)
         else:
-            sentences, manifests = training_sentences(a.data_dir)
+            sentences, manifests = training_transcripts(a.data_dir)
             out = Path(a.out) if a.out else Path(a.data_dir) / "lm" / f"{a.order}gram.arpa"
             s = build_arpa(sentences, out, a.order)
             print(f"wrote {out}: {s['order']}-gram of {s['sentences']} transcripts ({', '.join(m.name for m in manifests)}), "

@@ -30,22 +30,15 @@ import sys
 import time
 from pathlib import Path
 
+from common.io import atomic_write_text, check_writable
 from data import librispeech
-from data.alignments import AlignmentError, read_textgrid
-from data.features import (AudioError, GlobalCMVN, atomic_write_text, check_writable, fbank, load_audio, num_frames,
-                           too_short)
+from data.alignments import AlignmentError, find_alignment, read_textgrid
+from data.features import SAMPLE_RATE, AudioError, GlobalCMVN, fbank, load_audio, num_frames
+from data.framing import too_short
 from data.librispeech import Problem
+from data.manifest import INCOMPLETE, write_manifest
 from data.text import normalise, unsupported
 from data.tokenizer import Tokenizer
-
-def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
-    """The TextGrid of an utterance under an MFA output root, trying the usual layouts."""
-    spk, chap, uid = entry["speaker"], entry["chapter"], entry["id"]
-    for candidate in (align_root / subset / spk / f"{uid}.TextGrid", align_root / subset / spk / chap / f"{uid}.TextGrid",
-                      align_root / spk / f"{uid}.TextGrid", align_root / spk / chap / f"{uid}.TextGrid"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def attach_alignments(entries: list[dict], align_root: Path, subset: str) -> tuple[list[dict], list[Problem], int]:
@@ -91,28 +84,6 @@ def compute_cmvn(entries: list[dict], max_utterances: int, progress: bool = True
     return GlobalCMVN.from_stats(stats), bad, problems
 
 
-def write_manifest(path: Path, entries: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in entries))
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Entries of a JSONL manifest; a malformed line raises ``ValueError`` naming file and line."""
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-            missing = {"id", "audio", "duration", "text"} - set(entry)
-            if missing:
-                raise ValueError(f"{path}:{n}: manifest entry lacks {', '.join(sorted(missing))}")
-            out.append(entry)
-    return out
-
-
 def normalise_entries(entries: list[dict]) -> tuple[list[dict], list[Problem], int]:
     """Transcripts in LibriSpeech's form (:func:`data.text.normalise`); utterances with characters
     that cannot be spelt in its alphabet (digits, other scripts) are skipped. Returns (kept,
@@ -150,23 +121,13 @@ def check_audio(entries: list[dict], progress: bool = True, desc: str = "audio")
     return kept, problems
 
 
-INCOMPLETE = ".incomplete"
+MODEL_INPUTS = ("bpe.model", "tokens.txt", "cmvn.json", "features.json")
 
 
-def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = None, subsets: list[str] | None = None,
-            train_subsets: list[str] | None = None, vocab_size: int = 128, cmvn_utterances: int = 2000,
-            progress: bool = True, force: bool = False, inputs: str | Path | None = None) -> dict:
-    """Run the whole preparation; returns the report (also written to ``out/report.json``).
-
-    Outputs are made in a staging folder and moved into ``out`` at the end, ``out/.incomplete``
-    marking the folder while they are moved (a folder so marked is refused by the loaders). A
-    tokenizer different from the one already in ``out`` (which checkpoints trained on it need) is
-    not replaced unless ``force``."""
-    import shutil
-    import tempfile
-
-    t0 = time.perf_counter()
-    out = Path(out)
+def check_arguments(root, out: Path, alignments, subsets: list[str] | None, train_subsets: list[str] | None,
+                    inputs) -> tuple[list[str], list[str]]:
+    """``(subsets, train_subsets)`` with their defaults (every subset found; those named
+    ``*train*``), after every check that needs no audio: one error naming the option at fault."""
     subsets = subsets or librispeech.list_subsets(root)
     if not subsets:
         raise FileNotFoundError(f"{root}: no LibriSpeech subsets (folders with */*/*.trans.txt) found")
@@ -184,7 +145,13 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
             raise FileNotFoundError(f"--inputs {inputs}: no {missing[0]} (give the output folder of "
                                     f"python -m models.convert)")
     check_writable(out)
+    return subsets, train_subsets
 
+
+def scan_subsets(root, subsets: list[str], train_subsets: list[str], alignments, progress: bool = True):
+    """``(manifests, problems, normalised, no_alignment)``: each subset's usable entries (read,
+    normalised, evaluation sets decoded once, TextGrids attached), the skipped utterances, and per
+    subset the number of transcripts normalised and of entries without a TextGrid."""
     manifests: dict[str, list[dict]] = {}
     problems: list[Problem] = []
     no_alignment: dict[str, int] = {}
@@ -203,16 +170,17 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
         manifests[subset] = entries
     if alignments is not None and not any(sum("alignment" in e for e in v) for v in manifests.values()):
         raise ValueError(f"--alignments {alignments}: no TextGrid found for any utterance (is the path right?)")
+    return manifests, problems, normalised, no_alignment
 
-    train_entries = [e for s in train_subsets for e in manifests[s]]
-    if not train_entries:
-        raise ValueError(f"training subsets {train_subsets} hold no usable utterance")
-    cmvn, bad, probs = compute_cmvn(train_entries, cmvn_utterances, progress)
-    problems += probs
-    for subset in subsets:
+
+def count_frames(manifests: dict[str, list[dict]], bad: set[str]) -> list[Problem]:
+    """Gives every entry its ``num_frames`` (fbank frames of its duration), in place; leaves out
+    the ids in ``bad`` and the entries too short for the model, returning the latter's problems."""
+    problems = []
+    for subset, entries in manifests.items():
         kept = []
-        for e in manifests[subset]:
-            n = num_frames(round(e["duration"] * 16000))
+        for e in entries:
+            n = num_frames(round(e["duration"] * SAMPLE_RATE))
             if e["id"] in bad:
                 continue
             if why := too_short(n):
@@ -220,23 +188,70 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
                 continue
             kept.append({**e, "num_frames": n})
         manifests[subset] = kept
+    return problems
+
+
+def stage_tokenizer(stage: Path, out: Path, texts, vocab_size: int, cmvn: GlobalCMVN, inputs, force: bool) -> Tokenizer:
+    """Writes the tokenizer and the normalisation into ``stage``: a BPE trained on ``texts`` and
+    our fbank CMVN, or (``inputs``) the converted model's own files. Refuses a tokenizer other than
+    the one already in ``out`` (checkpoints trained on it need it) unless ``force``."""
+    import shutil
+
+    if inputs is None:
+        tokenizer = Tokenizer.train(texts, stage / "bpe", vocab_size)
+        cmvn.save(stage / "cmvn.json")
+    else:  # the converted model's own tokenizer, order, normalisation and front end
+        for f in MODEL_INPUTS:
+            shutil.copyfile(Path(inputs) / f, stage / f)
+        tokenizer = Tokenizer.open(stage / "bpe.model")
+    old = out / "bpe.model"
+    old_digest = Tokenizer.open(old).digest if old.is_file() else None  # with its tokens.txt order, if any
+    if old_digest is not None and old_digest != tokenizer.digest and not force:
+        raise ValueError(f"{old} exists and the new tokenizer differs from it (sha256 {old_digest} -> "
+                         f"{tokenizer.digest}): checkpoints trained on it would no longer evaluate or resume. "
+                         f"Prepare into another --out, or pass --force to replace it")
+    return tokenizer
+
+
+def install(stage: Path, out: Path) -> None:
+    """Moves the staged outputs into ``out``, ``out/.incomplete`` marking the folder meanwhile; a
+    converted model's files of an earlier ``--inputs`` run that this run did not make are removed."""
+    (out / INCOMPLETE).write_text("prepare was interrupted while moving its outputs into place; run it again\n")
+    (out / "manifests").mkdir(exist_ok=True)
+    for f in ("tokens.txt", "features.json"):  # a converted model's, from an earlier --inputs run
+        if not (stage / f).exists():
+            (out / f).unlink(missing_ok=True)
+    for f in sorted(stage.rglob("*")):
+        if f.is_file():
+            os.replace(f, out / f.relative_to(stage))
+    (out / INCOMPLETE).unlink()
+
+
+def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = None, subsets: list[str] | None = None,
+            train_subsets: list[str] | None = None, vocab_size: int = 128, cmvn_utterances: int = 2000,
+            progress: bool = True, force: bool = False, inputs: str | Path | None = None) -> dict:
+    """Run the whole preparation; returns the report (also written to ``out/report.json``).
+
+    Outputs are made in a staging folder and moved into ``out`` at the end (:func:`install`), a
+    folder left incomplete being refused by the loaders. A tokenizer different from the one
+    already in ``out`` is not replaced unless ``force`` (:func:`stage_tokenizer`)."""
+    import shutil
+    import tempfile
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    subsets, train_subsets = check_arguments(root, out, alignments, subsets, train_subsets, inputs)
+    manifests, problems, normalised, no_alignment = scan_subsets(root, subsets, train_subsets, alignments, progress)
+    train_entries = [e for s in train_subsets for e in manifests[s]]
+    if not train_entries:
+        raise ValueError(f"training subsets {train_subsets} hold no usable utterance")
+    cmvn, bad, probs = compute_cmvn(train_entries, cmvn_utterances, progress)
+    problems += probs + count_frames(manifests, bad)
 
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        if inputs is None:
-            tokenizer = Tokenizer.train((e["text"] for s in train_subsets for e in manifests[s]), stage / "bpe",
-                                        vocab_size)
-            cmvn.save(stage / "cmvn.json")
-        else:  # the converted model's own tokenizer, order, normalisation and front end
-            for f in MODEL_INPUTS:
-                shutil.copyfile(Path(inputs) / f, stage / f)
-            tokenizer = Tokenizer.open(stage / "bpe.model")
-        old = out / "bpe.model"
-        old_digest = Tokenizer.open(old).digest if old.is_file() else None  # with its tokens.txt order, if any
-        if old_digest is not None and old_digest != tokenizer.digest and not force:
-            raise ValueError(f"{old} exists and the new tokenizer differs from it (sha256 {old_digest} -> "
-                             f"{tokenizer.digest}): checkpoints trained on it would no longer evaluate or resume. "
-                             f"Prepare into another --out, or pass --force to replace it")
+        texts = (e["text"] for s in train_subsets for e in manifests[s])
+        tokenizer = stage_tokenizer(stage, out, texts, vocab_size, cmvn, inputs, force)
         for subset, entries in manifests.items():
             write_manifest(stage / "manifests" / f"{subset}.jsonl", entries)
         report = {
@@ -253,29 +268,12 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
             "seconds": round(time.perf_counter() - t0, 1),
         }
         atomic_write_text(stage / "report.json", json.dumps(report, indent=2))
-        (out / INCOMPLETE).write_text("prepare was interrupted while moving its outputs into place; run it again\n")
-        (out / "manifests").mkdir(exist_ok=True)
-        for f in ("tokens.txt", "features.json"):  # a converted model's, from an earlier --inputs run
-            if not (stage / f).exists():
-                (out / f).unlink(missing_ok=True)
-        for f in sorted(stage.rglob("*")):
-            if f.is_file():
-                os.replace(f, out / f.relative_to(stage))
-        (out / INCOMPLETE).unlink()
+        install(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
 
 
-MODEL_INPUTS = ("bpe.model", "tokens.txt", "cmvn.json", "features.json")
-
-
-def check_prepared(data_dir: str | Path) -> Path:
-    """Refuses a prepared folder that a preparation left incomplete."""
-    data_dir = Path(data_dir)
-    if (data_dir / INCOMPLETE).exists():
-        raise ValueError(f"{data_dir}: preparation did not finish (it holds {INCOMPLETE}); run data.prepare again")
-    return data_dir
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from data.features import GlobalCMVN, atomic_write
+from common.io import atomic_write
+from data.features import GlobalCMVN
 from data.tokenizer import Tokenizer
 from models.config import MODEL_KEYS, ModelConfig
 from models.ctc import ConformerCTC
@@ -240,7 +241,7 @@ def input_differences(hp: dict, data_dir: str | Path) -> list[str]:
     (a checkpoint without statistics is not compared on them)."""
     import json
 
-    from data.datamodule import model_features
+    from data.dataset import model_features
 
     data_dir = Path(data_dir)
     out = []
@@ -262,19 +263,15 @@ def input_differences(hp: dict, data_dir: str | Path) -> list[str]:
 
 def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = None):
     """``(cmvn, featurizer, framing)``: the features a model takes, for
-    :class:`~data.datamodule.ManifestDataset`. Ours: None and None (the dataset's 80-dim fbank) and
+    :class:`~data.dataset.ManifestDataset`. Ours: None and None (the dataset's 80-dim fbank) and
     the framing of its front end; a converted ESPnet model: its ``DefaultFrontend``
     (:class:`~data.espnet_frontend.EspnetFrontend`) from the checkpoint's ``features`` record, and
     its frames placed in time by its STFT hop. ``cmvn``: :func:`model_cmvn`."""
-    from functools import partial
-
-    from data.datamodule import LabelFraming
     from data.espnet_frontend import frontend_of
     from data.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS
-    from models.subsampling import receptive_field, subsampled_count, subsampling_factor
+    from data.framing import LabelFraming
 
     cmvn = model_cmvn(hp, data_dir)
-    layer = model.frontend.input_layer
     spec = hp.get("features")
     if spec is None:
         featurizer, hop, first_centre, frame_ms = None, FRAME_SHIFT_MS / 1000, FRAME_LENGTH_MS / 2000, FRAME_SHIFT_MS
@@ -284,10 +281,7 @@ def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = No
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{hp['checkpoints'][-1]}: its feature record cannot be used ({e})") from None
         hop, first_centre, frame_ms = featurizer.hop_length / featurizer.fs, featurizer.first_centre, featurizer.frame_ms
-    r = receptive_field(layer)
-    # model frame m sees feature frames f m .. f m + r - 1: centred on feature frame f m + (r - 1) / 2
-    framing = LabelFraming(shift=subsampling_factor(layer) * hop, window=(r - 1) * hop + 2 * first_centre,
-                           count=partial(subsampled_count, input_layer=layer), min_frames=r, frame_ms=frame_ms)
+    framing = LabelFraming.of_front_end(model.frontend.input_layer, hop, first_centre, frame_ms)
     return cmvn, featurizer, framing
 
 

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import torch
 
+from common.io import atomic_write_text, check_writable
 from data.espnet_frontend import EspnetFrontend, global_mvn
-from data.features import GlobalCMVN, atomic_write_text, check_writable
+from data.features import GlobalCMVN
+from data.framing import receptive_field
 from data.tokenizer import Tokenizer
 from models.checkpoint import save_model_checkpoint
 from models.ctc import ConformerCTC
 from models.config import ModelConfig
 from models.espnet import ConversionError, espnet_to_ours, frontend_options, model_options
-from models.subsampling import receptive_field
 
 
 def resolve(path: str | Path, *anchors: Path, what: str) -> Path:

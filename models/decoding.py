@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from data.lexicon import lexicon_words
 from data.tokenizer import BLANK, Tokenizer
 
 
@@ -20,31 +21,10 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[i
     return out
 
 
-def write_lexicon(words, tokenizer: Tokenizer, path) -> int:
-    """A flashlight lexicon (``WORD piece piece ...`` per line) spelling each word, normalised
-    (:func:`data.text.normalise`), with the tokenizer's pieces; returns the number of words. Words
-    the pieces cannot spell (they would need ``<unk>``) are left out with a warning. The file is
-    replaced by a rename, never rewritten in place (evaluate.py runs may share a folder)."""
-    import warnings
-
-    from data.features import atomic_write_text
-    from data.text import normalise
-
-    words = sorted({n for w in words for n in normalise(w).split()})
-    unspellable = [w for w in words if not tokenizer.spellable(w)]
-    if unspellable:
-        warnings.warn(f"lexicon {path}: {len(unspellable)} words the tokenizer cannot spell are left out, "
-                      f"e.g. {', '.join(unspellable[:5])}", stacklevel=2)
-        words = sorted(set(words) - set(unspellable))
-    lines = [f"{w} {' '.join(tokenizer.sp.encode(w, out_type=str))}\n" for w in words]
-    atomic_write_text(path, "".join(lines))  # a concurrent run's decoder may be reading the old one
-    return len(words)
-
-
 class BeamSearch:
     """CTC beam search over the tokenizer's pieces (torchaudio's ``ctc_decoder``, flashlight-text):
     lexicon-free by default, or restricted to the words of a ``lexicon`` file (see
-    :func:`write_lexicon`), and then optionally scored by a word n-gram ``lm`` (an ARPA file or a
+    :func:`data.lexicon.write_lexicon`), and then optionally scored by a word n-gram ``lm`` (an ARPA file or a
     KenLM binary; flashlight needs the lexicon for a word LM). A hypothesis scores
     ``acoustic + lm_weight * log10 P_lm(words) + word_score * #words``. The LM file is checked
     first (:func:`check_lm`); ``lm_kenlm`` may pass an LM already loaded for the same lexicon
@@ -168,12 +148,6 @@ def read_arpa_header(path) -> tuple[dict[int, int], set[str]]:
         raise ValueError(f"{path}: the \\data\\ section declares {counts[1]} unigrams, the file holds {len(words)} "
                          f"(truncated?)")
     return counts, words
-
-
-def lexicon_words(lexicon) -> list[str]:
-    """The words of a flashlight lexicon file (``WORD piece piece ...`` per line)."""
-    with open(lexicon, encoding="utf-8") as f:
-        return list(dict.fromkeys(line.split(maxsplit=1)[0] for line in f if line.strip()))
 
 
 def check_lm(path, lexicon=None, min_coverage: float = 0.5) -> dict:

@@ -19,9 +19,9 @@ import re
 import torch
 from torch import nn
 
+from data.framing import INPUT_LAYERS
 from models.config import ModelConfig
 from models.ctc import ConformerCTC
-from models.subsampling import INPUT_LAYERS
 
 ESPNET_LAYER_NORM_EPS = 1e-12
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from models.onnx_runtime import OnnxCTC, compare, session
-from models.subsampling import input_frames
+from data.framing import input_frames
 
 
 @contextlib.contextmanager
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     a = p.parse_args(argv)
-    from data.features import atomic_write_bytes, atomic_write_text, check_writable
+    from common.io import atomic_write_bytes, atomic_write_text, check_writable
     from models.checkpoint import load_model
 
     try:

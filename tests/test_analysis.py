@@ -372,7 +372,7 @@ def test_reference_from_checkpoint_equals_reference_from_saved_par(checkpoint, p
 
 def test_report_bad_inputs(checkpoint, prepared, tmp_path):
     from analysis.__main__ import main
-    from data.prepare import read_manifest, write_manifest
+    from data.manifest import read_manifest, write_manifest
 
     entries = [{k: v for k, v in e.items() if k != "alignment"} for e in read_manifest(prepared / "manifests" / "mini-dev.jsonl")]
     write_manifest(tmp_path / "noali.jsonl", entries)
@@ -389,3 +389,61 @@ def test_report_bad_inputs(checkpoint, prepared, tmp_path):
         main(["cad", "--ckpt", str(checkpoint), "--manifest", str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "m")])
     r = json.loads((tmp_path / "m" / "report.json").read_text())
     assert r["alignment_counts"]["skipped_no_alignment"] == 1
+
+
+# --- the report's word frames follow the model's own front end ------------------------------------
+
+def _front_end_checkpoint(prepared, path, input_layer):
+    """A 2-layer model with the ``input_layer`` front end (the 6x / 8x layouts of converted ESPnet
+    models) for the prepared folder's tokenizer and CMVN."""
+    from data.features import GlobalCMVN
+    from data.tokenizer import Tokenizer
+    from models import ConformerCTC
+    from models.checkpoint import save_model_checkpoint
+
+    tok = Tokenizer(prepared / "bpe.model")
+    small = dict(d_model=32, ffn_dim=64, kernel_size=5, subsampling_channels=8, input_layer=input_layer)
+    model = ConformerCTC(tok.vocab_size, num_layers=2, reuse="1(H2)x2", **small)
+    cmvn = GlobalCMVN.load(prepared / "cmvn.json")
+    hp = {"reuse": model.reuse, "num_layers": 2, **small, "checkpoints": [str(path)],
+          "tokenizer_path": str(prepared / "bpe.model"), "cmvn": {"mean": cmvn.mean, "std": cmvn.std}}
+    save_model_checkpoint(path, model.eval(), tok, hp)
+    return model
+
+
+@pytest.mark.parametrize("input_layer,factor,field", [("conv2d6", 6, 11), ("conv2d8", 8, 15)])
+def test_report_word_frames_of_a_6x_and_an_8x_front_end(prepared, tmp_path, input_layer, factor, field):
+    """The report's context-mixing check counts an utterance's words in the model's own frames: a
+    6x / 8x front end gives fewer frames than the 4x default, and a word after the model's last
+    frame has no frame (the check refuses the utterance, as the mixing step itself would after the
+    attention pass). Frame counts are recomputed here by running the model's front end."""
+    from analysis.report import Report
+    from data.alignments import write_textgrid
+    from data.manifest import read_manifest, write_manifest
+
+    model = _front_end_checkpoint(prepared, tmp_path / "m.ckpt", input_layer)
+    base = read_manifest(prepared / "manifests" / "mini-dev.jsonl")[0]
+    T = 20
+    N = factor * T + field - 1  # the most input frames that still give T model frames
+    with torch.no_grad():
+        _, lengths = model.frontend(torch.zeros(1, N, 80), torch.tensor([N]))
+    assert int(lengths) == T and N - 1 > 4 * T + 3  # the 4x count would give more frames
+    hop = 0.01
+    shift, window = factor * hop, (field - 1) * hop + 0.025
+    duration = (N - 1) * hop + 0.025
+    last, after = (T - 1) * shift + window / 2, T * shift + window / 2  # centres of frames T-1 and T
+    assert after < duration - 0.01  # frame T would lie inside the audio, were it a model frame
+    entries = []
+    for uid, start in (("late", (last + after) / 2), ("inside", last - 0.01)):
+        grid = tmp_path / f"{uid}.TextGrid"
+        write_textgrid(grid, [(0.0, start, "ONE"), (start, duration, "TWO")], [(0.0, duration, "AH0")], duration)
+        entries.append({**base, "id": uid, "duration": duration, "num_frames": N, "alignment": str(grid)})
+    write_manifest(tmp_path / "words.jsonl", entries)
+    for uid, ok in (("inside", True), ("late", False)):
+        report = Report(str(tmp_path / "m.ckpt"), str(tmp_path / "words.jsonl"), str(tmp_path / uid), utterance=uid,
+                        data_dir=str(prepared), progress=False)
+        if ok:
+            assert report._check_mixing_utterance()["id"] == uid
+        else:
+            with pytest.raises(ValueError, match="late has fewer than two aligned words"):
+                report._check_mixing_utterance()

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALA
 import train
 from analysis.cad import cad
 from data.datamodule import ASRDataModule
-from data.prepare import read_manifest
+from data.manifest import read_manifest
 from models import ConformerCTC
 from models.checkpoint import load_model
 from training.attention_maps import AttentionMaps, computing_layers, first_utterance, layer_cad_medians, map_image

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from data.alignments import NUM_LABELS
-from data.datamodule import ASRDataModule, FrameBucketSampler, ManifestDataset, collate, encoder_frames
-from data.prepare import read_manifest, write_manifest
+from data.datamodule import ASRDataModule
+from data.dataset import ManifestDataset, collate
+from data.framing import encoder_frames
+from data.manifest import read_manifest, write_manifest
+from data.sampler import FrameBucketSampler
 
 
 def test_sampler_respects_frame_bound_and_covers_everything():
@@ -109,7 +112,8 @@ def test_datamodule_errors(prepared, tmp_path):
 
 
 def test_encoder_frames_match_the_model_front_end():
-    from models.subsampling import Conv2dSubsampling, subsampled_lengths
+    from data.framing import subsampled_lengths
+    from models.subsampling import Conv2dSubsampling
 
     front = Conv2dSubsampling(input_dim=20, d_model=8, channels=2)
     for n in range(7, 60):

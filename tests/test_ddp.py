@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import evaluate
-from data.prepare import read_manifest, write_manifest
+from data.manifest import read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ddp

@@ -340,7 +340,7 @@ def test_report_end_to_end(prepared, folders, tmp_path, name):
 
 def test_report_errors_before_work(prepared, folders, tmp_path):
     from analysis.__main__ import main
-    from data.prepare import read_manifest, write_manifest
+    from data.manifest import read_manifest, write_manifest
 
     entries = read_manifest(prepared / "manifests" / "mini-dev.jsonl")
     long = tmp_path / "long.jsonl"

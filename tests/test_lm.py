@@ -16,8 +16,9 @@ import torch
 from data import lm as data_lm
 from data import sentences
 from data.librispeech import sha256sum
+from data.lexicon import write_lexicon
 from data.tokenizer import Tokenizer
-from models.decoding import BeamSearch, check_lm, load_kenlm, parse_weight, write_lexicon
+from models.decoding import BeamSearch, check_lm, load_kenlm, parse_weight
 from tests.range_server import RangeServer
 
 

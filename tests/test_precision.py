@@ -193,7 +193,7 @@ def test_bf16_evaluation_end_to_end(prepared, checkpoint, tmp_path):
 def test_bf16_log_probs_close_to_fp32(checkpoint, prepared):
     """Both bf16 modes on the trained model and real features: log-probabilities within a few tenths of
     fp32's and the same best output on almost every frame."""
-    from data.datamodule import ManifestDataset
+    from data.dataset import ManifestDataset
     from models.checkpoint import load_model, model_cmvn
 
     model, _, hp = load_model(checkpoint)

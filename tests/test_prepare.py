@@ -10,7 +10,8 @@ import soundfile as sf
 
 from data import librispeech
 from data.alignments import write_textgrid
-from data.prepare import prepare, read_manifest
+from data.manifest import read_manifest
+from data.prepare import prepare
 from data.tokenizer import BLANK, Tokenizer
 
 
@@ -106,7 +107,7 @@ def test_unreadable_audio_names_file(tmp_path):
 
 
 def test_no_half_manifest_on_failure(prepared, tmp_path, monkeypatch):
-    from data import prepare as prep
+    from data import manifest as prep
 
     out = tmp_path / "out"
     shutil.copytree(prepared, out)
@@ -115,7 +116,7 @@ def test_no_half_manifest_on_failure(prepared, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt  # interrupted between writing the temporary file and the rename
 
-    monkeypatch.setattr("data.features.os.replace", boom)
+    monkeypatch.setattr("common.io.os.replace", boom)
     with pytest.raises(KeyboardInterrupt):
         prep.write_manifest(out / "manifests" / "mini-dev.jsonl", [{"id": "x"}])
     assert (out / "manifests" / "mini-dev.jsonl").read_text() == before
@@ -201,3 +202,23 @@ def test_download_recovers_from_a_complete_or_overlong_part(tmp_path, checksum):
         with RangeServer(archive.parent) as server:
             librispeech.download_file(f"{server.url}/{archive.name}", dest, sha256=digest, progress=False)
         assert dest.read_bytes() == data and not dest.with_name("dev-clean.tar.gz.part").exists()
+
+
+def test_resolve_manifest_and_training_transcripts(prepared, tmp_path):
+    from data.manifest import resolve_manifest, training_transcripts
+    from data.text import normalise
+
+    assert resolve_manifest("mini-dev", prepared) == prepared / "manifests" / "mini-dev.jsonl"
+    path = prepared / "manifests" / "mini-test.jsonl"
+    assert resolve_manifest(str(path)) == path and resolve_manifest(path, tmp_path) == path  # a path wins
+    with pytest.raises(FileNotFoundError, match=r"manifests/nope.jsonl does not exist \(hint\)$"):
+        resolve_manifest("nope", prepared, " (hint)")
+    with pytest.raises(FileNotFoundError, match="gone.jsonl does not exist"):
+        resolve_manifest(tmp_path / "gone.jsonl", prepared)
+    with pytest.raises(ValueError, match="'mini-dev': give a .jsonl path, or --data-dir"):
+        resolve_manifest("mini-dev")
+    sentences, manifests = training_transcripts(prepared)
+    assert manifests == [prepared / "manifests" / "mini-train.jsonl"]
+    assert sentences == [normalise(e["text"]) for e in read_manifest(manifests[0])] and all(sentences)
+    with pytest.raises(FileNotFoundError, match="no \\*train\\*.jsonl manifest under"):
+        training_transcripts(tmp_path)

@@ -19,7 +19,8 @@ import evaluate
 from training.callbacks import default_callbacks
 from training.cli import AtomicCheckpointIO, tokenizer_of
 from training.module import CTCModule
-from data.prepare import prepare, read_manifest, write_manifest
+from data.manifest import read_manifest, write_manifest
+from data.prepare import prepare
 from data.text import normalise, unsupported
 from data.tokenizer import Tokenizer
 from test_train import TINY, StopAt, _fit
@@ -70,7 +71,7 @@ def test_lower_case_punctuated_references_score_like_their_normalised_twin(prepa
 
 
 def test_unspellable_text_is_never_an_unk_target(prepared, tmp_path):
-    from models.decoding import write_lexicon
+    from data.lexicon import write_lexicon
 
     tok = Tokenizer(prepared / "bpe.model")
     with pytest.raises(ValueError, match="outside the tokenizer's vocabulary: 'Ω'"):
@@ -356,7 +357,7 @@ def test_latin1_transcript_line_is_reported(mini_corpus, tmp_path):
 
 # --- 10. small things ----------------------------------------------------------------------------------
 def test_killed_checkpoint_temporaries_are_removed_and_files_are_readable(tmp_path):
-    from data.features import atomic_write_text
+    from common.io import atomic_write_text
 
     stale = tmp_path / ".last.ckpt.abc123"
     stale.write_bytes(b"half a checkpoint")
@@ -375,7 +376,7 @@ def test_lexicon_is_replaced_whole_never_rewritten_in_place(prepared, tmp_path):
     """evaluate.py runs sharing an --out folder write OUT/lexicon.txt while another run's beam
     search may be reading it: the file is replaced by a rename, so a reader holding the old one
     reads it whole, never a truncated or mixed file."""
-    from models.decoding import write_lexicon
+    from data.lexicon import write_lexicon
 
     tok = Tokenizer(prepared / "bpe.model")
     lexicon = tmp_path / "lexicon.txt"

@@ -149,7 +149,8 @@ def test_init_from_starts_from_the_zero_shot_reuse(prepared, tmp_path):
     """train.py --model.init_from with a plan: the module's first forward on the data module's first
     batch (the data folder's features and CMVN) is the checkpoint's zero-shot reuse on the features
     the checkpoint itself takes (its own CMVN), as models.retrofit's checkpoint computes it."""
-    from data.datamodule import ASRDataModule, ManifestDataset, collate
+    from data.datamodule import ASRDataModule
+    from data.dataset import ManifestDataset, collate
     from models.checkpoint import load_model, model_inputs
 
     ckpt = _base_checkpoint(prepared, tmp_path / "base.ckpt", was_gamma=0.5)

@@ -28,7 +28,7 @@ from analysis.saliency import (
     top_frames,
 )
 from models.ctc import ConformerCTC
-from models.subsampling import receptive_field, subsampled_count, subsampling_factor
+from data.framing import receptive_field, subsampled_count, subsampling_factor
 
 
 class FrameLocal:
@@ -217,7 +217,7 @@ def checkpoint(prepared, tmp_path_factory):
 
 def test_saliency_command_end_to_end(checkpoint, prepared, tmp_path, capsys):
     from analysis.__main__ import main
-    from data.prepare import read_manifest, write_manifest
+    from data.manifest import read_manifest, write_manifest
 
     entries = read_manifest(prepared / "manifests" / "mini-train.jsonl")[:6]
     bad = tmp_path / "bad.flac"

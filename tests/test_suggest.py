@@ -127,8 +127,9 @@ def _constructed_baseline(tokenizer_vocab: int) -> ConformerCTC:
 
 
 def test_suggest_finds_constructed_groups(prepared, tmp_path):
-    from data.datamodule import ManifestDataset, ordered_loader
-    from data.prepare import read_manifest, write_manifest
+    from data.dataset import ManifestDataset
+    from data.manifest import read_manifest, write_manifest
+    from data.sampler import ordered_loader
     from data.tokenizer import Tokenizer
     from models.checkpoint import model_cmvn, save_model_checkpoint
 

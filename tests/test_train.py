@@ -110,7 +110,7 @@ def test_resume_reproduces_uninterrupted_run(prepared, tmp_path, uninterrupted, 
 
 
 def test_sampler_resumes_at_position_and_epoch():
-    from data.datamodule import FrameBucketSampler
+    from data.sampler import FrameBucketSampler
 
     lengths = [100 + 7 * i for i in range(40)]
     s = FrameBucketSampler(lengths, 500, num_buckets=4, seed=3)
@@ -129,7 +129,7 @@ def test_sampler_resumes_at_position_and_epoch():
 
 
 def test_validation_sharding_scores_every_utterance_once():
-    from data.datamodule import FrameBucketSampler
+    from data.sampler import FrameBucketSampler
 
     lengths = [100 + 13 * i for i in range(23)]
     whole = [i for b in FrameBucketSampler(lengths, 400, shuffle=False) for i in b]
@@ -271,7 +271,8 @@ def test_beam_and_greedy_agree_on_peaked_output(prepared):
 def test_lexicon_beam_search_picks_a_lexicon_word(prepared, tmp_path):
     from data import sentences
     from data.tokenizer import Tokenizer
-    from models.decoding import BeamSearch, greedy_decode, write_lexicon
+    from data.lexicon import write_lexicon
+    from models.decoding import BeamSearch, greedy_decode
 
     tok = Tokenizer(prepared / "bpe.model")
     spell = {w.upper(): tok.encode(w.upper()) for w in sentences.VOCABULARY}

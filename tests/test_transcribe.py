@@ -18,14 +18,14 @@ import evaluate
 import transcribe
 from data.alignments import read_textgrid
 from data.features import load_audio, num_frames
-from data.prepare import read_manifest
+from data.manifest import read_manifest
 from test_train import trained_checkpoint
 
 SILENCE = 1.0  # seconds between utterances
 MAX_SEGMENT = 8.0
 EPOCHS = 40
 MODEL = dict(d_model=64, ffn_dim=128, lr=5e-3, warmup_steps=10, hold_steps=1000, decay_steps=100, dropout=0.0)
-TOLERANCE = 0.04 + 0.085  # one encoder frame plus its window (data.datamodule.ENCODER_SHIFT, ENCODER_WINDOW)
+TOLERANCE = 0.04 + 0.085  # one encoder frame plus its window (data.framing.ENCODER_SHIFT, ENCODER_WINDOW)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_long_recording_segments_and_word_times(ckpt, utterances, long_recording
 def test_word_times_of_a_known_alignment(prepared):
     """Frames known: each piece spikes on its own frames, words placed from their first piece's
     first frame to their last piece's last frame, in seconds (frame k centred at 40 k + 42.5 ms)."""
-    from data.datamodule import LabelFraming
+    from data.framing import LabelFraming
     from data.tokenizer import Tokenizer
     from models.decoding import align_words
 

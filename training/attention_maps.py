@@ -77,7 +77,7 @@ def map_image(maps: np.ndarray, titles: list[str]) -> np.ndarray:
 
 def first_utterance(dataset) -> dict:
     """The item (``id``, ``text``, ``features (T, F)``) of the utterance with the smallest id in a
-    :class:`data.datamodule.ManifestDataset` that can be read (an unreadable one gives None there)."""
+    :class:`data.dataset.ManifestDataset` that can be read (an unreadable one gives None there)."""
     entries = getattr(dataset, "entries", None)
     if not entries:
         raise ValueError(f"attention_maps: the validation dataset ({type(dataset).__name__}) lists no utterance")

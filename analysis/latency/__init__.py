@@ -10,7 +10,7 @@ The paper: Shim, Choi and Sung, "Understanding the Role of Self Attention for Ef
 Recognition", ICLR 2022, Table 3 (encoder latency of attention-map reuse configurations).
 
 Inference: random (seeded) encoder inputs ``(B, T, d)`` after the front end (``--include-frontend``
-times from fbank features of :func:`models.subsampling.input_frames` frames instead),
+times from fbank features of :func:`data.framing.input_frames` frames instead),
 ``torch.inference_mode``, warm-up, then the median and spread of many runs, interleaved over the
 rows (:mod:`~analysis.latency.timing`). Rows (:mod:`~analysis.latency.modules`):
 

@@ -12,7 +12,8 @@ from analysis.latency.modules import Peer, Timed, autocast_call, espnet_peer_mod
 from analysis.latency.timing import measure, summarise
 from models import ConformerCTC
 from models.flops import count_flops
-from models.subsampling import Conv2dSubsampling, input_frames
+from data.framing import input_frames
+from models.subsampling import Conv2dSubsampling
 
 
 class Bench:

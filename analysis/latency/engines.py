@@ -90,7 +90,7 @@ class OnnxRows:
         from analysis.latency.config import INPUT_LAYER
         from models.export import export_onnx
         from models.onnx_runtime import OnnxMismatch, check_session, session, shared_thread_pool
-        from models.subsampling import receptive_field
+        from data.framing import receptive_field
 
         key = id(module)
         if key in self.sessions:

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from models import ConformerCTC
-from models.subsampling import Conv2dSubsampling, input_frames
+from data.framing import input_frames
+from models.subsampling import Conv2dSubsampling
 
 
 class Peer(nn.Module):

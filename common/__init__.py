@@ -1,0 +1,1 @@
+"""Utilities below every other package (``data``, ``models``, ``analysis``, the commands): file I/O."""
