@@ -7,8 +7,9 @@
     python -m analysis {cad,par,heads,probe,ablation,mixing} --ckpt CKPT --manifest M --out DIR ...
     python -m analysis suggest-reuse --ckpt BASE --manifest M --out DIR [--groups K ...] [--limit N]
                                             (which layers could share maps; see analysis/suggest.py)
-    python -m analysis saliency --ckpt CKPT --manifest M --out DIR [--limit N] [--method perturbation|ig|ixg]
-                                            (attention against input saliency; see analysis/saliency.py)
+    python -m analysis saliency --ckpt CKPT | --upstream hf --upstream-ckpt DIR --manifest M --out DIR [--limit N]
+                                [--method perturbation|ig|ixg]   (attention against input saliency; see
+                                analysis/saliency.py, for wav2vec2 / HuBERT CTC and Whisper analysis/saliency_hf.py)
     python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
 
 ``--manifest`` is a prepared subset name (``mini-test``) or a ``.jsonl`` path; utterances without
@@ -111,7 +112,7 @@ def _saliency_options(s) -> None:
                    help="input saliency: SPES-like random masks (default), integrated gradients or gradient x input")
     s.add_argument("--masks", type=int, default=P.masks, help=f"perturbation masks per utterance (default {P.masks})")
     s.add_argument("--mask-sizes", default=",".join(f"{t}x{f}" for t, f in P.sizes),
-                   help="mask cells, feature frames x mel bins, used in turn (default %(default)s; clipped to the input)")
+                   help="mask cells, feature frames x mel bins, used in turn (default %(default)s; clipped to the input; wav2vec2 / HuBERT: 5 ms waveform segments x 1)")
     s.add_argument("--mask-p", type=float, default=P.p, help=f"probability a cell is masked (default {P.p})")
     s.add_argument("--seed", type=int, default=P.seed, help="seed of the masks and of the random deletion baseline")
     s.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (--method ig)")

@@ -116,6 +116,7 @@ class Report:
         self._stats = None
         self._probes = None
         self._mixing_entry = None
+        self._saliency_adapter = None
         # --reference is read now, not after the attention pass: a bad file fails before any work
         self._reference_par = self._reference_model = None
         if reference is not None:
@@ -293,15 +294,31 @@ class Report:
         self.results["figures"]["similarity"] = str(self.out / "suggest" / "similarity.png")
         self.results["figures"]["candidates"] = str(self.out / "suggest" / "candidates.png")
 
+    def _saliency_model(self):
+        """The saliency interface of the report's model (checked before any work by :meth:`run`)."""
+        if self._saliency_adapter is None:
+            if self.upstream == "hf":
+                from analysis.saliency_hf import hf_saliency
+
+                self._saliency_adapter = hf_saliency(self.model)
+            elif self.upstream is not None:
+                raise ValueError("saliency needs a CTC model of ours (or a converted ESPnet one) or --upstream hf, "
+                                 f"not --upstream {self.upstream}")
+            else:
+                from analysis.saliency_model import CTCSaliency
+
+                self._saliency_adapter = CTCSaliency(self.model)
+        return self._saliency_adapter
+
     def step_saliency(self):
-        """Attention against input saliency for each emitted CTC token (``analysis/saliency.py``) over
-        the report's manifest (``--limit`` utterances): ``OUT/saliency.json`` and three figures."""
-        from analysis.saliency import CTCSaliency
+        """Attention against input saliency for each output token (``analysis/saliency.py``; transformers
+        models: ``analysis/saliency_hf.py``) over the report's manifest (``--limit`` utterances):
+        ``OUT/saliency.json`` and three figures."""
         from analysis.saliency_report import run
         from data.dataset import ManifestDataset
 
-        if self.upstream is not None:
-            raise ValueError("saliency needs a CTC model of ours (or a converted ESPnet one), not an upstream")
+        model = self._saliency_model()
+        prepare = getattr(model, "prepare", None)  # transformers: waveform -> the features it perturbs
         ds = ManifestDataset([self.manifest], cmvn=self.cmvn, featurizer=self.featurizer, framing=self.framing)
         too_short = dict(ds.skipped)
         ds.entries = ds.entries[: self.limit]
@@ -310,13 +327,20 @@ class Report:
             yield from too_short.items()
             for i, e in enumerate(ds.entries):
                 item = ds[i]
-                yield e["id"], ds.skipped.get(e["id"], "could not be loaded") if item is None else \
-                    item["features"].to(self.device)
+                if item is None:
+                    yield e["id"], ds.skipped.get(e["id"], "could not be loaded")
+                elif prepare is None:
+                    yield e["id"], item["features"].to(self.device)
+                else:
+                    try:
+                        yield e["id"], prepare(item["features"][:, 0])
+                    except (RuntimeError, ValueError) as err:
+                        yield e["id"], f"{type(err).__name__}: {err}"
 
-        r = run(CTCSaliency(self.model), utterances(), self.out, progress=self.progress,
-                total=len(ds.entries) + len(too_short),
+        r = run(model, utterances(), self.out, progress=self.progress, total=len(ds.entries) + len(too_short),
                 settings={"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
-                          "manifest": str(self.manifest)}, **self.saliency_options)
+                          "manifest": str(self.manifest), **getattr(model, "settings", {})},
+                **self.saliency_options)
         self.results["saliency"] = {k: r[k] for k in ("tokens", "utterances", "layers", "correlation", "deletion")}
         self.results["figures"].update({f"saliency_{k}": v for k, v in r["figures"].items()})
         self._saliency = r
@@ -327,6 +351,8 @@ class Report:
         steps = steps or (UPSTREAM_STEPS if self.upstream not in (None, "hf") else STEPS)
         if "mixing" in steps and self.upstream in (None, "hf"):
             self._mixing_entry = self._check_mixing_utterance()  # a bad --utterance fails before any work
+        if "saliency" in steps:
+            self._saliency_model()  # a model without tokens to explain fails before any work
         for s in steps:
             try:
                 getattr(self, f"step_{s}")()

@@ -26,18 +26,14 @@ Saliency methods, both giving an ``(N, T, F)`` map per utterance (``N`` tokens, 
   input (Sundararajan, Taly & Yan, 2017, "Axiomatic Attribution for Deep Networks", Sec. 3: their sum
   is the score difference, "completeness") or gradient x input.
 
-Tokens: the greedy CTC path (arg-max per frame), collapsed; each token is scored by its
-log-probability *at its emitting frame*, the first frame of its run (where the collapse emits it).
-The sum over the run's frames, or the CTC posterior of the transcript, would mix frames; one frame
-has one attention row to compare with.
-
 Saliency of the hidden states entering layer ``l`` is gradient x input (the first-order effect of
 zeroing a frame's state, summed over the model dimension), whatever the input method: perturbing
 every layer's input would multiply the cost by the number of layers.
 
-Pooling to encoder frames: encoder frame ``m`` sees feature frames ``s m .. s m + r - 1`` (``s`` the
-front end's subsampling, ``r`` its receptive field, :mod:`models.subsampling`); its relevance is the
-mean, over those frames, of the relevance summed over mel bins.
+Pooling to encoder frames: encoder frame ``m`` sees feature frames ``s m - o .. s m - o + r - 1``
+(``s`` the front end's subsampling, ``r`` its receptive field, :mod:`models.subsampling`; ``o`` its
+left padding, 0 for ours); its relevance is the mean, over those frames, of the relevance summed over
+mel bins.
 
 Attention rollout (Abnar & Zuidema, 2020, "Quantifying Attention Flow in Transformers", Sec. 3):
 ``R_l = (0.5 A_l + 0.5 I) R_{l-1}`` with ``A_l`` the head average of layer ``l``'s map; the rollout up to
@@ -48,17 +44,20 @@ the attention row, by the pooled input saliency, or at random (seeded), are remo
 normalised features of their receptive fields are set to 0; the drop of the token's log-probability
 at its emitting frame is recorded (positive: the probability fell).
 
-The model side is the small :class:`SaliencyModel` interface; :class:`CTCSaliency` implements it for
-:class:`~models.ctc.ConformerCTC` (ours, reuse models, converted ESPnet models).
+The model side is the small :class:`~analysis.saliency_model.SaliencyModel` interface
+(:mod:`analysis.saliency_model`: :class:`~analysis.saliency_model.CTCSaliency` for our
+:class:`~models.ctc.ConformerCTC`; :mod:`analysis.saliency_hf` for transformers wav2vec2 / HuBERT CTC
+models and Whisper).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
+
+from analysis.saliency_model import Capture, SaliencyModel, Token
 
 METHODS = ("perturbation", "ig", "ixg")
 DELETION_K = (5, 10, 20, 40)
@@ -99,98 +98,6 @@ def parse_mask_sizes(text: str) -> tuple[tuple[int, int], ...]:
     if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
         raise ValueError(f"--mask-sizes {text!r}: expected comma-separated TxF cells of positive integers, e.g. 5x10,20x80")
     return sizes
-
-
-# --- the model side ---------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Token:
-    """One scored output token: vocabulary ``id``, encoder ``frame`` that emits it (CTC) or None."""
-
-    id: int
-    frame: int | None
-
-
-@dataclasses.dataclass
-class Capture:
-    """What one differentiable forward pass of an utterance gives (``N`` tokens, ``T'`` encoder frames).
-
-    scores: ``(N,)`` log-probability of each token; rows: one ``(H_l, N, T')`` per attention layer, the
-    attention each token's query puts on the encoder frames; maps: one ``(H_l, T', T')`` per layer
-    for self-attention encoders (for rollout), or None; states: one ``(1, T', d)`` (or ``(T', d)``) per
-    layer, what that layer's attention mixes: the tensor the forward pass used (a view taken afterwards
-    is not on the path to ``scores`` and gets no gradient).
-    """
-
-    scores: torch.Tensor
-    rows: list[torch.Tensor]
-    maps: list[torch.Tensor] | None
-    states: list[torch.Tensor]
-
-
-class SaliencyModel(Protocol):
-    """What the saliency analysis needs from a model.
-
-    ``computes``: per attention layer, whether it computes its own map (False: it reuses another's);
-    ``subsampling`` / ``receptive_field``: feature frames per encoder frame, and feature frames one
-    encoder frame sees (frame ``m`` sees ``subsampling * m .. subsampling * m + receptive_field - 1``).
-    """
-
-    computes: list[bool]
-    subsampling: int
-    receptive_field: int
-
-    def tokens(self, features: torch.Tensor) -> list[Token]:
-        """``features (T, F)`` normalised -> the tokens of the greedy transcript."""
-
-    def score(self, features: torch.Tensor, tokens: list[Token]) -> torch.Tensor:
-        """``features (B, T, F)`` -> ``(B, N)`` log-probability of each token (differentiable)."""
-
-    def capture(self, features: torch.Tensor, tokens: list[Token]) -> Capture:
-        """``features (T, F)`` -> :class:`Capture` (one forward pass with gradients)."""
-
-
-def ctc_emissions(log_probs: torch.Tensor, blank: int = 0) -> list[Token]:
-    """``log_probs (T', V)`` -> the tokens of the greedy CTC path, each at the first frame of its run."""
-    path = log_probs.argmax(-1).tolist()
-    return [Token(v, t) for t, v in enumerate(path) if v != blank and (t == 0 or path[t - 1] != v)]
-
-
-class CTCSaliency:
-    """:class:`SaliencyModel` of a :class:`~models.ctc.ConformerCTC` (eval mode; blank = 0)."""
-
-    def __init__(self, model):
-        from data.framing import receptive_field, subsampling_factor
-
-        self.model = model.eval()
-        self.computes = [not p.reuses for p in model.plans]
-        self.subsampling = subsampling_factor(model.frontend.input_layer)
-        self.receptive_field = receptive_field(model.frontend.input_layer)
-
-    def _log_probs(self, features: torch.Tensor) -> torch.Tensor:
-        lengths = torch.full((features.shape[0],), features.shape[1], dtype=torch.long, device=features.device)
-        return self.model(features, lengths)[0]
-
-    def tokens(self, features: torch.Tensor) -> list[Token]:
-        with torch.no_grad():
-            return ctc_emissions(self._log_probs(features[None])[0])
-
-    def score(self, features: torch.Tensor, tokens: list[Token]) -> torch.Tensor:
-        frames, ids = _index(tokens, features.device)
-        return self._log_probs(features)[:, frames, ids]
-
-    def capture(self, features: torch.Tensor, tokens: list[Token]) -> Capture:
-        frames, ids = _index(tokens, features.device)
-        lengths = torch.full((1,), features.shape[0], dtype=torch.long, device=features.device)
-        enc = self.model.encode(features[None], lengths, return_attentions=True, return_hidden_states=True)
-        log_probs = torch.log_softmax(self.model.head(enc.output).float(), -1)[0]
-        maps = [a[0].float() for a in enc.attentions]
-        return Capture(log_probs[frames, ids], [m[:, frames] for m in maps], maps,
-                       enc.hidden_states[:-1])
-
-
-def _index(tokens: list[Token], device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor([t.frame for t in tokens], device=device), torch.tensor([t.id for t in tokens], device=device))
 
 
 # --- saliency methods -------------------------------------------------------------------------------
@@ -284,15 +191,18 @@ def state_saliency(capture: Capture) -> list[torch.Tensor]:
 
 # --- framing, attention, metrics ----------------------------------------------------------------------
 
-def frame_windows(num_frames: int, num_inputs: int, subsampling: int, receptive_field: int) -> torch.Tensor:
+def frame_windows(num_frames: int, num_inputs: int, subsampling: int, receptive_field: int,
+                  offset: int = 0) -> torch.Tensor:
     """``(T', T)`` 0/1: row ``m`` marks the feature frames encoder frame ``m`` sees,
-    ``subsampling m .. subsampling m + receptive_field - 1`` (clipped to ``T``)."""
+    ``subsampling m - offset .. subsampling m - offset + receptive_field - 1`` (clipped to ``0 .. T - 1``;
+    ``offset``: the front end's left padding)."""
     w = torch.zeros(num_frames, num_inputs)
     for m in range(num_frames):
-        w[m, subsampling * m: min(num_inputs, subsampling * m + receptive_field)] = 1
+        a = subsampling * m - offset
+        w[m, max(0, a): min(num_inputs, a + receptive_field)] = 1
     if (w.sum(1) == 0).any():
         raise ValueError(f"{num_frames} encoder frames do not fit {num_inputs} feature frames "
-                         f"(subsampling {subsampling}, receptive field {receptive_field})")
+                         f"(subsampling {subsampling}, receptive field {receptive_field}, offset {offset})")
     return w
 
 
@@ -394,7 +304,7 @@ def analyse_utterance(model: SaliencyModel, features: torch.Tensor, method: str 
         cap = model.capture(features, tokens)
         states = state_saliency(cap)
     Tp = cap.rows[0].shape[-1]
-    windows = frame_windows(Tp, features.shape[0], model.subsampling, model.receptive_field)
+    windows = frame_windows(Tp, features.shape[0], model.subsampling, model.receptive_field, model.frame_offset)
     frame_sal = pool_to_frames(sal.cpu(), windows)  # (N, T')
     rows = [r.detach().double().cpu() for r in cap.rows]  # (H_l, N, T')
     L, Hm, N = len(rows), max(r.shape[0] for r in rows), len(tokens)

@@ -16,8 +16,9 @@ curves) and a printed table. An utterance that fails is reported and skipped.
 
 ``per_layer``: one Pearson correlation per layer of the head-averaged attention row, averaged over
 tokens; ``per_head``: layers x heads (null where a layer has fewer heads); ``mean_over_layers``: the
-correlation of the layer-and-head average; ``rollout``: of the rollout up to each layer (input only);
-``encoder_output`` compares layer ``l``'s row with the saliency of layer ``l``'s input states (its
+correlation of the layer-and-head average; ``rollout``: of the rollout up to each layer (input only;
+null for Whisper's cross-attention); ``encoder_output`` compares layer ``l``'s row with the saliency of
+the states that layer's attention reads (CTC: layer ``l``'s input; Whisper: the encoder output) (its
 ``mean_over_layers`` with the mean of the per-layer state saliencies, each L1-normalised).
 Averages skip tokens where a correlation is undefined (a constant map).
 """
@@ -34,10 +35,10 @@ from analysis.saliency import (
     DELETION_K,
     RANKINGS,
     PerturbationSettings,
-    SaliencyModel,
     UtteranceResult,
     analyse_utterance,
 )
+from analysis.saliency_model import SaliencyModel
 
 
 class _Mean:
@@ -126,7 +127,8 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
                      "seed": perturbation.seed, "token_score": "log-probability at the emitting frame (greedy CTC path)",
                      "encoder_output_method": "gradient x input of each layer's input states",
                      "deletion": "normalised features of the removed frames' receptive fields set to 0",
-                     "subsampling": model.subsampling, "receptive_field": model.receptive_field, **(settings or {})},
+                     "subsampling": model.subsampling, "receptive_field": model.receptive_field,
+                     "frame_offset": model.frame_offset, **(settings or {})},
         "tokens": tokens,
         "utterances": {"scored": scored, "no_tokens": empty, "skipped": skipped},
         "layers": [{"layer": l + 1, "computes": bool(c)} for l, c in enumerate(model.computes)],
@@ -183,25 +185,32 @@ def plot_correlation(result: dict, path: Path) -> Path:
 
 def plot_utterance(uid: str, feats: torch.Tensor, r: UtteranceResult, model: SaliencyModel, path: Path,
                    spectrogram: bool = True) -> Path:
-    """One utterance: the features with the input saliency of its middle token overlaid, and that
-    token's pooled saliency, attention row (layer-and-head average) over time."""
+    """One utterance: the features with the input saliency of its middle token overlaid (features of
+    one column, e.g. waveform segment gains: the saliency per input frame), and that token's pooled
+    saliency, attention row (layer-and-head average) over time."""
     from analysis.plots import _save, plt
 
     i = len(r.tokens) // 2
     fig, (a0, a1) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     T = feats.shape[0]
-    a0.imshow(feats.t().numpy(), origin="lower", aspect="auto", cmap="gray")
     s = r.saliency[i].t().numpy()
-    lim = np.abs(s).max() or 1.0
-    a0.imshow(s, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
-    a0.set(ylabel="mel bin", title=f"{uid}: token {r.tokens[i].id} (emitted at encoder frame {r.tokens[i].frame})")
-    centres = np.arange(r.frame_saliency.shape[1]) * model.subsampling + (model.receptive_field - 1) / 2
+    token = f"token {r.tokens[i].id}" + ("" if r.tokens[i].frame is None else
+                                         f" (emitted at encoder frame {r.tokens[i].frame})")
+    if feats.shape[1] == 1:
+        a0.step(np.arange(T), s[0], where="post", label="input saliency")
+        a0.set(ylabel="saliency", title=f"{uid}: {token}")
+    else:
+        a0.imshow(feats.t().numpy(), origin="lower", aspect="auto", cmap="gray")
+        lim = np.abs(s).max() or 1.0
+        a0.imshow(s, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
+        a0.set(ylabel="mel bin", title=f"{uid}: {token}")
+    centres = np.arange(r.frame_saliency.shape[1]) * model.subsampling + (model.receptive_field - 1) / 2 - model.frame_offset
     norm = lambda v: v / (np.abs(v).max() or 1.0)
     a1.plot(centres, norm(r.frame_saliency[i].numpy()), label="saliency (pooled)")
     a1.plot(centres, norm(r.attention[i].numpy()), label="attention (mean over layers, heads)")
     if r.tokens[i].frame is not None:
         a1.axvline(centres[r.tokens[i].frame], color="k", ls=":", label="emitting frame")
-    a1.set(xlabel="feature frame", ylabel="scaled to max 1", xlim=(0, T))
+    a1.set(xlabel="input frame", ylabel="scaled to max 1", xlim=(0, T))
     a1.legend(fontsize=8)
     return _save(fig, path)
 

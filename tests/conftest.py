@@ -30,3 +30,18 @@ def prepared(mini_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     prepare(mini_corpus, out, alignments=mini_corpus / "alignments", vocab_size=64, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random transformers models (tests/hf_models.py), one folder per family."""
+    from hf_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="session")
+def hf_wave() -> torch.Tensor:
+    from hf_models import tone
+
+    return tone()

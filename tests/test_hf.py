@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 
 import pytest
 import torch
@@ -18,79 +17,22 @@ from analysis.hf import (
     value_zeroing_distances,
 )
 
-SPECIALS = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>",
-            "<|nocaptions|>", "<|startofprev|>", "<|startoflm|>"]
 
-
-def _ctc_folder(path, model_type: str, stable: bool):
-    torch.manual_seed(0)
-    Config, Model = {"wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2ForCTC),
-                     "hubert": (tf.HubertConfig, tf.HubertForCTC)}[model_type]
-    cfg = Config(vocab_size=29, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                 do_stable_layer_norm=stable, feat_extract_norm="layer" if stable else "group")
-    Model(cfg).save_pretrained(path)
-    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(["<pad>", "<unk>", "|", *string.ascii_uppercase])}))
-    tok = tf.Wav2Vec2CTCTokenizer(str(path / "vocab.json"))
-    fe = tf.Wav2Vec2FeatureExtractor(return_attention_mask=stable, do_normalize=True)
-    tf.Wav2Vec2Processor(fe, tok).save_pretrained(path)
-    return path
-
-
-def _whisper_folder(path):
-    """A Whisper with a processor whose tokenizer is a byte-level BPE over letters (no merges)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "v.json").write_text(json.dumps({c: i for i, c in enumerate([*string.ascii_lowercase, "Ġ", "'"])}))
-    (path / "m.txt").write_text("#version: 0.2\n")
-    tok = tf.WhisperTokenizer(str(path / "v.json"), str(path / "m.txt"), unk_token="<|endoftext|>",
-                              bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
-    tf.WhisperProcessor(tf.WhisperFeatureExtractor(feature_size=80), tok).save_pretrained(path)
-    ids = tok.convert_tokens_to_ids
-    torch.manual_seed(0)
-    eot = ids("<|endoftext|>")
-    cfg = tf.WhisperConfig(vocab_size=len(tok), num_mel_bins=80, encoder_layers=2, decoder_layers=2,
-                           encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, encoder_ffn_dim=64,
-                           decoder_ffn_dim=64, max_target_positions=64, decoder_start_token_id=ids(SPECIALS[0]),
-                           eos_token_id=eot, pad_token_id=eot, bos_token_id=eot)
-    model = tf.WhisperForConditionalGeneration(cfg)
-    model.generation_config = tf.GenerationConfig(decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=eot,
-                                                  pad_token_id=eot, no_timestamps_token_id=ids("<|notimestamps|>"),
-                                                  is_multilingual=True, lang_to_id={"<|en|>": ids("<|en|>")},
-                                                  task_to_id={"transcribe": ids("<|transcribe|>")})
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {"post": _ctc_folder(root / "post", "wav2vec2", False), "pre": _ctc_folder(root / "pre", "wav2vec2", True),
-            "hubert": _ctc_folder(root / "hubert", "hubert", False), "whisper": _whisper_folder(root / "whisper")}
-
-
-@pytest.fixture(scope="module")
-def wave():
-    g = torch.Generator().manual_seed(0)
-    t = torch.arange(16000) / 16000
-    return 0.1 * torch.sin(2 * torch.pi * 220 * t) + 0.02 * torch.randn(16000, generator=g)
-
-
-def _reference_maps(up: HFUpstream, wave):
+def _reference_maps(up: HFUpstream, hf_wave):
     with torch.no_grad():
-        inputs = up.model_input(wave)
+        inputs = up.model_input(hf_wave)
         if up.family == "whisper":
             return up.encoder(**inputs, output_attentions=True).attentions
         return up.model(**inputs, output_attentions=True).attentions
 
 
 @pytest.mark.parametrize("name", ["post", "pre", "hubert", "whisper"])
-def test_maps_equal_output_attentions_and_frames(folders, wave, name):
-    up = HFUpstream(folders[name])
+def test_maps_equal_output_attentions_and_frames(hf_folders, hf_wave, name):
+    up = HFUpstream(hf_folders[name])
     assert up.model.config._attn_implementation == "eager"
     assert (up.num_layers, up.frame_shift) == (2, 0.02)
-    ref = _reference_maps(up, wave)
-    enc = up.encode(torch.stack([wave, torch.nn.functional.pad(wave[:9000], (0, 7000))])[..., None],
+    ref = _reference_maps(up, hf_wave)
+    enc = up.encode(torch.stack([hf_wave, torch.nn.functional.pad(hf_wave[:9000], (0, 7000))])[..., None],
                     torch.tensor([16000, 9000]), return_attentions=True, return_hidden_states=True)
     if name == "whisper":
         T = 50  # frames centred in 1 s of audio, 20 ms apart; the window holds 1500
@@ -106,20 +48,20 @@ def test_maps_equal_output_attentions_and_frames(folders, wave, name):
         for a, r in zip(enc.attentions, ref):
             assert torch.allclose(a[0], r[0], atol=1e-6)
         # the padded second utterance equals itself run alone
-        alone = _reference_maps(up, wave[:9000])
+        alone = _reference_maps(up, hf_wave[:9000])
         n = enc.lengths[1]
         assert torch.allclose(enc.attentions[1][1, :, :n, :n], alone[1][0], atol=1e-6)
     assert len(enc.hidden_states) == 3 and enc.hidden_states[-1].shape == (2, T, up.d_model)
     # the last hidden state is what the model passes on (after the final norm of pre-LN encoders)
     with torch.no_grad():
-        inputs = up.model_input(wave)
+        inputs = up.model_input(hf_wave)
         last = (up.encoder(**inputs) if name == "whisper" else up.model.base_model(**inputs)).last_hidden_state
     assert torch.allclose(enc.hidden_states[-1][0], last[0, :T], atol=1e-5)
 
 
-def test_head_ablation_hook(folders, wave):
-    up = HFUpstream(folders["pre"])
-    x, n = wave[None, :, None], torch.tensor([16000])
+def test_head_ablation_hook(hf_folders, hf_wave):
+    up = HFUpstream(hf_folders["pre"])
+    x, n = hf_wave[None, :, None], torch.tensor([16000])
     base = up.encode(x, n).output
     masked = up.encode(x, n, head_mask={1: [0, 2]}).output
     assert not torch.allclose(masked, base, atol=1e-4)
@@ -159,10 +101,10 @@ def _manual_encoder_layer(up, layer, x, v_keep):
 
 
 @pytest.mark.parametrize("name", ["post", "pre", "whisper"])
-def test_encoder_value_zeroing_equals_manual(folders, wave, name):
-    up = HFUpstream(folders[name])
+def test_encoder_value_zeroing_equals_manual(hf_folders, hf_wave, name):
+    up = HFUpstream(hf_folders[name])
     up.model.double()
-    w = wave[:8000]
+    w = hf_wave[:8000]
     _, hidden, calls = up.run_encoder(w.double())
     words = [[0, 1, 2], [3, 4, 5, 6], [7, 8], [10, 11, 12]]
     for l, layer in enumerate(up.layers):
@@ -187,23 +129,23 @@ def test_encoder_value_zeroing_equals_manual(folders, wave, name):
         assert (got[0] == 0).all()  # zeroing nothing: distance 0
 
 
-def test_mixing_scores_encoder(folders, wave):
-    up = HFUpstream(folders["post"])
+def test_mixing_scores_encoder(hf_folders, hf_wave):
+    up = HFUpstream(hf_folders["post"])
     words = [[0, 1, 2], [3, 4, 5, 6], [10, 11]]
-    r = hf_context_mixing(up, wave, words)
+    r = hf_context_mixing(up, hf_wave, words)
     assert set(r) == {"encoder"}
     enc = r["encoder"]
     assert {k: tuple(v.shape) for k, v in enc.items()} == {m: (2, 3, 3) for m in ("attention", "attention_norm",
                                                                                       "value_zeroing")}
     assert torch.allclose(enc["value_zeroing"].sum(-1), torch.ones(2, 3), atol=1e-5)
-    maps = _reference_maps(up, wave)
+    maps = _reference_maps(up, hf_wave)
     for l in range(2):
         a = maps[l][0].mean(0)
         for i, fi in enumerate(words):
             for j, fj in enumerate(words):
                 assert torch.isclose(enc["attention"][l, i, j], a[fi][:, fj].mean(), atol=1e-6)
     with pytest.raises(ValueError, match="fewer than two aligned words"):
-        hf_context_mixing(up, wave, [[0, 1]])
+        hf_context_mixing(up, hf_wave, [[0, 1]])
 
 
 def _manual_decoder_layer(layer, x, enc, self_keep, cross_keep, final):
@@ -223,15 +165,15 @@ def _manual_decoder_layer(layer, x, enc, self_keep, cross_keep, final):
     return final(y) if final is not None else y
 
 
-def test_whisper_decoder_and_cross(folders, wave):
-    up = HFUpstream(folders["whisper"])
-    ids = up.greedy_ids(wave, max_new_tokens=6)
+def test_whisper_decoder_and_cross(hf_folders, hf_wave):
+    up = HFUpstream(hf_folders["whisper"])
+    ids = up.greedy_ids(hf_wave, max_new_tokens=6)
     prompt = up.prompt_ids()
     assert ids[:len(prompt)] == prompt and len(ids) <= len(prompt) + 6
     ref = up.reference_ids("the cat")
     assert ref[:len(prompt)] == prompt and ref[-1] == up.config.eos_token_id
     words = [[0, 1, 2, 3], [5, 6, 7], [9, 10, 11, 12]]
-    r = hf_context_mixing(up, wave, words, ids)
+    r = hf_context_mixing(up, hf_wave, words, ids)
     N = len(ids)
     assert {k: tuple(v.shape) for k, v in r["decoder"].items()} == {m: (2, N, N) for m in r["decoder"]}
     assert {k: tuple(v.shape) for k, v in r["cross"].items()} == {m: (2, N, 3) for m in r["cross"]}
@@ -239,8 +181,8 @@ def test_whisper_decoder_and_cross(folders, wave):
         assert (v.triu(1) == 0).all(), m
     # value zeroing against a hand-written decoder layer in float64, values zeroed by multiplication
     up.model.double()
-    enc, _, cmaps, hidden, calls = up.run_decoder(wave.double(), ids)
-    out = hf_context_mixing(up, wave.double(), words, ids, methods=["value_zeroing", "attention"])
+    enc, _, cmaps, hidden, calls = up.run_decoder(hf_wave.double(), ids)
+    out = hf_context_mixing(up, hf_wave.double(), words, ids, methods=["value_zeroing", "attention"])
     gm = torch.zeros(3, enc.shape[1], dtype=torch.float64)
     for g, f in enumerate(words):
         gm[g, f] = 1
@@ -270,7 +212,7 @@ def test_whisper_decoder_and_cross(folders, wave):
         assert (nothing == 0).all()
 
 
-def test_bad_folders(tmp_path, folders, wave):
+def test_bad_folders(tmp_path, hf_folders, hf_wave):
     with pytest.raises(ValueError, match="not a Hugging Face model folder"):
         HFUpstream(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such model folder"):
@@ -283,7 +225,7 @@ def test_bad_folders(tmp_path, folders, wave):
     tf.WavLMConfig().save_pretrained(wavlm)
     with pytest.raises(ValueError, match="wavlm.*head-averaged"):
         HFUpstream(wavlm)
-    up = HFUpstream(folders["whisper"])
+    up = HFUpstream(hf_folders["whisper"])
     with pytest.raises(ValueError, match="longer than the model's 30 s window"):
         up.encode(torch.zeros(1, 31 * 16000, 1), torch.tensor([31 * 16000]))
 
@@ -306,14 +248,19 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["pre", "post", "hubert", "whisper"])
-def test_report_end_to_end(prepared, folders, tmp_path, name):
+def test_report_end_to_end(prepared, hf_folders, tmp_path, name):
     from analysis.__main__ import main
 
     out = tmp_path / "r"
-    main(["report", "--upstream", "hf", "--upstream-ckpt", str(folders[name]), "--manifest",
-          str(prepared / "manifests" / "mini-train.jsonl"), "--out", str(out), "--probe-epochs", "1", "--limit", "4"])
+    saliency = ["--saliency", "--masks", "8"] if name == "post" else []  # report --saliency (tests/test_saliency_hf.py)
+    main(["report", "--upstream", "hf", "--upstream-ckpt", str(hf_folders[name]), "--manifest",
+          str(prepared / "manifests" / "mini-train.jsonl"), "--out", str(out), "--probe-epochs", "1", "--limit", "4",
+          *saliency])
     r = json.loads((out / "report.json").read_text())
     figures = ["cad", "par", "coverage", "heads", "prm", "probe", "ablation", "mixing"]
+    if saliency:
+        figures += ["saliency_correlation", "saliency_utterance", "saliency_deletion"]
+        assert r["saliency"]["tokens"] > 0 and (out / "saliency.json").is_file()
     if name == "whisper":
         figures += ["mixing_decoder", "mixing_cross"]
         assert "window" in r["hf_model"] and r["hf_model"]["mean_attention_mass_on_padding"] is not None
@@ -338,7 +285,7 @@ def test_report_end_to_end(prepared, folders, tmp_path, name):
         assert "decoder" not in m
 
 
-def test_report_errors_before_work(prepared, folders, tmp_path):
+def test_report_errors_before_work(prepared, hf_folders, tmp_path):
     from analysis.__main__ import main
     from data.manifest import read_manifest, write_manifest
 
@@ -346,7 +293,7 @@ def test_report_errors_before_work(prepared, folders, tmp_path):
     long = tmp_path / "long.jsonl"
     write_manifest(long, [{**entries[0], "duration": 31.0}, *entries[1:]])
     with pytest.raises(SystemExit, match=f"utterance {entries[0]['id']}: 31.00 s is longer than the model's 30 s"):
-        main(["report", "--upstream", "hf", "--upstream-ckpt", str(folders["whisper"]), "--manifest", str(long),
+        main(["report", "--upstream", "hf", "--upstream-ckpt", str(hf_folders["whisper"]), "--manifest", str(long),
               "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "report.json").exists()
     with pytest.raises(SystemExit, match="needs --upstream-ckpt"):
@@ -369,6 +316,6 @@ def test_report_errors_before_work(prepared, folders, tmp_path):
     single = tmp_path / "single.jsonl"
     write_manifest(single, [{**e, "alignment": str(tmp_path / "one.TextGrid")}])
     with pytest.raises(SystemExit, match="fewer than two aligned words"):
-        main(["mixing", "--upstream", "hf", "--upstream-ckpt", str(folders["post"]), "--manifest", str(single),
+        main(["mixing", "--upstream", "hf", "--upstream-ckpt", str(hf_folders["post"]), "--manifest", str(single),
               "--utterance", e["id"], "--out", str(tmp_path / "o2")])
     assert not (tmp_path / "o2" / "report.json").exists()

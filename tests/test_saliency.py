@@ -11,12 +11,8 @@ import pytest
 import torch
 
 from analysis.saliency import (
-    Capture,
-    CTCSaliency,
     PerturbationSettings,
-    Token,
     analyse_utterance,
-    ctc_emissions,
     delete_frames,
     frame_windows,
     gradient_saliency,
@@ -27,6 +23,7 @@ from analysis.saliency import (
     rollout,
     top_frames,
 )
+from analysis.saliency_model import Capture, CTCSaliency, Token, ctc_emissions
 from models.ctc import ConformerCTC
 from data.framing import receptive_field, subsampled_count, subsampling_factor
 
@@ -37,6 +34,7 @@ class FrameLocal:
 
     subsampling = 1
     receptive_field = 1
+    frame_offset = 0
 
     def __init__(self, F=6, V=5, seed=0):
         self.computes = [True, False]
