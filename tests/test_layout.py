@@ -177,3 +177,22 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     (tmp_path / "evaluate.py").write_text("\n" * MAX_MODULE_LINES)
     with pytest.raises(AssertionError, match=f"evaluate.py: {MAX_MODULE_LINES} lines"):
         test_modules_are_small()
+
+
+def test_readme_layout_names_every_module():
+    """README.md's layout table lists exactly the modules of each package folder."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout"):text.index("## Documentation")]
+    bad = []
+    for package in (*PACKAGES, "analysis/latency"):
+        row = next((line for line in table.splitlines() if line.startswith(f"| `{package}/` |")), None)
+        if row is None:
+            bad.append(f"no row for {package}/")
+            continue
+        named = set(re.findall(r"`([\w]+\.py)`", row)) - {f"{c}.py" for c in COMMANDS}  # the commands, named in prose
+        present = {p.name for p in (ROOT / package).glob("*.py")} - {"__init__.py"}
+        bad += [f"{package}/{n} is not in the table" for n in sorted(present - named)]
+        bad += [f"{package}/{n} is in the table but not in the tree" for n in sorted(named - present)]
+    assert not bad, "README.md's layout table:\n" + "\n".join(bad)
