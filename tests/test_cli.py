@@ -90,3 +90,17 @@ def test_a_command_honours_asr_traceback(tmp_path):
     traced = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**env, "ASR_TRACEBACK": "1"})
     assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr, traced.stderr
     assert str(missing) in traced.stderr.strip().splitlines()[-1]
+
+
+def test_every_command_goes_through_common_cli():
+    """No command prints its own ``error:`` line or reads its own traceback variable: the one way
+    is :func:`common.cli.user_errors` / :func:`common.cli.fail`."""
+    import re
+
+    sources = [ROOT / f"{c}.py" for c in ("train", "evaluate", "transcribe")]
+    sources += [p for pkg in ("common", "data", "models", "training", "analysis") for p in (ROOT / pkg).rglob("*.py")]
+    pattern = re.compile(r"""(sys\.exit|SystemExit)\(f?["']error|environ.*TRACEBACK""")
+    bad = [f"{p.relative_to(ROOT)}:{n}" for p in sources if p != ROOT / "common" / "cli.py"
+           for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not bad, "own error lines or traceback switches (use common.cli):\n" + "\n".join(bad)
+    assert len(sources) > 50
