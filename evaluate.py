@@ -21,36 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import jiwer
 import torch
 
+from common.cli import add_ckpt, add_out, user_errors
 from common.io import atomic_write_text, check_writable
 from data.dataset import ManifestDataset
-from data.lexicon import write_lexicon
-from data.manifest import resolve_manifest, training_transcripts
+from data.manifest import resolve_manifest
 from data.sampler import ordered_loader
-from models.decoding import BeamSearch, greedy_decode, parse_weight
-from models.checkpoint import load_model, model_inputs, save_model_checkpoint, training_data_dir
-from models.precision import DTYPES, inference_precision, precision_problem, precision_warning
+from models.checkpoint import save_model_checkpoint
+from models.decoding import BeamSearch, greedy_decode
+from models.inference import add_model_arguments, computing_model, make_decoders, open_model, score, synchronize
 
-def score(refs: list[str], hyps: list[str]) -> dict:
-    """WER / CER (percent) with the error counts, from jiwer."""
-    if not refs:
-        raise ValueError("nothing to score: no reference")
-    m = jiwer.process_words(refs, hyps)
-    words = m.hits + m.substitutions + m.deletions
-    return {"wer": round(100 * m.wer, 3), "cer": round(100 * jiwer.cer(refs, hyps), 3), "substitutions": m.substitutions,
-            "deletions": m.deletions, "insertions": m.insertions, "words": words, "utterances": len(refs)}
+__all__ = ["BeamSearch", "choose_lm", "default_out", "evaluate_set", "greedy_decode", "main", "merge_results", "score"]
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Waits for the device's queued work (CUDA), so that host timers measure it; no-op on CPU."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+
 
 
 @torch.inference_mode()
@@ -154,155 +142,84 @@ def merge_results(path: Path, report: dict, set_name: str, results: dict) -> dic
     return merged
 
 
-def add_model_arguments(p: argparse.ArgumentParser, sweep: bool = True) -> None:
-    """The options of the model and its decoders that evaluate.py and transcribe.py share: data
-    folder, tokenizer, beam size, lexicon, LM (and its weights: several make a sweep where
-    ``sweep``), batch size, engine, device and precision."""
-    p.add_argument("--data-dir", help="prepared data folder holding manifests/ (default: the folder the checkpoint "
-                                      "was trained from); the tokenizer and CMVN come from the checkpoint")
-    p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
-    p.add_argument("--beam-size", type=int, default=32)
-    p.add_argument("--lexicon", help="restrict the beam search to a word list: a flashlight lexicon file, or "
-                                     "'train' to spell the words of the data dir's *train* manifests (the default "
-                                     "with --lm)")
-    p.add_argument("--lm", help="word n-gram LM (ARPA file or KenLM binary) for an LM beam search over the lexicon, "
-                                "scored as the decoder 'lm' (see python -m data.lm)")
-    p.add_argument("--lm-weight", nargs="+" if sweep else None, metavar="W", help="weight of the LM's log10 probabilities (default 1); "
-                   "several values (and --word-score values) are a sweep: every point is decoded on the first of "
-                   "--sets (a dev set) and the best there is used for the others" if sweep else "")
-    p.add_argument("--word-score", nargs="+" if sweep else None, metavar="S", help="score added per word with --lm (default 0)")
-    p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
-    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
-                   help="what computes the log-probabilities: PyTorch, or ONNX Runtime on the checkpoint's ONNX "
-                        "export (CPU, fp32; needs the .[onnx] extra)")
-    p.add_argument("--device", help="where the model runs (features are made on the CPU and moved per batch; "
-                                    "default: cuda if available, cpu with --engine onnxruntime)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the model: bf16 / fp16 cast "
-                   "its weights (models.precision); fp16 only on GPUs and CPUs with fp16 matrix instructions")
 
 
-def open_model(a: argparse.Namespace):
-    """``(model, tokenizer, hp, data_dir, (cmvn, featurizer, framing))`` for the options of
-    :func:`add_model_arguments` (and ``--ckpt``, ``--average``): the device defaulted (``a.device``
-    is set), the engine / device / precision checked (``ValueError``), a bf16 emulated by the CPU
-    warned on stderr, the checkpoint loaded with its own inputs (:func:`models.checkpoint.model_inputs`)."""
-    a.device = a.device or ("cuda" if torch.cuda.is_available() and a.engine == "torch" else "cpu")
-    if a.engine == "onnxruntime" and (a.dtype != "fp32" or a.device != "cpu"):
-        raise ValueError(f"--engine onnxruntime runs fp32 on the CPU (not --dtype {a.dtype} --device {a.device})")
-    if problem := precision_problem(a.dtype, a.device):
-        raise ValueError(problem)
-    if warning := precision_warning(a.dtype, a.device):
-        print(f"warning: {warning}", file=sys.stderr)
-    model, tokenizer, hp = load_model(a.ckpt, getattr(a, "average", 1), a.tokenizer, a.device)
-    data_dir = training_data_dir(hp, a.data_dir)
-    # the model's own features (ours, or a converted ESPnet model's), made and normalised on the CPU
-    return model, tokenizer, hp, data_dir, model_inputs(model, hp, data_dir)
 
 
-def make_decoders(a: argparse.Namespace, tokenizer, data_dir: Path, folder: Path,
-                  beam: bool = True) -> tuple[Path | str | None, BeamSearch | None, dict[str, BeamSearch]]:
-    """``(lexicon, beam, lm_beams)`` for the options of :func:`add_model_arguments`: the lexicon
-    (``--lexicon train`` spells the data folder's training words into ``folder/lexicon.txt``; the
-    default with ``--lm``), the beam search (None unless ``beam``) and the LM beam searches, one per
-    point of the ``--lm-weight`` x ``--word-score`` grid (``{"lm": ...}`` for one point)."""
-    weights, scores = (v if isinstance(v, list) else [v] for v in (a.lm_weight, a.word_score))
-    if (weights != [None] or scores != [None]) and not a.lm:
-        raise ValueError("--lm-weight and --word-score need --lm")
-    weights = [parse_weight("--lm-weight", w) for w in weights if w is not None] or [1.0]
-    word_scores = [parse_weight("--word-score", w) for w in scores if w is not None] or [0.0]
-    lexicon = a.lexicon if a.lexicon or not a.lm else "train"  # a word LM needs a lexicon
-    if lexicon == "train":
-        try:
-            sentences, _ = training_transcripts(data_dir)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--lexicon train: {e}") from None
-        words = {w for s in sentences for w in s.split()}
-        lexicon = folder / "lexicon.txt"
-        write_lexicon(words, tokenizer, lexicon)
-    elif lexicon is not None and not Path(lexicon).is_file():
-        raise FileNotFoundError(f"lexicon {lexicon} does not exist")
-    searcher = BeamSearch(tokenizer, a.beam_size, lexicon) if beam else None
-    lm_beams = {}
-    if a.lm:
-        lm_beam = BeamSearch(tokenizer, a.beam_size, lexicon, a.lm, weights[0], word_scores[0])
-        grid = [(w, s) for w in weights for s in word_scores]
-        lm_beams = {"lm": lm_beam} if len(grid) == 1 else {
-            f"lm w={w:g} s={s:g}": lm_beam.with_weights(w, s) for w, s in grid}
-    return lexicon, searcher, lm_beams
 
 
-def computing_model(model, a: argparse.Namespace):
-    """``(what computes the log-probabilities, the ONNX check or None)``: ``model`` at ``--dtype``
-    (:func:`models.precision.inference_precision`), or with ``--engine onnxruntime`` its ONNX export
-    run by ONNX Runtime, checked against PyTorch (:func:`models.export.onnx_engine`; a failed
-    check or a missing ONNX Runtime raises ``ValueError``)."""
-    model = inference_precision(model, a.dtype, a.device)
-    if a.engine != "onnxruntime":
-        return model, None
-    import tempfile
-
-    from models.export import onnx_engine
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="evaluate-onnx-") as tmp:  # the session keeps the graph
-            return onnx_engine(model, tmp, torch.get_num_threads())
-    except (ImportError, AssertionError) as e:
-        raise ValueError(f"--engine onnxruntime: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
+    add_ckpt(p)
     p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
     p.add_argument("--sets", nargs="+", required=True, help="manifest names under DATA_DIR/manifests, or .jsonl paths")
     add_model_arguments(p)
     p.add_argument("--no-beam", action="store_true", help="greedy decoding only (with --lm: and the LM beam)")
-    p.add_argument("--out", help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)")
+    add_out(p, required=False, help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)")
     p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
     a = p.parse_args(argv)
-    try:
+    with user_errors():
         model, tokenizer, hp, data_dir, (cmvn, featurizer, framing) = open_model(a)
         moved = "" if a.data_dir else " (has the data folder moved? give --data-dir or the .jsonl path)"
         manifests = [resolve_manifest(s, data_dir, "" if s.endswith(".jsonl") else moved) for s in a.sets]
-        ckpt = Path(a.ckpt)
-        out = Path(a.out) if a.out else default_out(ckpt, hp["checkpoints"], a.average)
-        out = out if a.out or a.dtype == "fp32" else out.with_name(f"{out.name}-{a.dtype}")
-        out = out if a.out or a.engine == "torch" else out.with_name(f"{out.name}-{a.engine}")
+        out = output_folder(a, hp["checkpoints"])
         check_writable(out)
         # every set is read (and its audio found) before any is decoded
         datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing)
                     for m in manifests]
         lexicon, beam, lm_beams = make_decoders(a, tokenizer, data_dir, out, beam=not a.no_beam)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
     if a.save_averaged:
         save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
     report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "engine": a.engine, "device": a.device,
               "dtype": a.dtype, "threads": torch.get_num_threads()}
-    try:  # after saving: weights saved in fp32
+    with user_errors():  # after saving: weights saved in fp32
         model, check = computing_model(model, a)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     if check is not None:
         report["onnx_check"] = check
     decoder = {"beam_size": None if a.no_beam else a.beam_size, "lexicon": None if lexicon is None else str(lexicon)}
-    merged, chosen = None, lm_beams.get("lm")  # with an LM sweep, chosen on the first set
-    for m, ds in zip(manifests, datasets):
-        try:
-            extra = {"lm": chosen} if chosen else lm_beams
-            results, rows = evaluate_set(model, tokenizer, cmvn, ds, beam, a.max_frames, a.device, extra=extra)
-            if chosen is None and lm_beams:
-                chosen, results = choose_lm(results, lm_beams, m.stem)
-                tuned_on = m.stem
-            elif len(lm_beams) > 1:
-                results["lm"]["tuned_on"] = tuned_on
-            # written set by set: a later failure keeps what was computed
-            atomic_write_text(out / f"{m.stem}.hyp.tsv", "\t".join(["id", "reference", "greedy", "beam", *extra]) + "\n"
-                              + "".join("\t".join(r) + "\n" for r in rows))
-            dec = {**decoder, "lm": chosen.settings()} if chosen else decoder
-            merged = merge_results(out / "results.json", report, m.stem, {**results, "decoder": dec})
-        except (FileNotFoundError, ValueError, OSError) as e:
-            sys.exit(f"error: {e}")
+    with user_errors():
+        merged = decode_sets(model, tokenizer, cmvn, dict(zip(manifests, datasets)), beam, lm_beams, a.max_frames,
+                             a.device, out, report, decoder)
+    print_results(merged)
+    print(f"wrote {out / 'results.json'} and {out}/<set>.hyp.tsv")
+
+
+def output_folder(a: argparse.Namespace, checkpoints: list[str]) -> Path:
+    """``--out``, or by default :func:`default_out` with ``-<dtype>`` (not fp32) and ``-<engine>``
+    (not torch) appended to its name."""
+    if a.out:
+        return Path(a.out)
+    out = default_out(Path(a.ckpt), checkpoints, a.average)
+    out = out if a.dtype == "fp32" else out.with_name(f"{out.name}-{a.dtype}")
+    return out if a.engine == "torch" else out.with_name(f"{out.name}-{a.engine}")
+
+
+def decode_sets(model, tokenizer, cmvn, sets: dict[Path, ManifestDataset], beam: BeamSearch | None,
+                lm_beams: dict[str, BeamSearch], max_frames: int, device: str, out: Path, report: dict,
+                decoder: dict) -> dict:
+    """Decodes and scores each set in turn, writing ``OUT/<set>.hyp.tsv`` and merging its results
+    into ``OUT/results.json`` set by set (a later failure keeps what was computed); with an LM
+    sweep, the point is chosen on the first set. Returns the merged results."""
+    merged, chosen, tuned_on = None, lm_beams.get("lm"), None
+    for m, ds in sets.items():
+        extra = {"lm": chosen} if chosen else lm_beams
+        results, rows = evaluate_set(model, tokenizer, cmvn, ds, beam, max_frames, device, extra=extra)
+        if chosen is None and lm_beams:
+            chosen, results = choose_lm(results, lm_beams, m.stem)
+            tuned_on = m.stem
+        elif len(lm_beams) > 1:
+            results["lm"]["tuned_on"] = tuned_on
+        atomic_write_text(out / f"{m.stem}.hyp.tsv", "\t".join(["id", "reference", "greedy", "beam", *extra]) + "\n"
+                          + "".join("\t".join(r) + "\n" for r in rows))
+        dec = {**decoder, "lm": chosen.settings()} if chosen else decoder
+        merged = merge_results(out / "results.json", report, m.stem, {**results, "decoder": dec})
+    return merged
+
+
+def print_results(merged: dict) -> None:
+    """The table of every set and decoder in ``merged`` (results.json), the LM sweep and the skipped utterances."""
     print(f"{'set':14s} {'decoder':8s} {'WER%':>7s} {'CER%':>7s} {'sub':>6s} {'del':>6s} {'ins':>6s} {'words':>7s} {'RTF':>8s}")
     for s, res in merged["sets"].items():
         for dec in ("greedy", "beam", "lm"):
@@ -318,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     for s, res in merged["sets"].items():
         for skip in res.get("skipped", []):
             print(f"skipped {s} {skip['id']}: {skip['reason']}")
-    print(f"wrote {out / 'results.json'} and {out}/<set>.hyp.tsv")
 
 
 if __name__ == "__main__":

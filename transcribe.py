@@ -12,7 +12,8 @@ that no segment is longer and attention memory stays bounded; the segments are d
 of ``--max-frames`` padded frames, and their words placed in the whole recording. Word times come from a CTC forced alignment
 of the hypothesis (:func:`models.decoding.align_words`). The model, its inputs, the decoders
 (greedy; beam, lexicon and LM as in evaluate.py), the precision and the engine are evaluate.py's
-(:func:`evaluate.open_model`, :func:`evaluate.make_decoders`, :func:`evaluate.computing_model`).
+(:func:`models.inference.open_model`, :func:`~models.inference.make_decoders`,
+:func:`~models.inference.computing_model`).
 
 Without ``--out`` one line per file, ``path<TAB>text``, on stdout; with it ``OUT/<stem>.<format>``
 per file and format: ``txt`` (the text), ``json`` (``text``, ``duration``, ``words``
@@ -32,11 +33,12 @@ from pathlib import Path
 
 import torch
 
+from common.cli import add_ckpt, add_out, fail, user_errors
 from common.io import atomic_write_text, check_writable
 from data.dataset import collate
 from data.features import SAMPLE_RATE, AudioError, fbank, load_audio
-from evaluate import add_model_arguments, computing_model, make_decoders, open_model, synchronize
 from models.decoding import align_words, greedy_decode
+from models.inference import add_model_arguments, computing_model, make_decoders, open_model, synchronize
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".sph"}
 FORMATS = ("txt", "json", "ctm", "srt")
@@ -232,16 +234,16 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python transcribe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER", help="audio files, or folders searched recursively")
-    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
+    add_ckpt(p)
     p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
     add_model_arguments(p, sweep=False)
     p.add_argument("--decoder", choices=("greedy", "beam"), help="default: beam with --lexicon or --lm, else greedy")
     p.add_argument("--max-segment", type=float, default=20.0, help="longest segment decoded at once, seconds "
                    "(longer recordings are cut at pauses)")
-    p.add_argument("--out", help="output folder (default: print path<TAB>text per file)")
+    add_out(p, required=False, help="output folder (default: print path<TAB>text per file)")
     p.add_argument("--format", nargs="+", choices=FORMATS, help="files written per recording in --out (default: txt)")
     a = p.parse_args(argv)
-    try:
+    with user_errors():
         if a.format and not a.out:
             raise ValueError("--format writes files: give --out DIR (without it, path<TAB>text is printed)")
         a.format = a.format or ["txt"]
@@ -257,8 +259,6 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="transcribe-") as tmp:  # --lexicon train's word list
             _, search, lm_beams = make_decoders(a, tokenizer, data_dir, out or Path(tmp), beam=beam and not a.lm)
         model, _ = computing_model(model, a)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
     search = lm_beams.get("lm") or search
     decoder = search or greedy_decode
     audio_seconds, compute, skipped, started = 0.0, 0.0, [], time.perf_counter()
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; skipped {len(skipped)}: {', '.join(map(str, skipped))}" if skipped else "")
           + (f"; wrote {out}" if out else ""), file=sys.stderr)
     if not done:
-        sys.exit("error: no file could be transcribed")
+        fail("no file could be transcribed")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
     python -m analysis saliency --ckpt CKPT | --upstream hf --upstream-ckpt DIR --manifest M --out DIR [--limit N]
                                 [--method perturbation|ig|ixg]   (attention against input saliency; see
                                 analysis/saliency.py, for wav2vec2 / HuBERT CTC and Whisper analysis/saliency_hf.py)
-    python -m analysis latency ...          (encoder latency benchmark; see analysis/latency.py)
+    python -m analysis latency ...          (encoder latency benchmark; see analysis/latency/)
 
 ``--manifest`` is a prepared subset name (``mini-test``) or a ``.jsonl`` path; utterances without
 alignment are skipped and counted. ``--reference`` is a baseline checkpoint or a saved ``par.json``
@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from analysis.report import OPTIONAL_STEPS, STEPS, UPSTREAMS, UPSTREAM_STEPS, Report
+from common.cli import add_ckpt, add_device, add_out, user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,18 +35,18 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("suggest-reuse", help="rank reuse plans for a trained baseline (map similarity, zero-shot WER, "
                                             "GFLOP saved)")
-    s.add_argument("--ckpt", required=True, help="baseline checkpoint of train.py (every layer computes its maps)")
+    add_ckpt(s, help="baseline checkpoint of train.py (every layer computes its maps)")
     s.add_argument("--manifest", required=True, help="prepared subset name (e.g. mini-dev) or .jsonl manifest")
-    s.add_argument("--out", required=True, help="output folder: suggest.json, similarity.png, candidates.png")
+    add_out(s, help="output folder: suggest.json, similarity.png, candidates.png")
     s.add_argument("--groups", type=int, nargs="+", help="numbers of groups K to consider (default 2 .. L-1)")
     s.add_argument("--per-k", type=int, default=8, help="best partitions kept per K by within-group similarity")
     s.add_argument("--limit", type=int, help="only the first N utterances")
     s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
-    s.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda")
+    add_device(s)
     s.add_argument("--max-frames", type=int, default=20000)
     for name in ("report", *STEPS, *OPTIONAL_STEPS):
         s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
-        s.add_argument("--ckpt", help="checkpoint of train.py (file, or folder with last.ckpt)")
+        add_ckpt(s, required=False, help="checkpoint of train.py (file, or folder with last.ckpt)")
         s.add_argument("--upstream", choices=UPSTREAMS, help="analyse another model instead: TERA / Mockingjay (s3prl) or "
                                                                   "hf (a transformers wav2vec2 / HuBERT / Whisper)")
         s.add_argument("--upstream-ckpt", help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it; "
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="Whisper context mixing: teacher-force the decoder on its greedy transcript or the reference")
         s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
         s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
-        s.add_argument("--out", required=True, help="output folder for PNG / JSON / CSV")
+        add_out(s, help="output folder for PNG / JSON / CSV")
         s.add_argument("--alignments", help="MFA TextGrid root, for manifests without alignment paths")
         s.add_argument("--reference", help="baseline checkpoint or par.json for PAR coverage")
         s.add_argument("--probe-train", help="manifest to train the probes on (default: half of --manifest)")
@@ -68,21 +69,18 @@ def main(argv: list[str] | None = None) -> None:
                                                                    "(OUT/saliency.json)")
         if name in ("report", "saliency"):
             _saliency_options(s)
-        s.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (features stay on the CPU "
-                                                       "and each batch is moved)")
+        add_device(s, help="where the model runs, e.g. cpu, cuda (features stay on the CPU and each batch is moved)")
     a = p.parse_args(argv)
     if a.command == "suggest-reuse":
         from analysis.suggest import print_table, suggest
 
-        try:
+        with user_errors():
             result = suggest(a.ckpt, a.manifest, a.out, a.groups, a.limit, a.per_k, a.device, a.data_dir,
                              max_frames=a.max_frames)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
         print_table(result)
         print(f"wrote {a.out}/suggest.json, similarity.png, candidates.png")
         return
-    try:
+    with user_errors():
         saliency = _saliency_settings(a) if a.command in ("report", "saliency") else None
         report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
                         a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
@@ -94,8 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             steps = [a.command]
         results = report.run(steps)
-    except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
     if "saliency" in results:
         from analysis.saliency_report import format_table
 

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from common.cli import user_errors
+
 
 def best_plan(suggest_json: str | Path, groups: int = 2) -> str:
     """The best-ranked candidate with ``groups`` groups in a ``suggest-reuse`` result; where there is
@@ -83,13 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table", help="print the demo's final table and write EXP/summary.json")
     t.add_argument("exp")
     a = p.parse_args(argv)
-    try:
+    with user_errors(KeyError, StopIteration):
         if a.command == "best-plan":
             print(best_plan(a.suggest_json, a.groups))
         else:
             table(a.exp)
-    except (OSError, ValueError, KeyError, StopIteration) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Conformer), ``word_frames`` (the encoder frames of each word); for Whisper ``dec
 from __future__ import annotations
 
 from analysis import plots
-from analysis.hf import hf_context_mixing
+from analysis.hf_mixing import hf_context_mixing
 from data.alignments import read_textgrid
 from data.features import load_audio
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import user_errors
+
 SETTINGS = {
     "native": {},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -135,11 +137,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.child:
         print(json.dumps(measure(a.runs)))
         return None
-    results = run(a.rounds, a.runs, a.settings)
-    print_table(results)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(results, indent=1))
+    with user_errors():
+        results = run(a.rounds, a.runs, a.settings)
+        print_table(results)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from common.cli import add_ckpt, add_out, user_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,24 +67,22 @@ def run_transcribe(args: list[str]) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import evaluate
     from data.manifest import read_manifest
+    from models.inference import score
 
     p = argparse.ArgumentParser(prog="python -m analysis.long_recording", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True)
+    add_ckpt(p, help="checkpoint of train.py, as transcribe.py takes it")
     p.add_argument("--manifest", required=True, help="manifest (.jsonl) whose utterances make the recording")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--silence", type=float, default=1.0, help="seconds between utterances")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
-    p.add_argument("--out", required=True)
+    add_out(p, help="output folder (long.flac, reference.txt, <dtype>/long.json, results.json)")
     p.add_argument("--max-segment", type=float, default=20.0)
     a = p.parse_args(argv)
     out = Path(a.out)
-    try:
+    with user_errors():
         entries = read_manifest(a.manifest)
         used, _ = concatenate(entries, out / "long.flac", a.silence, a.minutes * 60)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
     reference = " ".join(e["text"] for e in used)
     (out / "reference.txt").write_text(reference + "\n")
     rows = []
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         result = json.loads((out / dtype / "long.json").read_text())
         rows.append({"dtype": dtype, "audio_s": result["duration"], "wall_s": round(wall, 2),
                      "rtf": round(wall / result["duration"], 4), "peak_rss_mib": round(peak / 2**20, 1),
-                     "segments": len(result["segments"]), **evaluate.score([reference], [result["text"]])})
+                     "segments": len(result["segments"]), **score([reference], [result["text"]])})
     (out / "results.json").write_text(json.dumps({"ckpt": a.ckpt, "manifest": a.manifest, "utterances": len(used),
                                                   "threads": torch.get_num_threads(), "rows": rows}, indent=2))
     print(f"{'dtype':6s} {'audio s':>8s} {'wall s':>8s} {'RTF':>7s} {'peak MiB':>9s} {'WER%':>7s}")

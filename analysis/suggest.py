@@ -168,34 +168,17 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
             per_k: int = 8, device: str = "cpu", data_dir: str | None = None, progress: bool = True,
             max_frames: int = 20000) -> dict:
     """Runs the whole suggestion; returns what ``suggest.json`` holds."""
-    from tqdm import tqdm
-
     from analysis import plots
-    from analysis.par import par_coverage
-    from analysis.runner import AttentionStats, reference_par
     from common.io import atomic_write_text, check_writable
     from data.dataset import ManifestDataset
     from data.manifest import resolve_manifest
     from data.sampler import ordered_loader
-    from models import ConformerCTC
     from models.checkpoint import load_model, model_inputs, training_data_dir
-    from models.retrofit import check_plan
 
     t0 = time.perf_counter()
     out = check_writable(out)
     model, tokenizer, hp = load_model(ckpt, device=device)
-    if any(p.reuses for p in model.plans):
-        raise ValueError(f"{ckpt}: a reuse model ({model.reuse}); suggest-reuse starts from a baseline whose every "
-                         f"layer computes its own maps")
-    L, heads = model.num_layers, model.num_heads
-    if L < 2:
-        raise ValueError(f"{ckpt}: one layer, nothing to share")
-    ks = sorted(set(ks or (range(2, L) if L > 2 else [1])))  # two layers: one group is the only reuse plan
-    bad = [k for k in ks if not 1 <= k <= L]
-    if bad:
-        raise ValueError(f"--groups {bad[0]}: a plan of {L} layers has 1 to {L} groups")
-    if per_k < 1:
-        raise ValueError(f"--per-k must be at least 1, got {per_k}")
+    ks = check_request(model, ckpt, ks, per_k)
     root = training_data_dir(hp, data_dir)
     path = resolve_manifest(manifest, root)
     cmvn, featurizer, framing = model_inputs(model, hp, root)  # the model's own features (ours or ESPnet's)
@@ -204,10 +187,59 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     if limit is not None:
         ds.entries = ds.entries[:limit]
     ds.with_labels = aligned
+    maps = map_statistics(model, ordered_loader(ds, max_frames), aligned, device, progress)
+    ds.with_labels = False
     loader = ordered_loader(ds, max_frames)
+    base_wer, base_loss = zero_shot(model, loader, tokenizer, None, device)
+    candidates, base_gflop = rank_candidates(model, loader, tokenizer, maps["similarity"], ks, per_k, base_wer,
+                                             device, progress)
+    sim = maps["similarity"]
+    result = {
+        "checkpoint": hp["checkpoints"], "manifest": str(path), "utterances": maps["utterances"], "reuse": model.reuse,
+        "baseline": {"wer": round(base_wer, 3), "loss": round(base_loss, 4)},
+        "similarity": sim.tolist(), "divergence": maps["divergence"].tolist(),
+        "cad": maps["cad"].tolist(), "coverage": maps["coverage"],
+        "encoder_gflop_768": round(base_gflop, 4),
+        "candidates": candidates, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(out / "suggest.json", json.dumps(result, indent=1))
+    best = candidates[0]["groups"] if candidates else [[l] for l in range(model.num_layers)]
+    plots.similarity_map(sim.numpy(), best, out / "similarity.png")
+    plots.reuse_candidates(candidates, base_wer, out / "candidates.png")
+    return result
 
-    # 1. maps: similarity, CAD, PAR
-    sim_acc, stats = LayerSimilarity(L), AttentionStats(heads) if aligned else None
+
+def check_request(model, ckpt: str, ks: list[int] | None, per_k: int) -> list[int]:
+    """The numbers of groups to consider (default 2 .. L-1; one group for two layers), after checking
+    that ``model`` is a baseline of two layers or more and ``ks`` / ``per_k`` are possible
+    (``ValueError`` naming the option otherwise)."""
+    if any(p.reuses for p in model.plans):
+        raise ValueError(f"{ckpt}: a reuse model ({model.reuse}); suggest-reuse starts from a baseline whose every "
+                         f"layer computes its own maps")
+    L = model.num_layers
+    if L < 2:
+        raise ValueError(f"{ckpt}: one layer, nothing to share")
+    ks = sorted(set(ks or (range(2, L) if L > 2 else [1])))  # two layers: one group is the only reuse plan
+    bad = [k for k in ks if not 1 <= k <= L]
+    if bad:
+        raise ValueError(f"--groups {bad[0]}: a plan of {L} layers has 1 to {L} groups")
+    if per_k < 1:
+        raise ValueError(f"--per-k must be at least 1, got {per_k}")
+    return ks
+
+
+def map_statistics(model, loader, aligned: bool, device: str, progress: bool = True) -> dict:
+    """One pass over ``loader`` collecting the attention maps' statistics: ``similarity`` and
+    ``divergence`` (L x L, :class:`LayerSimilarity`), ``cad`` (L, the mean CAD per layer),
+    ``coverage`` (L PAR coverages against the lower half's PAR, or None without alignments) and
+    ``utterances``."""
+    from tqdm import tqdm
+
+    from analysis.par import par_coverage
+    from analysis.runner import AttentionStats, reference_par
+
+    L = model.num_layers
+    sim_acc, stats = LayerSimilarity(L), AttentionStats(model.num_heads) if aligned else None
     cad_sum, cad_n = torch.zeros(L, dtype=torch.float64), 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="maps", unit="batch", disable=not progress):
@@ -221,24 +253,32 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
                 cad_n += 1
                 if stats is not None:
                     stats.add([m.float() for m in maps], batch["labels"][b, :n])
-    sim = sim_acc.similarity()
     coverage = None
     if stats is not None and stats.utterances:
         layers = stats.par_layers()
         ref = reference_par(layers)
         coverage = [par_coverage(layers[l], ref) for l in range(L)]
+    return {"similarity": sim_acc.similarity(), "divergence": sim_acc.divergence(), "cad": cad_sum / max(1, cad_n),
+            "coverage": coverage, "utterances": cad_n}
 
-    # 2.-3. candidates, zero-shot
-    ds.with_labels = False
-    loader = ordered_loader(ds, max_frames)
-    base_wer, base_loss = zero_shot(model, loader, tokenizer, None, device)
+
+def rank_candidates(model, loader, tokenizer, sim: torch.Tensor, ks: list[int], per_k: int, base_wer: float,
+                    device: str, progress: bool = True) -> tuple[list[dict], float]:
+    """``(candidates, baseline GFLOP at 768 frames)``: the reuse plans of :func:`candidate_groups`,
+    each with its zero-shot WER and loss, within-group similarity and GFLOP saved, sorted by WER
+    (then saving) and marked on the Pareto front of saving against WER."""
+    from tqdm import tqdm
+
+    from models import ConformerCTC
+    from models.retrofit import check_plan
+
+    heads = model.num_heads
     # GFLOP counted the same way on every --device: on CPU copies of the baseline and of each plan's
     # trained reuse model (its own paths: a computing layer read by reuse layers materialises its map)
     cpu_base = ConformerCTC(**model.config).eval()
     base_gflop = encoder_gflop(cpu_base, 768)
-    groups_list = candidate_groups(sim, heads, ks, per_k)
     candidates = []
-    for groups in tqdm(groups_list, desc="zero-shot", unit="plan", disable=not progress):
+    for groups in tqdm(candidate_groups(sim, heads, ks, per_k), desc="zero-shot", unit="plan", disable=not progress):
         wer, loss = zero_shot(model, loader, tokenizer, sources_of(groups), device)
         reuse = plan_string(groups, heads)
         candidates.append({
@@ -252,19 +292,7 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     front = pareto_front([(c["gflop_saving"], c["zero_shot_wer"]) for c in candidates])
     for i, c in enumerate(candidates):
         c["pareto"] = i in front
-    result = {
-        "checkpoint": hp["checkpoints"], "manifest": str(path), "utterances": cad_n, "reuse": model.reuse,
-        "baseline": {"wer": round(base_wer, 3), "loss": round(base_loss, 4)},
-        "similarity": sim.tolist(), "divergence": sim_acc.divergence().tolist(),
-        "cad": (cad_sum / max(1, cad_n)).tolist(), "coverage": coverage,
-        "encoder_gflop_768": round(base_gflop, 4),
-        "candidates": candidates, "seconds": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_text(out / "suggest.json", json.dumps(result, indent=1))
-    best = candidates[0]["groups"] if candidates else [[l] for l in range(L)]
-    plots.similarity_map(sim.numpy(), best, out / "similarity.png")
-    plots.reuse_candidates(candidates, base_wer, out / "candidates.png")
-    return result
+    return candidates, base_gflop
 
 
 def print_table(result: dict, top: int = 20) -> None:

@@ -34,6 +34,7 @@ import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from common.cli import add_out, user_errors
 from common.io import atomic_write, atomic_write_text
 from data.lexicon import write_lexicon
 from data.librispeech import download_file, sha256sum
@@ -259,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     a_ = sub.add_parser("arpa", help="an ARPA word n-gram of a prepared folder's training transcripts")
     a_.add_argument("--data-dir", required=True, help="prepared folder (its manifests/*train*.jsonl are read)")
     a_.add_argument("--order", type=int, default=3, help="n-gram order (default 3)")
-    a_.add_argument("--out", help="ARPA file to write (default DATA_DIR/lm/<order>gram.arpa)")
+    add_out(a_, required=False, help="ARPA file to write (default DATA_DIR/lm/<order>gram.arpa)")
     a = p.parse_args(argv)
-    try:
+    with user_errors():
         if a.command == "download":
             from data.tokenizer import Tokenizer
 
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None) -> None:
             s = build_arpa(sentences, out, a.order)
             print(f"wrote {out}: {s['order']}-gram of {s['sentences']} transcripts ({', '.join(m.name for m in manifests)}), "
                   f"n-grams {' / '.join(map(str, s['ngrams']))}, discounts {' / '.join(map(str, s['discounts']))}")
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

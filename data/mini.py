@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import user_errors
 from data import sentences
 
 SAMPLE_RATE = 16000
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if min(a.train, a.dev, a.test) < 1:
         p.error("--train, --dev and --test must each be at least 1")
-    summary = build(a.out_dir, a.train, a.dev, a.test, a.seed, a.jobs)
+    with user_errors():
+        summary = build(a.out_dir, a.train, a.dev, a.test, a.seed, a.jobs)
     for s in SUBSETS:
         print(f"{s:11s} {summary['utterances'][s]:6d} utterances  {summary['hours'][s]:6.3f} h  {summary['speakers'][s]:3d} speakers")
     print(f"skipped {len(summary['failures'])}; took {summary['seconds']} s; wrote {Path(a.out_dir) / 'LibriSpeech'} and {Path(a.out_dir) / 'alignments'}")

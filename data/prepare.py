@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import add_out, user_errors
 from common.io import atomic_write_text, check_writable
 from data import librispeech
 from data.alignments import AlignmentError, find_alignment, read_textgrid
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="LibriSpeech root (the folder holding the subsets, or its parent)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out(p)
     p.add_argument("--alignments", help="MFA TextGrid root (e.g. CORPUS/alignments)")
     p.add_argument("--subsets", nargs="+", help="subsets to prepare (default: every subset found)")
     p.add_argument("--train-subsets", nargs="+", help="subsets for BPE and CMVN (default: those named *train*)")
@@ -292,14 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--download", nargs="+", metavar="SUBSET",
                    help=f"first download these subsets into --root ({', '.join(librispeech.SUBSETS)})")
     a = p.parse_args(argv)
-    if a.download:
-        for subset in a.download:
+    with user_errors():
+        for subset in a.download or []:
             librispeech.download(subset, a.root)
-    try:
         report = prepare(a.root, a.out, a.alignments, a.subsets, a.train_subsets, a.vocab_size, a.cmvn_utterances,
                          force=a.force, inputs=a.inputs)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
     for line in report["problems"]:
         print(f"skipped {line}", file=sys.stderr)
     for s, v in report["subsets"].items():

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
+from common.cli import add_out, user_errors
 from common.io import atomic_write_text, check_writable
 from data.espnet_frontend import EspnetFrontend, global_mvn
 from data.features import GlobalCMVN
@@ -228,12 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--model", required=True, help="its state dict (.pth, e.g. valid.acc.ave.pth)")
     e.add_argument("--stats", help="feats_stats.npz (default: the config's normalize_conf.stats_file)")
     e.add_argument("--bpe", help="the SentencePiece model (default: the config's bpemodel)")
-    e.add_argument("--out", required=True, help="output folder (model.ckpt and what goes beside it)")
+    add_out(e, help="output folder (model.ckpt and what goes beside it)")
     a = p.parse_args(argv)
-    try:
+    with user_errors():
         record = convert_espnet(a.config, a.model, a.out, a.stats, a.bpe)
-    except (OSError, ValueError) as err:
-        sys.exit(f"error: {err}")
     m = record["model"]
     print(f"converted {a.model}: {m['num_layers']} blocks, d_model {m['d_model']}, {m['reuse']}, ffn {m['ffn_dim']}, "
           f"kernel {m['kernel_size']}, {m['input_layer']}, {record['vocab_size']} outputs")

@@ -39,12 +39,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from common.cli import add_ckpt, add_out, user_errors
 from models.onnx_runtime import OnnxCTC, compare, session
 from data.framing import input_frames
 
@@ -195,20 +195,18 @@ def sidecar(model, tokenizer, hp: dict, opset: int | None, check: list[dict] | N
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint file, or checkpoint folder (with --average)")
+    add_ckpt(p)
     p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
-    p.add_argument("--out", required=True, help="output folder (model.onnx, model.json, tokenizer.model, tokens.txt)")
+    add_out(p, help="output folder (model.onnx, model.json, tokenizer.model, tokens.txt)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     a = p.parse_args(argv)
     from common.io import atomic_write_bytes, atomic_write_text, check_writable
     from models.checkpoint import load_model
 
-    try:
+    with user_errors():
         model, tokenizer, hp = load_model(a.ckpt, a.average, None, "cpu")
         out = check_writable(a.out)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
     path = export_model(model, out / "model.onnx", a.opset)
     import onnx
 
@@ -216,10 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                  a.opset)
     check = None
     if not a.no_check:
-        try:
+        with user_errors(AssertionError):
             check = compare(model, session(path))
-        except AssertionError as e:
-            sys.exit(f"error: {e}")
     softmaxes = attention_softmaxes(path)
     info = sidecar(model, tokenizer, hp, opset, check)
     info["attention_softmaxes"] = softmaxes

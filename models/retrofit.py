@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
+from common.cli import add_ckpt, add_out, user_errors
 from models.ctc import ConformerCTC
 
 
@@ -87,17 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     from models.checkpoint import load_model, save_model_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m models.retrofit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="baseline checkpoint of train.py (every layer computes its maps)")
+    add_ckpt(p, help="baseline checkpoint of train.py (every layer computes its maps)")
     p.add_argument("--reuse", required=True, help="reuse plan, e.g. '2(H4)x2' (head counts as the baseline's)")
-    p.add_argument("--out", required=True, help="the converted checkpoint (loads in evaluate.py, analysis, train.py)")
+    add_out(p, help="the converted checkpoint (loads in evaluate.py, analysis, train.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new value rows")
     a = p.parse_args(argv)
-    try:
+    with user_errors():
         base, tokenizer, hp = load_model(a.ckpt)
         new = retrofit(base, a.reuse, a.seed)
         save_model_checkpoint(a.out, new, tokenizer, {**hp, "retrofit_from": hp["checkpoints"][-1]})
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
     print(f"{hp['reuse']} -> {new.reuse}: {sum(p.numel() for p in base.parameters()):,} -> "
           f"{sum(p.numel() for p in new.parameters()):,} parameters; wrote {Path(a.out)} (the baseline's "
           f"was_gamma {new.model_config.was_gamma}, CMVN statistics and front end kept)")

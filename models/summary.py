@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from common.cli import user_errors
 from models.ctc import ConformerCTC
 
 PAPER_MILLIONS = {"1(H4)x16": 25.45, "2(H4)x8": 24.92, "4(H4)x4": 24.66, "8(H4)x2": 24.52}
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{c['total'] / 1e6:11.2f}M {(f'{paper:.2f}M' if paper else '-'):>8s} {diff:>7s}")
         rows.append({"reuse": model.reuse, **c, "paper_millions": paper})
     if a.json:
-        with open(a.json, "w") as f:
+        with user_errors(), open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
 
 

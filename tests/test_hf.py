@@ -10,12 +10,8 @@ import torch
 
 tf = pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[hf]'")
 
-from analysis.hf import (
-    HFUpstream,
-    conv_frames,
-    hf_context_mixing,
-    value_zeroing_distances,
-)
+from analysis.hf import HFUpstream, conv_frames
+from analysis.hf_mixing import hf_context_mixing, value_zeroing_distances
 
 
 def _reference_maps(up: HFUpstream, hf_wave):

@@ -4,7 +4,6 @@ atomic checkpoint writes, and CSV / TensorBoard logs by default."""
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from common.cli import user_errors
 from data.datamodule import ASRDataModule
 from models.checkpoint import CheckpointRecord, write_checkpoint
 from models.precision import PrecisionChoice, resolve_training_precision
@@ -112,7 +112,7 @@ class ASRCLI(LightningCLI):
         try:
             ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as e:
-            raise SystemExit(f"error: --ckpt_path {ckpt_path}: not a readable checkpoint ({type(e).__name__}: {e})")
+            raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
         init = set(inspect.signature(CTCModule).parameters) - {"tokenizer_path", "init_from"}
         hparams = CheckpointRecord.read(ckpt, f"--ckpt_path {ckpt_path}").hyper_parameters()
         self.config = self.parser.parse_object({self.config.subcommand: {"model": {
@@ -121,15 +121,11 @@ class ASRCLI(LightningCLI):
 
 def main(args=None):
     torch.set_float32_matmul_precision("high")
-    try:
+    with user_errors():  # bad data, paths, checkpoints: one line naming what is at fault
         ASRCLI(
             CTCModule, ASRDataModule, trainer_class=ASRTrainer, seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": default_callbacks(), "use_distributed_sampler": False},
             args=args,
         )
-    except (OSError, ValueError) as e:  # bad data, paths, checkpoints: one line naming what is at fault
-        if os.environ.get("TRAIN_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}\n(set TRAIN_TRACEBACK=1 for the traceback)")
 

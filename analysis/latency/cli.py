@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from analysis.latency.benchmark import run
+from common.cli import add_device, user_errors
 from analysis.latency.config import ENGINES, MALLOCS, PAPER, PEERS, BenchConfig
 from analysis.latency.output import plot, print_table, write_json
 from models.precision import DTYPES, MODES, precision_warning
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", nargs="+", choices=PEERS, default=["torchaudio"],
                    help="peer rows: torchaudio's Conformer (always, unless --no-peer), espnet2's ConformerEncoder "
                         "with our baseline's weights (espnet)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device(p)
     p.add_argument("--include-frontend", action="store_true", help="time from fbank features (Table 3 excludes it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the timed function")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (with --compile)")
@@ -72,13 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     if warning := precision_warning(config.dtype, config.device):
         print(f"warning: {warning}", file=sys.stderr)
-    try:
-        results = run(config)
-    except ValueError as e:
-        p.error(str(e))
-    print_table(results)
-    if a.json:
-        write_json(results, a.json)
-    if a.png:
-        plot(results, a.png)
+    with user_errors():  # a bad option is a usage error; a missing package or an unwritable file one line
+        try:
+            results = run(config)
+        except ValueError as e:
+            p.error(str(e))
+        print_table(results)
+        if a.json:
+            write_json(results, a.json)
+        if a.png:
+            plot(results, a.png)
     return results
