@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 		|| echo "espnet could not be installed: the ESPnet reference tests will skip"
 	touch $@
 
-# The suite, then its precision tests again with the instruction-set caps of an ordinary AVX2 CPU
+# The linter and the formatter's check (ruff, configured in pyproject.toml), the suite, then its precision tests again with the instruction-set caps of an ordinary AVX2 CPU
 # (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA, models/precision.py), so that both CPU classes' paths are
 # tested whichever machine runs it. The slowest tests are listed (--durations).
 SIMULATED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 test: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests --durations=15
 	$(SIMULATED_AVX2) $(PY) -m pytest -q tests/test_precision.py -p no:cacheprovider
 

@@ -17,6 +17,7 @@ temporary folder), checks ONNX Runtime against PyTorch as the export does, and c
 log-probabilities with ONNX Runtime (CPU, fp32); features, CMVN and the decoders are the same
 (results in ``<name>-onnxruntime`` by default, with the check under ``onnx_check``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,18 @@ from models.inference import add_model_arguments, computing_model, make_decoders
 __all__ = ["BeamSearch", "choose_lm", "default_out", "evaluate_set", "greedy_decode", "main", "merge_results", "score"]
 
 
-
-
-
 @torch.inference_mode()
-def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam: BeamSearch | None,
-                 max_frames: int = 20000, device: str = "cpu", progress: bool = True,
-                 extra: dict[str, BeamSearch] | None = None) -> tuple[dict, list[tuple[str, ...]]]:
+def evaluate_set(
+    model,
+    tokenizer,
+    cmvn,
+    manifest: Path | ManifestDataset,
+    beam: BeamSearch | None,
+    max_frames: int = 20000,
+    device: str = "cpu",
+    progress: bool = True,
+    extra: dict[str, BeamSearch] | None = None,
+) -> tuple[dict, list[tuple[str, ...]]]:
     """Decodes one manifest (or its dataset). Data-side work stays on the CPU (features, ``cmvn``);
     each batch is moved to ``device`` explicitly and the log-probabilities come back to the CPU for
     decoding (torchaudio's beam search reads CPU tensors). The real-time factors time the model
@@ -82,8 +88,11 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam:
         rows += list(zip(batch["ids"], batch["texts"], g, b, *hyps))
     decoded = {r[0] for r in rows}
     skipped = [{"id": i, "reason": r} for i, r in ds.skipped.items()]
-    skipped += [{"id": e["id"], "reason": "failed to load"} for e in ds.entries
-                if e["id"] not in decoded and e["id"] not in ds.skipped]
+    skipped += [
+        {"id": e["id"], "reason": "failed to load"}
+        for e in ds.entries
+        if e["id"] not in decoded and e["id"] not in ds.skipped
+    ]
     if not rows:
         raise ValueError(f"{name}: no utterance could be decoded ({len(skipped)} skipped)")
     refs = [r[1] for r in rows]
@@ -91,8 +100,11 @@ def evaluate_set(model, tokenizer, cmvn, manifest: Path | ManifestDataset, beam:
     if beam:
         results["beam"] = {**score(refs, [r[3] for r in rows]), "rtf": round(compute["beam"] / max(audio, 1e-9), 5)}
     for i, (k, dec) in enumerate(extra.items()):
-        results[k] = {**score(refs, [r[4 + i] for r in rows]), "rtf": round(compute[k] / max(audio, 1e-9), 5),
-                      **dec.settings()}
+        results[k] = {
+            **score(refs, [r[4 + i] for r in rows]),
+            "rtf": round(compute[k] / max(audio, 1e-9), 5),
+            **dec.settings(),
+        }
     for r in results.values():
         r["audio_hours"] = round(audio / 3600, 4)
     results["skipped"] = skipped
@@ -132,22 +144,16 @@ def merge_results(path: Path, report: dict, set_name: str, results: dict) -> dic
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not a results file ({e})") from None
             if old.get("checkpoints") != report["checkpoints"]:
-                raise ValueError(f"{path} holds results of other checkpoints ({', '.join(old.get('checkpoints', []))}); "
-                                 f"give another --out")
+                raise ValueError(
+                    f"{path} holds results of other checkpoints ({', '.join(old.get('checkpoints', []))}); "
+                    f"give another --out"
+                )
             if old.get("engine", "torch") != report.get("engine", "torch"):
                 raise ValueError(f"{path} holds results of --engine {old.get('engine', 'torch')}; give another --out")
             merged["sets"] = old.get("sets", {})
         merged["sets"][set_name] = results
         atomic_write_text(path, json.dumps(merged, indent=2))
     return merged
-
-
-
-
-
-
-
-
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sets", nargs="+", required=True, help="manifest names under DATA_DIR/manifests, or .jsonl paths")
     add_model_arguments(p)
     p.add_argument("--no-beam", action="store_true", help="greedy decoding only (with --lm: and the LM beam)")
-    add_out(p, required=False, help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)")
+    add_out(
+        p, required=False, help="output folder (default: next to the checkpoint, eval/; <name>-bf16 for --dtype bf16)"
+    )
     p.add_argument("--save-averaged", help="write the averaged weights as a checkpoint to this path")
     a = p.parse_args(argv)
     with user_errors():
@@ -167,21 +175,39 @@ def main(argv: list[str] | None = None) -> None:
         out = output_folder(a, hp["checkpoints"])
         check_writable(out)
         # every set is read (and its audio found) before any is decoded
-        datasets = [ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing)
-                    for m in manifests]
+        datasets = [
+            ManifestDataset([m], tokenizer=None, cmvn=cmvn, featurizer=featurizer, framing=framing) for m in manifests
+        ]
         lexicon, beam, lm_beams = make_decoders(a, tokenizer, data_dir, out, beam=not a.no_beam)
     if a.save_averaged:
         save_model_checkpoint(a.save_averaged, model, tokenizer, hp)
-    report = {"checkpoints": hp["checkpoints"], "reuse": hp["reuse"], "engine": a.engine, "device": a.device,
-              "dtype": a.dtype, "threads": torch.get_num_threads()}
+    report = {
+        "checkpoints": hp["checkpoints"],
+        "reuse": hp["reuse"],
+        "engine": a.engine,
+        "device": a.device,
+        "dtype": a.dtype,
+        "threads": torch.get_num_threads(),
+    }
     with user_errors():  # after saving: weights saved in fp32
         model, check = computing_model(model, a)
     if check is not None:
         report["onnx_check"] = check
     decoder = {"beam_size": None if a.no_beam else a.beam_size, "lexicon": None if lexicon is None else str(lexicon)}
     with user_errors():
-        merged = decode_sets(model, tokenizer, cmvn, dict(zip(manifests, datasets)), beam, lm_beams, a.max_frames,
-                             a.device, out, report, decoder)
+        merged = decode_sets(
+            model,
+            tokenizer,
+            cmvn,
+            dict(zip(manifests, datasets)),
+            beam,
+            lm_beams,
+            a.max_frames,
+            a.device,
+            out,
+            report,
+            decoder,
+        )
     print_results(merged)
     print(f"wrote {out / 'results.json'} and {out}/<set>.hyp.tsv")
 
@@ -196,9 +222,19 @@ def output_folder(a: argparse.Namespace, checkpoints: list[str]) -> Path:
     return out if a.engine == "torch" else out.with_name(f"{out.name}-{a.engine}")
 
 
-def decode_sets(model, tokenizer, cmvn, sets: dict[Path, ManifestDataset], beam: BeamSearch | None,
-                lm_beams: dict[str, BeamSearch], max_frames: int, device: str, out: Path, report: dict,
-                decoder: dict) -> dict:
+def decode_sets(
+    model,
+    tokenizer,
+    cmvn,
+    sets: dict[Path, ManifestDataset],
+    beam: BeamSearch | None,
+    lm_beams: dict[str, BeamSearch],
+    max_frames: int,
+    device: str,
+    out: Path,
+    report: dict,
+    decoder: dict,
+) -> dict:
     """Decodes and scores each set in turn, writing ``OUT/<set>.hyp.tsv`` and merging its results
     into ``OUT/results.json`` set by set (a later failure keeps what was computed); with an LM
     sweep, the point is chosen on the first set. Returns the merged results."""
@@ -211,8 +247,12 @@ def decode_sets(model, tokenizer, cmvn, sets: dict[Path, ManifestDataset], beam:
             tuned_on = m.stem
         elif len(lm_beams) > 1:
             results["lm"]["tuned_on"] = tuned_on
-        atomic_write_text(out / f"{m.stem}.hyp.tsv", "\t".join(["id", "reference", "greedy", "beam", *extra]) + "\n"
-                          + "".join("\t".join(r) + "\n" for r in rows))
+        atomic_write_text(
+            out / f"{m.stem}.hyp.tsv",
+            "\t".join(["id", "reference", "greedy", "beam", *extra])
+            + "\n"
+            + "".join("\t".join(r) + "\n" for r in rows),
+        )
         dec = {**decoder, "lm": chosen.settings()} if chosen else decoder
         merged = merge_results(out / "results.json", report, m.stem, {**results, "decoder": dec})
     return merged
@@ -220,18 +260,28 @@ def decode_sets(model, tokenizer, cmvn, sets: dict[Path, ManifestDataset], beam:
 
 def print_results(merged: dict) -> None:
     """The table of every set and decoder in ``merged`` (results.json), the LM sweep and the skipped utterances."""
-    print(f"{'set':14s} {'decoder':8s} {'WER%':>7s} {'CER%':>7s} {'sub':>6s} {'del':>6s} {'ins':>6s} {'words':>7s} {'RTF':>8s}")
+    print(
+        f"{'set':14s} {'decoder':8s} {'WER%':>7s} {'CER%':>7s} "
+        f"{'sub':>6s} {'del':>6s} {'ins':>6s} {'words':>7s} {'RTF':>8s}"
+    )
     for s, res in merged["sets"].items():
         for dec in ("greedy", "beam", "lm"):
             if dec in res:
                 r = res[dec]
-                print(f"{s:14s} {dec:8s} {r['wer']:7.2f} {r['cer']:7.2f} {r['substitutions']:6d} {r['deletions']:6d} "
-                      f"{r['insertions']:6d} {r['words']:7d} {r['rtf']:8.4f}")
+                print(
+                    f"{s:14s} {dec:8s} {r['wer']:7.2f} {r['cer']:7.2f} {r['substitutions']:6d} {r['deletions']:6d} "
+                    f"{r['insertions']:6d} {r['words']:7d} {r['rtf']:8.4f}"
+                )
     for s, res in merged["sets"].items():
         for r in res.get("lm_sweep", []):
-            print(f"lm sweep on {s}: --lm-weight {r['lm_weight']:g} --word-score {r['word_score']:g}  WER {r['wer']:.2f}"
-                  + ("   <- chosen" if (r["lm_weight"], r["word_score"]) == (res["lm"]["lm_weight"], res["lm"]["word_score"])
-                     else ""))
+            print(
+                f"lm sweep on {s}: --lm-weight {r['lm_weight']:g} --word-score {r['word_score']:g}  WER {r['wer']:.2f}"
+                + (
+                    "   <- chosen"
+                    if (r["lm_weight"], r["word_score"]) == (res["lm"]["lm_weight"], res["lm"]["word_score"])
+                    else ""
+                )
+            )
     for s, res in merged["sets"].items():
         for skip in res.get("skipped", []):
             print(f"skipped {s} {skip['id']}: {skip['reason']}")

@@ -10,14 +10,23 @@ Everything is configured by the recipe YAML (``--print_config`` shows every key)
 or a bad value stops the run before anything is trained. Logs, checkpoints (``last.ckpt``, the
 best by dev WER, and the latest ``keep_last`` for averaging) go to ``trainer.default_root_dir``.
 """
+
 from __future__ import annotations
 
 from training.callbacks import default_callbacks
 from training.cli import ASRCLI, ASRTrainer, AtomicCheckpointIO, main, tokenizer_of
 from training.module import CTCModule, lr_lambda
 
-__all__ = ["ASRCLI", "ASRTrainer", "AtomicCheckpointIO", "CTCModule", "default_callbacks", "lr_lambda", "main",
-           "tokenizer_of"]
+__all__ = [
+    "ASRCLI",
+    "ASRTrainer",
+    "AtomicCheckpointIO",
+    "CTCModule",
+    "default_callbacks",
+    "lr_lambda",
+    "main",
+    "tokenizer_of",
+]
 
 if __name__ == "__main__":
     main()

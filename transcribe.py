@@ -9,7 +9,8 @@ Reads what soundfile reads (WAV, FLAC, OGG, MP3 where libsndfile has it), at any
 recursively. A recording longer than ``--max-segment`` seconds is cut at the pauses of its own
 short-time energy (:func:`split_at_pauses`), and a piece still longer at its quietest stretch, so
 that no segment is longer and attention memory stays bounded; the segments are decoded in batches
-of ``--max-frames`` padded frames, and their words placed in the whole recording. Word times come from a CTC forced alignment
+of ``--max-frames`` padded frames, and their words placed in the whole recording. Word times come from a CTC
+forced alignment
 of the hypothesis (:func:`models.decoding.align_words`). The model, its inputs, the decoders
 (greedy; beam, lexicon and LM as in evaluate.py), the precision and the engine are evaluate.py's
 (:func:`models.inference.open_model`, :func:`~models.inference.make_decoders`,
@@ -22,6 +23,7 @@ start of the file), ``ctm`` (``stem 1 start duration word``) and ``srt`` (cues o
 that cannot be read, or is empty, is reported and skipped; the real-time factor is printed at the
 end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,15 +75,23 @@ def quiet_runs(quiet: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def split_at_pauses(wave: torch.Tensor, max_segment: float, sample_rate: int = SAMPLE_RATE, frame: float = 0.01,
-                    smooth: float = 0.2, min_pause: float = 0.3, min_segment: float = 1.0,
-                    margin: float = 0.05) -> list[tuple[int, int]]:
+def split_at_pauses(
+    wave: torch.Tensor,
+    max_segment: float,
+    sample_rate: int = SAMPLE_RATE,
+    frame: float = 0.01,
+    smooth: float = 0.2,
+    min_pause: float = 0.3,
+    min_segment: float = 1.0,
+    margin: float = 0.05,
+) -> list[tuple[int, int]]:
     """``[(first sample, end sample)]`` of the speech in ``wave``, none longer than ``max_segment``
     seconds: an energy-based end-point detector (Rabiner and Sambur, 1975). A ``wave`` no longer
     than ``max_segment`` is one segment, as it is.
     The energy of ``frame``-long frames, averaged over ``smooth`` seconds, is quiet below
     ``max(10th percentile + 6 dB, 95th percentile - 40 dB)`` (the noise floor, or far below the
-    speech), and at least 10 dB below the 95th percentile (a steady sound has no pause); every quiet run of ``min_pause`` seconds or more, inside the recording, is a cut. A
+    speech), and at least 10 dB below the 95th percentile (a steady sound has no pause); every quiet run of
+    ``min_pause`` seconds or more, inside the recording, is a cut. A
     piece still longer than ``max_segment`` is cut, while it is, in the middle of the longest
     stretch within 3 dB of the quietest in ``[start + min_segment, start + max_segment]``. Each
     piece then loses the quiet frames at its ends (``margin`` seconds kept); a piece that is all
@@ -90,14 +100,17 @@ def split_at_pauses(wave: torch.Tensor, max_segment: float, sample_rate: int = S
     n = wave.numel() // hop
     if wave.numel() <= limit or n < 2:
         return [(0, wave.numel())]
-    energy = wave[:n * hop].reshape(n, hop).pow(2).mean(1)
+    energy = wave[: n * hop].reshape(n, hop).pow(2).mean(1)
     k = max(1, int(round(smooth / frame)))
     energy = torch.nn.functional.avg_pool1d(energy[None, None], k, 1, k // 2, count_include_pad=False)[0, 0, :n]
     db = 10 * torch.log10(energy + 1e-10)
     loud = float(db.quantile(0.95))
     threshold = min(max(float(db.quantile(0.1)) + 6, loud - 40), loud - 10)
-    pauses = [(a + b) // 2 * hop for a, b in quiet_runs((db < threshold).tolist())
-              if b - a >= min_pause / frame and a > 0 and b < n]
+    pauses = [
+        (a + b) // 2 * hop
+        for a, b in quiet_runs((db < threshold).tolist())
+        if b - a >= min_pause / frame and a > 0 and b < n
+    ]
     edges = [0, *pauses, wave.numel()]
     bounds = []
     for start, end in zip(edges[:-1], edges[1:]):
@@ -109,13 +122,15 @@ def split_at_pauses(wave: torch.Tensor, max_segment: float, sample_rate: int = S
             bounds.append((start, cut))
             start = cut
         bounds.append((start, end))
-    return [trimmed for s, e in bounds if (trimmed := trim_pauses(db >= threshold, s, e, hop, int(margin * sample_rate)))]
+    return [
+        trimmed for s, e in bounds if (trimmed := trim_pauses(db >= threshold, s, e, hop, int(margin * sample_rate)))
+    ]
 
 
 def trim_pauses(loud: torch.Tensor, start: int, end: int, hop: int, margin: int) -> tuple[int, int] | None:
     """Samples ``start .. end`` without the quiet frames (``loud`` False) at either end, ``margin``
     samples kept around the loud ones; None when no frame is loud (a pause only)."""
-    frames = loud[start // hop:end // hop].nonzero().flatten()
+    frames = loud[start // hop : end // hop].nonzero().flatten()
     if not len(frames):
         return None
     first, last = (start // hop + int(frames[0])) * hop, (start // hop + int(frames[-1]) + 1) * hop
@@ -130,8 +145,18 @@ def frame_seconds(first: int, last: int, framing) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def transcribe_wave(wave: torch.Tensor, model, tokenizer, cmvn, featurizer, framing, decoder, max_segment: float,
-                    max_frames: int = 20000, device: str = "cpu") -> dict:
+def transcribe_wave(
+    wave: torch.Tensor,
+    model,
+    tokenizer,
+    cmvn,
+    featurizer,
+    framing,
+    decoder,
+    max_segment: float,
+    max_frames: int = 20000,
+    device: str = "cpu",
+) -> dict:
     """``{"text", "duration", "words", "segments"}`` of a 16 kHz mono waveform (see the module's
     doc), and ``"compute"``: seconds spent in the model and the decoder."""
     duration = wave.numel() / SAMPLE_RATE
@@ -173,13 +198,25 @@ def transcribe_wave(wave: torch.Tensor, model, tokenizer, cmvn, featurizer, fram
                 text = tokenizer.decode(ids).split()
                 step = (bounds[i][1] - bounds[i][0]) / SAMPLE_RATE / max(1, len(text))
                 words = [(w, k * step, (k + 1) * step) for k, w in enumerate(text)]
-            segments[i] = [{"word": w, "start": round(offset + s, 3), "end": round(min(offset + e, duration), 3)}
-                           for w, s, e in words]
+            segments[i] = [
+                {"word": w, "start": round(offset + s, 3), "end": round(min(offset + e, duration), 3)}
+                for w, s, e in words
+            ]
     words = [w for i in sorted(segments) for w in segments[i]]
-    return {"text": " ".join(w["word"] for w in words), "duration": round(duration, 3), "words": words,
-            "segments": [{"start": round(s / SAMPLE_RATE, 3), "end": round(e / SAMPLE_RATE, 3),
-                          "text": " ".join(w["word"] for w in segments.get(i, []))} for i, (s, e) in enumerate(bounds)],
-            "compute": compute}
+    return {
+        "text": " ".join(w["word"] for w in words),
+        "duration": round(duration, 3),
+        "words": words,
+        "segments": [
+            {
+                "start": round(s / SAMPLE_RATE, 3),
+                "end": round(e / SAMPLE_RATE, 3),
+                "text": " ".join(w["word"] for w in segments.get(i, [])),
+            }
+            for i, (s, e) in enumerate(bounds)
+        ],
+        "compute": compute,
+    }
 
 
 def srt_time(t: float) -> str:
@@ -193,7 +230,12 @@ def subtitle_cues(words: list[dict], max_words: int = 12, max_gap: float = 1.0, 
     cues = []
     for w in words:
         c = cues[-1] if cues else None
-        if c is None or w["start"] - c["end"] > max_gap or len(c["words"]) >= max_words or w["end"] - c["start"] > max_span:
+        if (
+            c is None
+            or w["start"] - c["end"] > max_gap
+            or len(c["words"]) >= max_words
+            or w["end"] - c["start"] > max_span
+        ):
             cues.append({"start": w["start"], "end": w["end"], "words": [w["word"]]})
         else:
             c["end"], c["words"] = max(c["end"], w["end"]), c["words"] + [w["word"]]
@@ -207,10 +249,13 @@ def render(result: dict, fmt: str, name: str) -> str:
     if fmt == "json":
         return json.dumps({k: result[k] for k in ("text", "duration", "words", "segments")}, indent=2) + "\n"
     if fmt == "ctm":
-        return "".join(f"{name} 1 {w['start']:.3f} {max(0.0, w['end'] - w['start']):.3f} {w['word']}\n"
-                       for w in result["words"])
-    return "".join(f"{i}\n{srt_time(c['start'])} --> {srt_time(c['end'])}\n{c['text']}\n\n"
-                   for i, c in enumerate(subtitle_cues(result["words"]), 1))
+        return "".join(
+            f"{name} 1 {w['start']:.3f} {max(0.0, w['end'] - w['start']):.3f} {w['word']}\n" for w in result["words"]
+        )
+    return "".join(
+        f"{i}\n{srt_time(c['start'])} --> {srt_time(c['end'])}\n{c['text']}\n\n"
+        for i, c in enumerate(subtitle_cues(result["words"]), 1)
+    )
 
 
 def output_names(files: list[Path], roots: list[str]) -> dict[Path, str]:
@@ -238,8 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--average", type=int, default=1, help="average the K latest epoch checkpoints of the folder")
     add_model_arguments(p, sweep=False)
     p.add_argument("--decoder", choices=("greedy", "beam"), help="default: beam with --lexicon or --lm, else greedy")
-    p.add_argument("--max-segment", type=float, default=20.0, help="longest segment decoded at once, seconds "
-                   "(longer recordings are cut at pauses)")
+    p.add_argument(
+        "--max-segment",
+        type=float,
+        default=20.0,
+        help="longest segment decoded at once, seconds (longer recordings are cut at pauses)",
+    )
     add_out(p, required=False, help="output folder (default: print path<TAB>text per file)")
     p.add_argument("--format", nargs="+", choices=FORMATS, help="files written per recording in --out (default: txt)")
     a = p.parse_args(argv)
@@ -271,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}; skipped", file=sys.stderr)
             skipped.append(f)
             continue
-        result = transcribe_wave(wave, model, tokenizer, cmvn, featurizer, framing, decoder, a.max_segment,
-                                 a.max_frames, a.device)
+        result = transcribe_wave(
+            wave, model, tokenizer, cmvn, featurizer, framing, decoder, a.max_segment, a.max_frames, a.device
+        )
         audio_seconds += result["duration"]
         compute += result["compute"]
         if out is None:
@@ -282,10 +332,14 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(out / f"{names[f]}.{fmt}", render(result, fmt, Path(names[f]).name))
     wall = time.perf_counter() - started
     done = len(files) - len(skipped)
-    print(f"transcribed {done} of {len(files)} files ({audio_seconds:.1f} s of audio) in {wall:.1f} s: real-time "
-          f"factor {wall / max(audio_seconds, 1e-9):.4f} (model and decoder alone: {compute / max(audio_seconds, 1e-9):.4f})"
-          + (f"; skipped {len(skipped)}: {', '.join(map(str, skipped))}" if skipped else "")
-          + (f"; wrote {out}" if out else ""), file=sys.stderr)
+    print(
+        f"transcribed {done} of {len(files)} files ({audio_seconds:.1f} s of audio) in {wall:.1f} s: real-time "
+        f"factor {wall / max(audio_seconds, 1e-9):.4f} "
+        f"(model and decoder alone: {compute / max(audio_seconds, 1e-9):.4f})"
+        + (f"; skipped {len(skipped)}: {', '.join(map(str, skipped))}" if skipped else "")
+        + (f"; wrote {out}" if out else ""),
+        file=sys.stderr,
+    )
     if not done:
         fail("no file could be transcribed")
 

@@ -16,12 +16,13 @@
 alignment are skipped and counted. ``--reference`` is a baseline checkpoint or a saved ``par.json``
 (coverage is measured against its lower-half PAR; default: the model's own lower half).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from analysis.report import OPTIONAL_STEPS, STEPS, UPSTREAMS, UPSTREAM_STEPS, Report
+from analysis.report import OPTIONAL_STEPS, STEPS, UPSTREAM_STEPS, UPSTREAMS, Report
 from common.cli import add_ckpt, add_device, add_out, user_errors
 
 
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         return latency.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("suggest-reuse", help="rank reuse plans for a trained baseline (map similarity, zero-shot WER, "
-                                            "GFLOP saved)")
+    s = sub.add_parser(
+        "suggest-reuse", help="rank reuse plans for a trained baseline (map similarity, zero-shot WER, GFLOP saved)"
+    )
     add_ckpt(s, help="baseline checkpoint of train.py (every layer computes its maps)")
     s.add_argument("--manifest", required=True, help="prepared subset name (e.g. mini-dev) or .jsonl manifest")
     add_out(s, help="output folder: suggest.json, similarity.png, candidates.png")
@@ -47,12 +49,23 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("report", *STEPS, *OPTIONAL_STEPS):
         s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
         add_ckpt(s, required=False, help="checkpoint of train.py (file, or folder with last.ckpt)")
-        s.add_argument("--upstream", choices=UPSTREAMS, help="analyse another model instead: TERA / Mockingjay (s3prl) or "
-                                                                  "hf (a transformers wav2vec2 / HuBERT / Whisper)")
-        s.add_argument("--upstream-ckpt", help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it; "
-                                                "for hf a save_pretrained folder or a hub id)")
-        s.add_argument("--decoder-text", choices=("greedy", "reference"), default="greedy",
-                       help="Whisper context mixing: teacher-force the decoder on its greedy transcript or the reference")
+        s.add_argument(
+            "--upstream",
+            choices=UPSTREAMS,
+            help="analyse another model instead: TERA / Mockingjay (s3prl) or "
+            "hf (a transformers wav2vec2 / HuBERT / Whisper)",
+        )
+        s.add_argument(
+            "--upstream-ckpt",
+            help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it; "
+            "for hf a save_pretrained folder or a hub id)",
+        )
+        s.add_argument(
+            "--decoder-text",
+            choices=("greedy", "reference"),
+            default="greedy",
+            help="Whisper context mixing: teacher-force the decoder on its greedy transcript or the reference",
+        )
         s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
         s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
         add_out(s, help="output folder for PNG / JSON / CSV")
@@ -64,9 +77,12 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--probe-epochs", type=int, default=15)
         s.add_argument("--max-frames", type=int, default=20000)
         if name == "report":
-            s.add_argument("--suggest", action="store_true", help="also rank reuse plans (suggest-reuse) into OUT/suggest")
-            s.add_argument("--saliency", action="store_true", help="also compare attention with input saliency "
-                                                                   "(OUT/saliency.json)")
+            s.add_argument(
+                "--suggest", action="store_true", help="also rank reuse plans (suggest-reuse) into OUT/suggest"
+            )
+            s.add_argument(
+                "--saliency", action="store_true", help="also compare attention with input saliency (OUT/saliency.json)"
+            )
         if name in ("report", "saliency"):
             _saliency_options(s)
         add_device(s, help="where the model runs, e.g. cpu, cuda (features stay on the CPU and each batch is moved)")
@@ -75,20 +91,39 @@ def main(argv: list[str] | None = None) -> None:
         from analysis.suggest import print_table, suggest
 
         with user_errors():
-            result = suggest(a.ckpt, a.manifest, a.out, a.groups, a.limit, a.per_k, a.device, a.data_dir,
-                             max_frames=a.max_frames)
+            result = suggest(
+                a.ckpt, a.manifest, a.out, a.groups, a.limit, a.per_k, a.device, a.data_dir, max_frames=a.max_frames
+            )
         print_table(result)
         print(f"wrote {a.out}/suggest.json, similarity.png, candidates.png")
         return
     with user_errors():
         saliency = _saliency_settings(a) if a.command in ("report", "saliency") else None
-        report = Report(a.ckpt, a.manifest, a.out, a.alignments, a.reference, a.probe_train, a.limit, a.utterance,
-                        a.max_frames, a.probe_epochs, upstream=a.upstream, upstream_ckpt=a.upstream_ckpt,
-                        data_dir=a.data_dir, device=a.device, need_alignments=a.command != "saliency",
-                        saliency_options=saliency, decoder_text=a.decoder_text)
+        report = Report(
+            a.ckpt,
+            a.manifest,
+            a.out,
+            a.alignments,
+            a.reference,
+            a.probe_train,
+            a.limit,
+            a.utterance,
+            a.max_frames,
+            a.probe_epochs,
+            upstream=a.upstream,
+            upstream_ckpt=a.upstream_ckpt,
+            data_dir=a.data_dir,
+            device=a.device,
+            need_alignments=a.command != "saliency",
+            saliency_options=saliency,
+            decoder_text=a.decoder_text,
+        )
         if a.command == "report":
-            steps = [*(UPSTREAM_STEPS if a.upstream in ("tera", "mockingjay") else STEPS),
-                     *(["suggest"] if a.suggest else []), *(["saliency"] if a.saliency else [])]
+            steps = [
+                *(UPSTREAM_STEPS if a.upstream in ("tera", "mockingjay") else STEPS),
+                *(["suggest"] if a.suggest else []),
+                *(["saliency"] if a.saliency else []),
+            ]
         else:
             steps = [a.command]
         results = report.run(steps)
@@ -102,13 +137,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _saliency_options(s) -> None:
-    from analysis.saliency import METHODS, PerturbationSettings as P
+    from analysis.saliency import METHODS
+    from analysis.saliency import PerturbationSettings as P
 
-    s.add_argument("--method", choices=METHODS, default="perturbation",
-                   help="input saliency: SPES-like random masks (default), integrated gradients or gradient x input")
+    s.add_argument(
+        "--method",
+        choices=METHODS,
+        default="perturbation",
+        help="input saliency: SPES-like random masks (default), integrated gradients or gradient x input",
+    )
     s.add_argument("--masks", type=int, default=P.masks, help=f"perturbation masks per utterance (default {P.masks})")
-    s.add_argument("--mask-sizes", default=",".join(f"{t}x{f}" for t, f in P.sizes),
-                   help="mask cells, feature frames x mel bins, used in turn (default %(default)s; clipped to the input; wav2vec2 / HuBERT: 5 ms waveform segments x 1)")
+    s.add_argument(
+        "--mask-sizes",
+        default=",".join(f"{t}x{f}" for t, f in P.sizes),
+        help="mask cells, feature frames x mel bins, used in turn (default %(default)s; clipped to the input; "
+        "wav2vec2 / HuBERT: 5 ms waveform segments x 1)",
+    )
     s.add_argument("--mask-p", type=float, default=P.p, help=f"probability a cell is masked (default {P.p})")
     s.add_argument("--seed", type=int, default=P.seed, help="seed of the masks and of the random deletion baseline")
     s.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (--method ig)")
@@ -120,8 +164,11 @@ def _saliency_settings(a) -> dict:
 
     if a.ig_steps < 1:
         raise ValueError(f"--ig-steps must be positive, got {a.ig_steps}")
-    return {"method": a.method, "n_steps": a.ig_steps,
-            "perturbation": PerturbationSettings(parse_mask_sizes(a.mask_sizes), a.masks, a.mask_p, a.seed)}
+    return {
+        "method": a.method,
+        "n_steps": a.ig_steps,
+        "perturbation": PerturbationSettings(parse_mask_sizes(a.mask_sizes), a.masks, a.mask_p, a.seed),
+    }
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Cumulative head ablation within each head category (Gopinath & Rodriguez, "Probing self-attention in self-supervised speech models for cross-linguistic differences", following Yang, Liu, Lee, Interspeech 2020).
+"""Cumulative head ablation within each head category (Gopinath & Rodriguez, "Probing self-attention in
+self-supervised speech models for cross-linguistic differences", following Yang, Liu, Lee, Interspeech 2020).
 
 Heads of each category are masked one more at a time, best-ranked first; after each step the
 downstream metric is measured (frame accuracy of the last layer's phoneme probe, or any callable),
 next to the value with every head of the model masked.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,15 +22,22 @@ def head_of(flat: int, heads_per_layer: list[int]) -> tuple[int, int]:
     raise IndexError("flat head index beyond the model's heads")
 
 
-def cumulative_ablation(ranking: dict[str, list[int]], heads_per_layer: list[int],
-                        metric: Callable[[dict[int, list[int]] | None], float], progress: bool = False) -> dict:
+def cumulative_ablation(
+    ranking: dict[str, list[int]],
+    heads_per_layer: list[int],
+    metric: Callable[[dict[int, list[int]] | None], float],
+    progress: bool = False,
+) -> dict:
     """``ranking`` (from :func:`analysis.head_types.category_ranking`) -> for each category the
     metric after masking its first 1, 2, ... heads, plus ``baseline`` (nothing masked) and
     ``all_masked`` (every head of the model masked). ``metric(head_mask_dict)`` evaluates the model."""
     from tqdm import tqdm
 
-    out = {"baseline": metric(None), "all_masked": metric({l: list(range(h)) for l, h in enumerate(heads_per_layer)}),
-           "steps": {}}
+    out = {
+        "baseline": metric(None),
+        "all_masked": metric({l: list(range(h)) for l, h in enumerate(heads_per_layer)}),
+        "steps": {},
+    }
     total = sum(len(ranking.get(c, [])) for c in CATEGORIES)
     with tqdm(total=total, desc="ablation", unit="step", disable=not progress) as bar:
         for cat in CATEGORIES:

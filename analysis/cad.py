@@ -5,6 +5,7 @@
 
 1 for the identity map, ``1 - (T+1) / (3T)`` for the uniform map.
 """
+
 from __future__ import annotations
 
 import torch

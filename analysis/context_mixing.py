@@ -13,6 +13,7 @@ Three scores ``S[i <- j]``, for groups ``i`` (rows, receivers) and ``j`` (column
 
 In a reuse layer the reused map is kept and only that layer's values are zeroed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,9 @@ def group_attention(attn: torch.Tensor, receivers: torch.Tensor, sources: torch.
     return receivers @ attn.mean(0) @ sources.t() / (receivers.sum(1)[:, None] * sources.sum(1)[None, :])
 
 
-def group_attention_norm(attn: torch.Tensor, vo: torch.Tensor, receivers: torch.Tensor,
-                         sources: torch.Tensor) -> torch.Tensor:
+def group_attention_norm(
+    attn: torch.Tensor, vo: torch.Tensor, receivers: torch.Tensor, sources: torch.Tensor
+) -> torch.Tensor:
     """``attention_norm`` score ``(R, G)`` (Kobayashi et al., 2020): ``|| sum_h sum_{k in j} A_h[q,k] vo_h[k] ||``
     averaged over the frames ``q`` of receiving group i; ``vo (H, S, d)`` the per-head values through
     the output projection, ``attn (H, T, S)``."""
@@ -62,8 +64,14 @@ def group_value_zeroing(dist: torch.Tensor, receivers: torch.Tensor) -> torch.Te
 
 
 @torch.inference_mode()
-def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[list[int]], layers: list[int] | None = None,
-                   methods=METHODS, chunk: int = 64) -> dict[str, torch.Tensor]:
+def context_mixing(
+    model: ConformerCTC,
+    features: torch.Tensor,
+    groups: list[list[int]],
+    layers: list[int] | None = None,
+    methods=METHODS,
+    chunk: int = 64,
+) -> dict[str, torch.Tensor]:
     """Scores for one utterance ``features (T, input_dim)`` between ``groups`` of encoder frames.
 
     Returns ``{method: (num_layers_selected, G, G)}`` with rows = receiving group i and columns =
@@ -100,10 +108,15 @@ def context_mixing(model: ConformerCTC, features: torch.Tensor, groups: list[lis
             for s in range(0, len(groups), chunk):
                 # variant 0 is the unaltered layer: computed in the same batch, so that rounding
                 # differences between batch shapes never show up as context mixing
-                masks = torch.cat([torch.ones_like(gm[:1]), 1.0 - gm[s:s + chunk]])  # (n + 1, T)
+                masks = torch.cat([torch.ones_like(gm[:1]), 1.0 - gm[s : s + chunk]])  # (n + 1, T)
                 n = masks.shape[0]
-                alt, _ = block64(x64.expand(n, -1, -1), pos64, None, shared_attn=attn64[None].expand(n, -1, -1, -1),
-                                 value_mask=masks.double())
+                alt, _ = block64(
+                    x64.expand(n, -1, -1),
+                    pos64,
+                    None,
+                    shared_attn=attn64[None].expand(n, -1, -1, -1),
+                    value_mask=masks.double(),
+                )
                 cos = torch.nn.functional.cosine_similarity(alt[1:], alt[:1].expand(n - 1, -1, -1), dim=-1)
                 dist.append(1.0 - cos)
             d = torch.cat(dist).clamp_min(0).float()  # (G_j, T)

@@ -11,6 +11,7 @@ Per map (natural logarithm, H = entropy)::
 averaged over utterances by the corpus runner. A head's category is the score on which its rank
 among all heads is best (rank 1 = highest score); ties go to diagonal, then vertical, then global.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,12 +60,17 @@ def classify_heads(G, V, D) -> np.ndarray:
 def category_ranking(G, V, D) -> dict[str, list[int]]:
     """Heads (flat indices) of each category, best-ranked first (rank within that category's score)."""
     cats = classify_heads(G, V, D).ravel()
-    scores = {"diagonal": np.asarray(D, dtype=np.float64).ravel(), "vertical": np.asarray(V, dtype=np.float64).ravel(),
-              "global": np.asarray(G, dtype=np.float64).ravel()}
+    scores = {
+        "diagonal": np.asarray(D, dtype=np.float64).ravel(),
+        "vertical": np.asarray(V, dtype=np.float64).ravel(),
+        "global": np.asarray(G, dtype=np.float64).ravel(),
+    }
     return {c: sorted(np.nonzero(cats == c)[0].tolist(), key=lambda h: -scores[c][h]) for c in CATEGORIES}
 
 
-def phoneme_relation(attn: torch.Tensor, labels: torch.Tensor, num_classes: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
+def phoneme_relation(
+    attn: torch.Tensor, labels: torch.Tensor, num_classes: int = 36
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One utterance's terms of the phoneme relation map, silence dropped first:
     ``P'[m,n] = (1/T) sum_q sum_k 1[y_q=m] 1[y_k=n] A[q,k]`` per head ``(H, C, C)`` and the same with
     uniform attention ``P_U[m,n] = |C_m| |C_n| / T^2`` ``(C, C)``."""
@@ -73,7 +79,9 @@ def phoneme_relation(attn: torch.Tensor, labels: torch.Tensor, num_classes: int 
     return phoneme_relation_speech(*drop_silence(attn.double(), labels), num_classes)
 
 
-def phoneme_relation_speech(a: torch.Tensor, y: torch.Tensor, num_classes: int = 36) -> tuple[torch.Tensor, torch.Tensor]:
+def phoneme_relation_speech(
+    a: torch.Tensor, y: torch.Tensor, num_classes: int = 36
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`phoneme_relation` of maps already restricted to speech frames (labels ``y``)."""
     a = a.double()
     T = a.shape[-1]

@@ -1,7 +1,8 @@
 """Hugging Face speech transformers behind the capture interface of :class:`models.ConformerCTC`:
 wav2vec2 / HuBERT (with a CTC head or without; post-LN "base" and pre-LN "stable layer norm"
 encoders) and Whisper (its encoder for every analysis, its decoder and cross-attention for word-level
-context mixing, in :mod:`analysis.hf_mixing`), loaded with transformers' own classes and the folder's own feature extractor /
+context mixing, in :mod:`analysis.hf_mixing`), loaded with transformers' own classes and the folder's own
+feature extractor /
 processor, with eager attention so that the maps are the model's ``output_attentions``.
 
 ``encode(features, lengths, return_attentions, return_hidden_states, head_mask)`` ->
@@ -28,6 +29,7 @@ head hook, nor Value Zeroing's value hook can be had without patching transforme
 
 transformers is an optional extra (``pip install '.[hf]'``; tested with transformers 5.23.0).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,20 +41,24 @@ import torch
 from torch import nn
 
 from analysis.upstreams import TeraUpstream
-from data.framing import LabelFraming
 from data.features import SAMPLE_RATE
+from data.framing import LabelFraming
 from models.ctc import EncoderOutput
 
-HF_HELP = ("transformers is not installed; install the optional extra with `pip install '.[hf]'` "
-           "(or `pip install transformers==5.23.0`)")
+HF_HELP = (
+    "transformers is not installed; install the optional extra with `pip install '.[hf]'` "
+    "(or `pip install transformers==5.23.0`)"
+)
 # model_type -> (family, base model class, classes with a head that are loaded as such)
 FAMILIES = {
     "wav2vec2": ("ctc", "Wav2Vec2Model", ("Wav2Vec2ForCTC",)),
     "hubert": ("ctc", "HubertModel", ("HubertForCTC",)),
     "whisper": ("whisper", "WhisperForConditionalGeneration", ("WhisperForConditionalGeneration",)),
 }
-REFUSED = {"wavlm": "transformers' WavLM attention runs torch's fused multi_head_attention_forward and returns "
-                    "head-averaged weights: per-head maps, head ablation and Value Zeroing are not available"}
+REFUSED = {
+    "wavlm": "transformers' WavLM attention runs torch's fused multi_head_attention_forward and returns "
+    "head-averaged weights: per-head maps, head ablation and Value Zeroing are not available"
+}
 
 
 def _transformers():
@@ -101,8 +107,10 @@ def check_folder(source: str | Path) -> str:
     p = Path(source)
     if p.exists():
         if not (p.is_dir() and (p / "config.json").is_file()):
-            raise ValueError(f"--upstream-ckpt {source}: not a Hugging Face model folder (no config.json; "
-                             f"give the folder save_pretrained wrote, or a hub id)")
+            raise ValueError(
+                f"--upstream-ckpt {source}: not a Hugging Face model folder (no config.json; "
+                f"give the folder save_pretrained wrote, or a hub id)"
+            )
         return str(p)
     if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"--upstream-ckpt {source}: no such model folder")
@@ -131,9 +139,11 @@ class HFUpstream(nn.Module):
         if mt in REFUSED:
             raise ValueError(f"--upstream-ckpt {source}: {mt} ({archs}) is not supported: {REFUSED[mt]}")
         if mt not in FAMILIES:
-            raise ValueError(f"--upstream-ckpt {source}: model type {mt!r} ({archs}) is not supported; expected one "
-                             f"of {', '.join(FAMILIES)} (Wav2Vec2ForCTC, HubertForCTC, their base models, "
-                             f"WhisperForConditionalGeneration)")
+            raise ValueError(
+                f"--upstream-ckpt {source}: model type {mt!r} ({archs}) is not supported; expected one "
+                f"of {', '.join(FAMILIES)} (Wav2Vec2ForCTC, HubertForCTC, their base models, "
+                f"WhisperForConditionalGeneration)"
+            )
         self.family, base, heads = FAMILIES[mt]
         arch = next((a for a in (config.architectures or []) if a in heads), base)
         self.model_type, self.source = mt, source
@@ -158,8 +168,13 @@ class HFUpstream(nn.Module):
             stride = int(fe.hop_length) * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
             self.frame_shift = stride / SAMPLE_RATE
             # frame k centred at k * shift: the centre rule's window is 0
-            self.framing = LabelFraming(self.frame_shift, 0.0, count=partial(whisper_frames, stride=stride),
-                                        min_frames=1, frame_ms=1000 / SAMPLE_RATE)
+            self.framing = LabelFraming(
+                self.frame_shift,
+                0.0,
+                count=partial(whisper_frames, stride=stride),
+                min_frames=1,
+                frame_ms=1000 / SAMPLE_RATE,
+            )
         else:
             self.encoder, self.decoder = base_model.encoder, None
             self.layers = list(self.encoder.layers)
@@ -168,22 +183,34 @@ class HFUpstream(nn.Module):
             r = conv_receptive_field(kernels, strides)
             self.max_samples = None
             self.frame_shift = math.prod(strides) / SAMPLE_RATE
-            self.framing = LabelFraming(self.frame_shift, r / SAMPLE_RATE,
-                                        count=partial(conv_frames, kernels=kernels, strides=strides),
-                                        min_frames=r, frame_ms=1000 / SAMPLE_RATE)
+            self.framing = LabelFraming(
+                self.frame_shift,
+                r / SAMPLE_RATE,
+                count=partial(conv_frames, kernels=kernels, strides=strides),
+                min_frames=r,
+                frame_ms=1000 / SAMPLE_RATE,
+            )
         self.attentions_modules = [self._attention(layer) for layer in self.layers]
         self.num_layers = len(self.layers)
         self.num_heads = [int(a.num_heads) for a in self.attentions_modules]
         self.d_model = int(config.d_model if self.family == "whisper" else config.hidden_size)
         self.featurizer = WaveFeaturizer()
         self.padding_mass = [0.0, 0]
-        self.summary = {"source": str(source), "model_type": mt, "class": arch, "layers": self.num_layers,
-                        "heads": self.num_heads[0], "frame_shift_s": self.frame_shift,
-                        "pre_layer_norm": bool(self.family == "whisper" or config.do_stable_layer_norm)}
+        self.summary = {
+            "source": str(source),
+            "model_type": mt,
+            "class": arch,
+            "layers": self.num_layers,
+            "heads": self.num_heads[0],
+            "frame_shift_s": self.frame_shift,
+            "pre_layer_norm": bool(self.family == "whisper" or config.do_stable_layer_norm),
+        }
         if self.family == "whisper":
-            self.summary["window"] = (f"every input is padded to the model's {self.max_samples / SAMPLE_RATE:g} s window; "
-                                      "only the encoder frames covering the audio are analysed, each map cut to them "
-                                      "and its rows renormalised (context mixing: raw maps over the whole window)")
+            self.summary["window"] = (
+                f"every input is padded to the model's {self.max_samples / SAMPLE_RATE:g} s window; "
+                "only the encoder frames covering the audio are analysed, each map cut to them "
+                "and its rows renormalised (context mixing: raw maps over the whole window)"
+            )
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu") -> HFUpstream:
@@ -197,9 +224,11 @@ class HFUpstream(nn.Module):
     def check_samples(self, samples: int, what: str) -> None:
         """Refuse an input longer than Whisper's window (before any work)."""
         if self.max_samples is not None and samples > self.max_samples:
-            raise ValueError(f"{what}: {samples / SAMPLE_RATE:.2f} s is longer than the model's "
-                             f"{self.max_samples / SAMPLE_RATE:g} s window (Whisper analyses one window; "
-                             f"cut the audio or leave this utterance out)")
+            raise ValueError(
+                f"{what}: {samples / SAMPLE_RATE:.2f} s is longer than the model's "
+                f"{self.max_samples / SAMPLE_RATE:g} s window (Whisper analyses one window; "
+                f"cut the audio or leave this utterance out)"
+            )
 
     def model_input(self, wave: torch.Tensor) -> dict:
         """The feature extractor's input for one waveform ``(samples,)``, on the model's device."""
@@ -218,11 +247,13 @@ class HFUpstream(nn.Module):
         """Records, for each of ``layers``, its call ``(args, kwargs)`` and its output."""
         calls, outputs, handles = [None] * len(layers), [None] * len(layers), []
         for i, layer in enumerate(layers):
+
             def pre(mod, args, kwargs, i=i):
                 calls[i] = (args, dict(kwargs))
 
             def post(mod, args, out, i=i):
                 outputs[i] = out[0] if isinstance(out, tuple) else out
+
             handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post)]
         try:
             yield calls, outputs
@@ -245,6 +276,7 @@ class HFUpstream(nn.Module):
                     x = args[0]
                     x = (x.unflatten(-1, (k.numel(), -1)) * k[:, None].to(x.dtype)).flatten(-2)
                     return (x, *args[1:])
+
                 handles.append(attn.out_proj.register_forward_pre_hook(pre))
         try:
             yield
@@ -271,8 +303,14 @@ class HFUpstream(nn.Module):
 
     # --- capture interface ------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, features: torch.Tensor, lengths: torch.Tensor, return_attentions: bool = False,
-               return_hidden_states: bool = False, head_mask=None) -> EncoderOutput:
+    def encode(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        return_attentions: bool = False,
+        return_hidden_states: bool = False,
+        head_mask=None,
+    ) -> EncoderOutput:
         """``features (B, samples, 1)`` padded waveforms, ``lengths (B,)`` samples -> :class:`EncoderOutput`
         with ``(B, H, T', T')`` maps per layer and ``num_layers + 1`` hidden states ``(B, T', d)``,
         ``T'`` the most encoder frames analysed in the batch; each utterance runs alone."""
@@ -304,10 +342,15 @@ class HFUpstream(nn.Module):
             for d in reversed(range(x.dim())):
                 p += [0, Tm - x.shape[d]] if d in dims else [0, 0]
             return nn.functional.pad(x, p)
+
         attentions = [torch.cat([pad(m[l], (2, 3)) for m in maps]) for l in range(self.num_layers)]
         states = [torch.cat([pad(h[l], (1,)) for h in hidden]) for l in range(self.num_layers + 1)]
-        return EncoderOutput(states[-1], torch.tensor(counts, device=features.device),
-                             attentions if return_attentions else None, states if return_hidden_states else None)
+        return EncoderOutput(
+            states[-1],
+            torch.tensor(counts, device=features.device),
+            attentions if return_attentions else None,
+            states if return_hidden_states else None,
+        )
 
     def forward(self, features, lengths, head_mask=None):
         return self.encode(features, lengths, head_mask=head_mask).output
@@ -316,12 +359,17 @@ class HFUpstream(nn.Module):
     def prompt_ids(self, language: str | None = "en", task: str = "transcribe") -> list[int]:
         """The decoder prompt (start of transcript, language, task, no timestamps) from the tokenizer."""
         tok = self.processor.tokenizer
-        tok.set_prefix_tokens(language=language if self.model.generation_config.is_multilingual is not False else None,
-                              task=task, predict_timestamps=False)
+        tok.set_prefix_tokens(
+            language=language if self.model.generation_config.is_multilingual is not False else None,
+            task=task,
+            predict_timestamps=False,
+        )
         return list(tok.prefix_tokens)
 
     @torch.inference_mode()
-    def greedy_ids(self, wave: torch.Tensor, max_new_tokens: int | None = None, language: str | None = "en") -> list[int]:
+    def greedy_ids(
+        self, wave: torch.Tensor, max_new_tokens: int | None = None, language: str | None = "en"
+    ) -> list[int]:
         """Greedy transcript (argmax each step, the generation config's suppressed tokens left out),
         the prompt included, the end-of-text token kept when produced."""
         inputs = self.model_input(wave)
@@ -334,8 +382,9 @@ class HFUpstream(nn.Module):
         limit = self.config.max_target_positions - len(ids)  # default: as many as the decoder holds
         limit = limit if max_new_tokens is None else min(max_new_tokens, limit)
         for step in range(limit):
-            logits = self.model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids], device=enc.device),
-                                use_cache=False).logits[0, -1]
+            logits = self.model(
+                encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids], device=enc.device), use_cache=False
+            ).logits[0, -1]
             banned = suppress + (begin if step == 0 else [])
             if banned:
                 logits[banned] = -float("inf")
@@ -347,7 +396,11 @@ class HFUpstream(nn.Module):
     def reference_ids(self, text: str, language: str | None = "en") -> list[int]:
         """The prompt, the reference text's tokens and end-of-text."""
         tok = self.processor.tokenizer
-        return self.prompt_ids(language) + tok.encode(" " + text.strip(), add_special_tokens=False) + [self.config.eos_token_id]
+        return (
+            self.prompt_ids(language)
+            + tok.encode(" " + text.strip(), add_special_tokens=False)
+            + [self.config.eos_token_id]
+        )
 
     def run_decoder(self, wave: torch.Tensor, ids: list[int]):
         """Teacher-forced decoder pass: ``(encoder_out (1, S, d), self maps, cross maps, hidden, calls)``
@@ -355,7 +408,11 @@ class HFUpstream(nn.Module):
         inputs = self.model_input(wave)
         enc = self.encoder(**inputs).last_hidden_state
         with self.capture(list(self.decoder.layers)) as (calls, outputs):
-            out = self.model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids], device=enc.device),
-                             output_attentions=True, use_cache=False)
+            out = self.model(
+                encoder_outputs=(enc,),
+                decoder_input_ids=torch.tensor([ids], device=enc.device),
+                output_attentions=True,
+                use_cache=False,
+            )
         last = self.decoder.layer_norm(outputs[-1])
         return enc, list(out.decoder_attentions), list(out.cross_attentions), [*outputs[:-1], last], calls

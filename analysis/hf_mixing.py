@@ -5,6 +5,7 @@ cross-attention (:func:`hf_context_mixing`). Value Zeroing re-runs each recorded
 value vectors zeroed (:func:`value_zeroing_distances`); the group scores are
 :mod:`analysis.context_mixing`'s.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,15 +25,22 @@ def _doubled(x, n: int, expand: bool):
 
 
 @torch.inference_mode()
-def value_zeroing_distances(layer: nn.Module, call: tuple, value_proj: nn.Module, masks: torch.Tensor,
-                            final_norm: nn.Module | None = None, chunk: int = 32) -> torch.Tensor:
+def value_zeroing_distances(
+    layer: nn.Module,
+    call: tuple,
+    value_proj: nn.Module,
+    masks: torch.Tensor,
+    final_norm: nn.Module | None = None,
+    chunk: int = 32,
+) -> torch.Tensor:
     """Value Zeroing (Mohebbi, Zuidema, Chrupała, Alishahi, 2023, "Quantifying Context Mixing in
     Transformers", EACL, section 3): for each row of ``masks (G, S)`` (1 = keep the value vector of
     source position s, 0 = zero it in every head), re-run ``layer`` on its recorded ``call`` with
     the output of ``value_proj`` (a module inside ``layer``: its self- or cross-attention's value
     projection) multiplied by the mask, and everything else unchanged; returns the cosine distance
     ``(G, T)`` of each receiving position's output to the unaltered output (after ``final_norm``
-    when given), exactly 0 where the output did not change. Runs in float64, the unaltered variant in the same batch as the altered ones."""
+    when given), exactly 0 where the output did not change. Runs in float64, the unaltered variant in the same
+    batch as the altered ones."""
     names = {m: n for n, m in layer.named_modules()}
     if value_proj not in names:
         raise ValueError("value_proj is not a module of layer")
@@ -48,7 +56,7 @@ def value_zeroing_distances(layer: nn.Module, call: tuple, value_proj: nn.Module
     try:
         out = []
         for s in range(0, masks.shape[0], chunk):
-            m = torch.cat([torch.ones_like(masks[:1]), masks[s:s + chunk]]).double()
+            m = torch.cat([torch.ones_like(masks[:1]), masks[s : s + chunk]]).double()
             n = m.shape[0]
             current["mask"] = m
             kw = {k: _doubled(v, n, k in ("hidden_states", "encoder_hidden_states")) for k, v in kwargs.items()}
@@ -110,8 +118,13 @@ def _scores(attn, vo, receivers, sources, dist, methods) -> dict[str, torch.Tens
 
 
 @torch.inference_mode()
-def hf_context_mixing(up: HFUpstream, wave: torch.Tensor, words: list[list[int]], decoder_ids: list[int] | None = None,
-                      methods=("attention", "attention_norm", "value_zeroing")) -> dict:
+def hf_context_mixing(
+    up: HFUpstream,
+    wave: torch.Tensor,
+    words: list[list[int]],
+    decoder_ids: list[int] | None = None,
+    methods=("attention", "attention_norm", "value_zeroing"),
+) -> dict:
     """Word-level context mixing of one utterance ``wave (samples,)`` with ``words`` (encoder frame
     indices of each word). Returns ``{"encoder": {method: (L, W, W)}}`` and, for Whisper with
     ``decoder_ids`` (the teacher-forced decoder tokens, prompt included), ``"decoder"``
@@ -134,9 +147,13 @@ def hf_context_mixing(up: HFUpstream, wave: torch.Tensor, words: list[list[int]]
     for l, layer in enumerate(up.layers):
         attn_mod = up.attentions_modules[l]
         vo = _values_through_output(attn_mod, values[l]) if "attention_norm" in methods else None
-        dist = (value_zeroing_distances(layer, calls[l], attn_mod.v_proj, 1.0 - gm,
-                                        up.final_norm if l == up.num_layers - 1 else None)
-                if "value_zeroing" in methods else None)
+        dist = (
+            value_zeroing_distances(
+                layer, calls[l], attn_mod.v_proj, 1.0 - gm, up.final_norm if l == up.num_layers - 1 else None
+            )
+            if "value_zeroing" in methods
+            else None
+        )
         for m, v in _scores(maps[l][0].float(), vo, gm, gm, dist, methods).items():
             enc[m].append(v)
     out = {"encoder": {m: torch.stack(v).cpu() for m, v in enc.items()}}

@@ -12,6 +12,7 @@ training step of a small Conformer-CTC (fp32, bf16 autocast), and reports a dige
 matrix product, whose bits show which kernel computed it. ``resolved`` is what
 ``precision: auto`` chooses under that setting (:func:`models.precision.resolve_training_precision`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ def measure(runs: int = 10) -> dict:
     conv = torch.nn.Conv2d(32, 32, 3, stride=2)
     img = torch.randn(8, 32, 200, 39, generator=g)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    out = {"capability": torch.backends.cpu.get_cpu_capability(),
-           "resolved": resolve_training_precision("auto", "cpu").precision}
+    out = {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "resolved": resolve_training_precision("auto", "cpu").precision,
+    }
     out["linear fp32 ms"] = _ms(lambda: torch.nn.functional.linear(x, w), runs)
     out["linear bf16 ms"] = _ms(lambda: torch.nn.functional.linear(xb, wb), runs)
 
@@ -75,8 +78,17 @@ def measure(runs: int = 10) -> dict:
         out["conv fp32 ms"] = _ms(lambda: conv(img), max(1, runs // 2))
         out["conv autocast ms"] = _ms(conv_autocast, max(1, runs // 2))
     torch.manual_seed(0)
-    model = ConformerCTC(129, d_model=96, num_layers=2, ffn_dim=384, kernel_size=15, reuse="1(H4)x2",
-                         subsampling_channels=32, dropout=0.0, attention_dropout=0.0)
+    model = ConformerCTC(
+        129,
+        d_model=96,
+        num_layers=2,
+        ffn_dim=384,
+        kernel_size=15,
+        reuse="1(H4)x2",
+        subsampling_channels=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     feats, lengths = torch.randn(16, 700, 80, generator=g), torch.full((16,), 700)
 
     def step(low: bool):
@@ -103,8 +115,14 @@ def run(rounds: int, runs: int, settings: list[str]) -> dict:
     root = Path(__file__).resolve().parents[1]
     for _ in tqdm(range(rounds), desc="rounds", disable=not sys.stderr.isatty()):
         for name in settings:
-            r = subprocess.run([sys.executable, "-m", "analysis.isa", "--child", "--runs", str(runs)], cwd=root,
-                               env={**base, **SETTINGS[name]}, capture_output=True, text=True, check=True)
+            r = subprocess.run(
+                [sys.executable, "-m", "analysis.isa", "--child", "--runs", str(runs)],
+                cwd=root,
+                env={**base, **SETTINGS[name]},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             per[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
     results = {"cpu": cpu_description(), "threads": 2, "rounds": rounds, "settings": {}}
     for name, figs in per.items():

@@ -10,6 +10,7 @@ writes ``OUT/long.flac`` (utterances in manifest order, ``--silence`` seconds ap
 resident memory is the process's ``ru_maxrss``); the real-time factor is wall time over audio
 time, model loading included.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ from common.cli import add_ckpt, add_out, user_errors
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def concatenate(entries: list[dict], path: str | Path, silence: float = 1.0,
-                max_seconds: float | None = None) -> tuple[list[dict], list[float]]:
+def concatenate(
+    entries: list[dict], path: str | Path, silence: float = 1.0, max_seconds: float | None = None
+) -> tuple[list[dict], list[float]]:
     """Writes the utterances of ``entries`` (manifest entries) one after another, ``silence``
     seconds of faint noise apart, as a 16 kHz FLAC at ``path``, stopping before ``max_seconds``; returns the
     entries used and each one's offset (seconds)."""
@@ -87,17 +89,51 @@ def main(argv: list[str] | None = None) -> None:
     (out / "reference.txt").write_text(reference + "\n")
     rows = []
     for dtype in a.dtypes:
-        wall, peak = run_transcribe(["--ckpt", a.ckpt, str(out / "long.flac"), "--out", str(out / dtype), "--format",
-                                     "json", "--dtype", dtype, "--max-segment", str(a.max_segment)])
+        wall, peak = run_transcribe(
+            [
+                "--ckpt",
+                a.ckpt,
+                str(out / "long.flac"),
+                "--out",
+                str(out / dtype),
+                "--format",
+                "json",
+                "--dtype",
+                dtype,
+                "--max-segment",
+                str(a.max_segment),
+            ]
+        )
         result = json.loads((out / dtype / "long.json").read_text())
-        rows.append({"dtype": dtype, "audio_s": result["duration"], "wall_s": round(wall, 2),
-                     "rtf": round(wall / result["duration"], 4), "peak_rss_mib": round(peak / 2**20, 1),
-                     "segments": len(result["segments"]), **score([reference], [result["text"]])})
-    (out / "results.json").write_text(json.dumps({"ckpt": a.ckpt, "manifest": a.manifest, "utterances": len(used),
-                                                  "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        rows.append(
+            {
+                "dtype": dtype,
+                "audio_s": result["duration"],
+                "wall_s": round(wall, 2),
+                "rtf": round(wall / result["duration"], 4),
+                "peak_rss_mib": round(peak / 2**20, 1),
+                "segments": len(result["segments"]),
+                **score([reference], [result["text"]]),
+            }
+        )
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "ckpt": a.ckpt,
+                "manifest": a.manifest,
+                "utterances": len(used),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"{'dtype':6s} {'audio s':>8s} {'wall s':>8s} {'RTF':>7s} {'peak MiB':>9s} {'WER%':>7s}")
     for r in rows:
-        print(f"{r['dtype']:6s} {r['audio_s']:8.1f} {r['wall_s']:8.1f} {r['rtf']:7.4f} {r['peak_rss_mib']:9.1f} {r['wer']:7.2f}")
+        print(
+            f"{r['dtype']:6s} {r['audio_s']:8.1f} {r['wall_s']:8.1f} {r['rtf']:7.4f} "
+            f"{r['peak_rss_mib']:9.1f} {r['wer']:7.2f}"
+        )
     print(f"wrote {out / 'results.json'}")
 
 

@@ -8,6 +8,7 @@ that contains frame i::
 
 A uniform map gives 1 everywhere. Entries with no contributing frame are NaN.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Figures of the analyses, drawn like the papers' (matplotlib, PNG)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -108,8 +109,13 @@ def ablation(result: dict, path: Path, metric_name: str = "probe accuracy") -> P
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for cat, steps in result["steps"].items():
         if steps:
-            ax.plot(range(0, len(steps) + 1), [result["baseline"]] + [s["metric"] for s in steps], marker="o",
-                    color=CATEGORY_COLOURS[cat], label=cat)
+            ax.plot(
+                range(0, len(steps) + 1),
+                [result["baseline"]] + [s["metric"] for s in steps],
+                marker="o",
+                color=CATEGORY_COLOURS[cat],
+                label=cat,
+            )
     ax.axhline(result["all_masked"], color="gray", ls="--", label="all heads masked")
     ax.set(xlabel="heads masked (best-ranked first)", ylabel=metric_name, title="cumulative head ablation")
     ax.legend(fontsize=7)
@@ -117,8 +123,14 @@ def ablation(result: dict, path: Path, metric_name: str = "probe accuracy") -> P
     return _save(fig, path)
 
 
-def context_mixing(scores: dict[str, np.ndarray], words: list[str], layer_names: list[str], path: Path,
-                   sources: list[str] | None = None, title: str | None = None) -> Path:
+def context_mixing(
+    scores: dict[str, np.ndarray],
+    words: list[str],
+    layer_names: list[str],
+    path: Path,
+    sources: list[str] | None = None,
+    title: str | None = None,
+) -> Path:
     """One utterance's word-level context-mixing maps: a row per method, a column per layer; rows of
     each map receive (``words``), columns give (``sources``, default ``words``)."""
     sources = words if sources is None else sources
@@ -150,8 +162,15 @@ def similarity_map(sim: np.ndarray, groups: list[list[int]], path: Path) -> Path
     for g in groups:
         ax.add_patch(Rectangle((g[0] - 0.5, g[0] - 0.5), len(g), len(g), fill=False, edgecolor="red", lw=2))
     ticks = list(range(L))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=[t + 1 for t in ticks], yticklabels=[t + 1 for t in ticks],
-           xlabel="layer", ylabel="layer", title="map similarity, 1 - JS / ln 2\n(outlined: best plan)")
+    ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=[t + 1 for t in ticks],
+        yticklabels=[t + 1 for t in ticks],
+        xlabel="layer",
+        ylabel="layer",
+        title="map similarity, 1 - JS / ln 2\n(outlined: best plan)",
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
 
@@ -168,12 +187,17 @@ def reuse_candidates(candidates: list[dict], baseline_wer: float, path: Path) ->
         ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
     for c in candidates:
         if c.get("pareto"):
-            ax.annotate(c["reuse"], (c["gflop_saving"], c["zero_shot_wer"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                c["reuse"],
+                (c["gflop_saving"], c["zero_shot_wer"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.axhline(baseline_wer, color="grey", lw=1, ls=":", label="baseline")
-    ax.set(xlabel="encoder GFLOP saved at 768 frames (trained plan)", ylabel="zero-shot WER (%)",
-           title="reuse candidates")
+    ax.set(
+        xlabel="encoder GFLOP saved at 768 frames (trained plan)", ylabel="zero-shot WER (%)", title="reuse candidates"
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
-

@@ -6,6 +6,7 @@ cached once, so all probes train together in one pass over the audio; they are t
 batched linear map ``(L+1, d, 37)``. Defaults follow the paper: SGD lr 0.1, momentum 0.9, weight
 decay 1e-3, 15 epochs, lr x 0.1 every 3 epochs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,9 @@ class FrameCache:
         if self.labels.numel() == 0:
             raise ValueError("no labelled frame to probe")
         if self.labels.min() < 0 or self.labels.max() >= NUM_LABELS:
-            raise ValueError(f"labels must lie in 0..{NUM_LABELS - 1}; got {int(self.labels.min())}..{int(self.labels.max())}")
+            raise ValueError(
+                f"labels must lie in 0..{NUM_LABELS - 1}; got {int(self.labels.min())}..{int(self.labels.max())}"
+            )
 
 
 @torch.inference_mode()
@@ -41,8 +44,12 @@ def collect(model, loader, head_mask=None, dtype=torch.float32, device="cpu", pr
     for batch in tqdm(loader, desc="hidden states", unit="batch", disable=not progress):
         if batch is None:
             continue
-        enc = model.encode(batch["features"].to(device), batch["feature_lengths"].to(device),
-                           return_hidden_states=True, head_mask=head_mask)
+        enc = model.encode(
+            batch["features"].to(device),
+            batch["feature_lengths"].to(device),
+            return_hidden_states=True,
+            head_mask=head_mask,
+        )
         stacked = torch.stack(enc.hidden_states, dim=2)  # (B, T', L+1, d)
         labels = batch["labels"].to(device)[:, : stacked.shape[1]]
         valid = labels >= 0
@@ -66,9 +73,19 @@ class LayerProbes(torch.nn.Module):
         return torch.einsum("nld,ldc->nlc", h, self.weight) + self.bias
 
 
-def train_probes(train: FrameCache, epochs: int = 15, lr: float = 0.1, momentum: float = 0.9,
-                 weight_decay: float = 1e-3, step_epochs: int = 3, gamma: float = 0.1, batch_size: int = 256,
-                 seed: int = 0, standardize: bool = True, progress: bool = False) -> LayerProbes:
+def train_probes(
+    train: FrameCache,
+    epochs: int = 15,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    step_epochs: int = 3,
+    gamma: float = 0.1,
+    batch_size: int = 256,
+    seed: int = 0,
+    standardize: bool = True,
+    progress: bool = False,
+) -> LayerProbes:
     """Train one probe per layer on cached frames (all layers at once).
 
     ``standardize`` divides each layer's features by their overall RMS (stored in the probe), so
@@ -87,8 +104,12 @@ def train_probes(train: FrameCache, epochs: int = 15, lr: float = 0.1, momentum:
         for idx in torch.randperm(N, generator=g).split(batch_size):
             h = train.hidden[idx].float() / scale[None, :, None]
             logits = probes(h)  # (n, L, C)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     train.labels[idx].repeat_interleave(L), reduction="mean") * L
+            loss = (
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), train.labels[idx].repeat_interleave(L), reduction="mean"
+                )
+                * L
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -101,6 +122,6 @@ def probe_accuracy(probes: LayerProbes, test: FrameCache, batch_size: int = 8192
     """Frame accuracy (fraction) of each layer's probe: ``(L+1,)``."""
     correct = torch.zeros(test.hidden.shape[1])
     for s in range(0, test.hidden.shape[0], batch_size):
-        h = test.hidden[s:s + batch_size].float() / probes.scale[None, :, None]
-        correct += (probes(h).argmax(-1) == test.labels[s:s + batch_size, None]).sum(0)
+        h = test.hidden[s : s + batch_size].float() / probes.scale[None, :, None]
+        correct += (probes(h).argmax(-1) == test.labels[s : s + batch_size, None]).sum(0)
     return correct / test.hidden.shape[0]

@@ -1,6 +1,7 @@
 """The analysis report of one checkpoint over one aligned manifest: every figure (PNG) and every
 number (JSON / CSV). ``python -m analysis report`` runs all steps; the other sub-commands run one.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,15 @@ from analysis.context_mixing import context_mixing
 from analysis.head_types import category_ranking, classify_heads
 from analysis.par import par_coverage
 from analysis.probe import collect, probe_accuracy, train_probes
-from analysis.runner import (accumulated_coverage, aligned_manifest, attention_stats, labelled_loader, load_par,
-                             reference_par, save_par)
+from analysis.runner import (
+    accumulated_coverage,
+    aligned_manifest,
+    attention_stats,
+    labelled_loader,
+    load_par,
+    reference_par,
+    save_par,
+)
 from common.io import atomic_write_text, check_writable
 from data.alignments import PHONE_CLASSES, read_textgrid
 from data.dataset import entry_frames
@@ -54,12 +62,27 @@ def _nan_to_none(x):
 class Report:
     """Holds the model, data and results of one report run; each ``step_*`` adds to ``results``."""
 
-    def __init__(self, ckpt: str | None, manifest: str, out: str, alignments: str | None = None,
-                 reference: str | None = None, probe_train: str | None = None, limit: int | None = None,
-                 utterance: str | None = None, max_frames: int = 20000, probe_epochs: int = 15, progress: bool = True,
-                 upstream: str | None = None, upstream_ckpt: str | None = None, data_dir: str | None = None,
-                 device: str = "cpu", need_alignments: bool = True, saliency_options: dict | None = None,
-                 decoder_text: str = "greedy"):
+    def __init__(
+        self,
+        ckpt: str | None,
+        manifest: str,
+        out: str,
+        alignments: str | None = None,
+        reference: str | None = None,
+        probe_train: str | None = None,
+        limit: int | None = None,
+        utterance: str | None = None,
+        max_frames: int = 20000,
+        probe_epochs: int = 15,
+        progress: bool = True,
+        upstream: str | None = None,
+        upstream_ckpt: str | None = None,
+        data_dir: str | None = None,
+        device: str = "cpu",
+        need_alignments: bool = True,
+        saliency_options: dict | None = None,
+        decoder_text: str = "greedy",
+    ):
         self.out = check_writable(out)
         self.saliency_options = saliency_options or {}
         self.device = device
@@ -75,8 +98,14 @@ class Report:
             if upstream not in UPSTREAMS:
                 raise ValueError(f"unknown upstream {upstream!r}; expected one of {', '.join(UPSTREAMS)}")
             if not upstream_ckpt:
-                raise ValueError(f"--upstream {upstream} needs --upstream-ckpt (" + (
-                    "a transformers model folder or hub id)" if upstream == "hf" else "the .ckpt s3prl's hub downloads)"))
+                raise ValueError(
+                    f"--upstream {upstream} needs --upstream-ckpt ("
+                    + (
+                        "a transformers model folder or hub id)"
+                        if upstream == "hf"
+                        else "the .ckpt s3prl's hub downloads)"
+                    )
+                )
             if upstream == "hf":
                 from analysis.hf import HFUpstream
 
@@ -100,7 +129,9 @@ class Report:
             # the model's own features and frame rate (ours, or a converted ESPnet model's); CPU-side
             self.cmvn, self.featurizer, self.framing = model_inputs(self.model, self.hp, self.data_dir)
         if need_alignments:
-            self.manifest, counts = aligned_manifest(self._manifest_path(manifest), alignments, self.out / "aligned.jsonl")
+            self.manifest, counts = aligned_manifest(
+                self._manifest_path(manifest), alignments, self.out / "aligned.jsonl"
+            )
         else:  # saliency alone reads no alignment
             self.manifest, counts = self._manifest_path(manifest), None
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
@@ -109,8 +140,13 @@ class Report:
         if upstream == "hf":  # Whisper: every utterance must fit its window, checked before any work
             for e in read_manifest(self.manifest):
                 self.model.check_samples(round(e["duration"] * SAMPLE_RATE), f"{self.manifest}: utterance {e['id']}")
-        self.results: dict = {"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
-                              "manifest": str(manifest), "alignment_counts": counts, "figures": {}}
+        self.results: dict = {
+            "checkpoint": self.hp["checkpoints"],
+            "reuse": self.hp["reuse"],
+            "manifest": str(manifest),
+            "alignment_counts": counts,
+            "figures": {},
+        }
         if upstream == "hf":
             self.results["hf_model"] = self.model.summary  # kept up to date by encode (Whisper's padding)
         self._stats = None
@@ -139,8 +175,9 @@ class Report:
             if len(read_textgrid(e["alignment"]).word_frames(T, framing.shift, framing.window)) >= 2:
                 return e
             if self.utterance:
-                raise ValueError(f"--utterance {self.utterance} has fewer than two aligned words (context mixing "
-                                 f"compares words)")
+                raise ValueError(
+                    f"--utterance {self.utterance} has fewer than two aligned words (context mixing compares words)"
+                )
         raise ValueError(f"{self.manifest}: no utterance with two aligned words for context mixing")
 
     def _manifest_path(self, name: str) -> Path:
@@ -148,17 +185,25 @@ class Report:
         return resolve_manifest(name, self.data_dir, hint)
 
     def loader(self, manifest: Path | None = None, limit: int | None = None):
-        return labelled_loader(manifest or self.manifest, self.cmvn, self.max_frames,
-                               self.limit if manifest is None else limit, featurizer=self.featurizer,
-                               framing=self.framing)
+        return labelled_loader(
+            manifest or self.manifest,
+            self.cmvn,
+            self.max_frames,
+            self.limit if manifest is None else limit,
+            featurizer=self.featurizer,
+            framing=self.framing,
+        )
 
     @property
     def stats(self):
         if self._stats is None:
             t0 = time.perf_counter()
             self._stats, skipped = attention_stats(self.model, self.loader(), self.progress, self.device)
-            self.results["attention_pass"] = {"utterances": self._stats.utterances, "skipped_too_short": skipped,
-                                              "seconds": round(time.perf_counter() - t0, 2)}
+            self.results["attention_pass"] = {
+                "utterances": self._stats.utterances,
+                "skipped_too_short": skipped,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
             if self._stats.utterances == 0:
                 raise ValueError(f"{self.manifest}: no utterance with at least two speech frames to analyse")
         return self._stats
@@ -167,8 +212,11 @@ class Report:
     def step_cad(self):
         cad = self.stats.cad().numpy()
         self.results["cad"] = {"per_head": cad.tolist(), "layer_median": [float(np.nanmedian(r)) for r in cad]}
-        _write_csv(self.out / "cad.csv", ["layer", "head", "cad"],
-                   [(l + 1, h, cad[l, h]) for l in range(cad.shape[0]) for h in range(self.model.num_heads[l])])
+        _write_csv(
+            self.out / "cad.csv",
+            ["layer", "head", "cad"],
+            [(l + 1, h, cad[l, h]) for l in range(cad.shape[0]) for h in range(self.model.num_heads[l])],
+        )
         self.results["figures"]["cad"] = str(plots.cad_per_head(cad, self.out / "cad.png", f"CAD, {self.hp['reuse']}"))
 
     def _reference(self, own_layers: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -184,20 +232,33 @@ class Report:
     def step_par(self):
         layers = self.stats.par_layers()
         L = layers.shape[0]
-        lower, upper = torch.nanmean(layers[: L // 2 or 1], 0), torch.nanmean(layers[L // 2:], 0)
+        lower, upper = torch.nanmean(layers[: L // 2 or 1], 0), torch.nanmean(layers[L // 2 :], 0)
         ref, ref_name = self._reference(layers)
         save_par(self.out / "par.json", layers)
         self.results["par"] = {
-            "classes": PHONE_CLASSES, "lower": lower.tolist(), "upper": upper.tolist(), "reference": ref_name,
+            "classes": PHONE_CLASSES,
+            "lower": lower.tolist(),
+            "upper": upper.tolist(),
+            "reference": ref_name,
             "coverage_per_layer": [par_coverage(layers[l], ref) for l in range(L)],
             "coverage_accumulated": accumulated_coverage(layers, ref),
         }
-        _write_csv(self.out / "coverage.csv", ["layer", "coverage", "accumulated_coverage"],
-                   [(l + 1, c, a) for l, (c, a) in enumerate(zip(self.results["par"]["coverage_per_layer"],
-                                                                self.results["par"]["coverage_accumulated"]))])
+        _write_csv(
+            self.out / "coverage.csv",
+            ["layer", "coverage", "accumulated_coverage"],
+            [
+                (l + 1, c, a)
+                for l, (c, a) in enumerate(
+                    zip(self.results["par"]["coverage_per_layer"], self.results["par"]["coverage_accumulated"])
+                )
+            ],
+        )
         self.results["figures"]["par"] = str(plots.par_heatmaps(lower.numpy(), upper.numpy(), self.out / "par.png"))
-        self.results["figures"]["coverage"] = str(plots.coverage(
-            {f"{self.hp['reuse']}": self.results["par"]["coverage_accumulated"]}, self.out / "coverage.png"))
+        self.results["figures"]["coverage"] = str(
+            plots.coverage(
+                {f"{self.hp['reuse']}": self.results["par"]["coverage_accumulated"]}, self.out / "coverage.png"
+            )
+        )
 
     def _gvd(self):
         gvd = self.stats.gvd().numpy()
@@ -209,11 +270,23 @@ class Report:
         cats = np.full(valid.shape, None, dtype=object)
         cats[valid] = classify_heads(gvd[0][valid], gvd[1][valid], gvd[2][valid])
         prm = self.stats.prm()
-        self.results["heads"] = {"G": gvd[0].tolist(), "V": gvd[1].tolist(), "D": gvd[2].tolist(),
-                                 "category": cats.tolist(), "prm_last_layer": prm.tolist()}
-        _write_csv(self.out / "heads.csv", ["layer", "head", "G", "V", "D", "category"],
-                   [(l + 1, h, *gvd[:, l, h], cats[l, h]) for l in range(valid.shape[0]) for h in range(valid.shape[1])
-                    if valid[l, h]])
+        self.results["heads"] = {
+            "G": gvd[0].tolist(),
+            "V": gvd[1].tolist(),
+            "D": gvd[2].tolist(),
+            "category": cats.tolist(),
+            "prm_last_layer": prm.tolist(),
+        }
+        _write_csv(
+            self.out / "heads.csv",
+            ["layer", "head", "G", "V", "D", "category"],
+            [
+                (l + 1, h, *gvd[:, l, h], cats[l, h])
+                for l in range(valid.shape[0])
+                for h in range(valid.shape[1])
+                if valid[l, h]
+            ],
+        )
         self.results["figures"]["heads"] = str(plots.head_categories(gvd, cats, self.out / "heads.png"))
         self.results["figures"]["prm"] = str(plots.prm(prm.numpy(), self.out / "prm.png"))
 
@@ -235,11 +308,17 @@ class Report:
         test_cache = collect(self.model, self._test_loader, device=self.device, progress=self.progress)
         self._probes = train_probes(train_cache, epochs=self.probe_epochs, progress=self.progress)
         acc = probe_accuracy(self._probes, test_cache)
-        self.results["probe"] = {"accuracy": acc.tolist(), "train_frames": int(train_cache.labels.numel()),
-                                 "test_frames": int(test_cache.labels.numel()), "train": str(train_m), "test": str(test_m)}
+        self.results["probe"] = {
+            "accuracy": acc.tolist(),
+            "train_frames": int(train_cache.labels.numel()),
+            "test_frames": int(test_cache.labels.numel()),
+            "train": str(train_m),
+            "test": str(test_m),
+        }
         _write_csv(self.out / "probe.csv", ["layer", "accuracy"], list(enumerate(acc.tolist())))
-        self.results["figures"]["probe"] = str(plots.probe_accuracy(acc.numpy(), self.out / "probe.png",
-                                                                     f"phoneme probe, {self.hp['reuse']}"))
+        self.results["figures"]["probe"] = str(
+            plots.probe_accuracy(acc.numpy(), self.out / "probe.png", f"phoneme probe, {self.hp['reuse']}")
+        )
 
     def step_ablation(self):
         if self._probes is None:
@@ -275,11 +354,15 @@ class Report:
         scores = context_mixing(self.model, feats.to(self.device), [f for _, f in words])
         scores = {m: v.cpu() for m, v in scores.items()}
         names = [w for w, _ in words]
-        self.results["mixing"] = {"utterance": e["id"], "words": names,
-                                  **{m: v.tolist() for m, v in scores.items()}}
-        self.results["figures"]["mixing"] = str(plots.context_mixing(
-            {m: v.numpy() for m, v in scores.items()}, names, [f"layer {l + 1}" for l in range(self.model.num_layers)],
-            self.out / "context_mixing.png"))
+        self.results["mixing"] = {"utterance": e["id"], "words": names, **{m: v.tolist() for m, v in scores.items()}}
+        self.results["figures"]["mixing"] = str(
+            plots.context_mixing(
+                {m: v.numpy() for m, v in scores.items()},
+                names,
+                [f"layer {l + 1}" for l in range(self.model.num_layers)],
+                self.out / "context_mixing.png",
+            )
+        )
 
     def step_suggest(self):
         """Reuse-plan suggestion for this baseline (``analysis/suggest.py``) on the report's manifest:
@@ -288,8 +371,15 @@ class Report:
 
         if self.upstream is not None:
             raise ValueError("suggest-reuse needs a Conformer baseline of ours")
-        r = suggest(self.ckpt, str(self.manifest), str(self.out / "suggest"), limit=self.limit, device=self.device,
-                    progress=self.progress, max_frames=self.max_frames)
+        r = suggest(
+            self.ckpt,
+            str(self.manifest),
+            str(self.out / "suggest"),
+            limit=self.limit,
+            device=self.device,
+            progress=self.progress,
+            max_frames=self.max_frames,
+        )
         self.results["suggest"] = {k: r[k] for k in ("baseline", "similarity", "candidates")}
         self.results["figures"]["similarity"] = str(self.out / "suggest" / "similarity.png")
         self.results["figures"]["candidates"] = str(self.out / "suggest" / "candidates.png")
@@ -302,8 +392,10 @@ class Report:
 
                 self._saliency_adapter = hf_saliency(self.model)
             elif self.upstream is not None:
-                raise ValueError("saliency needs a CTC model of ours (or a converted ESPnet one) or --upstream hf, "
-                                 f"not --upstream {self.upstream}")
+                raise ValueError(
+                    "saliency needs a CTC model of ours (or a converted ESPnet one) or --upstream hf, "
+                    f"not --upstream {self.upstream}"
+                )
             else:
                 from analysis.saliency_model import CTCSaliency
 
@@ -337,10 +429,20 @@ class Report:
                     except (RuntimeError, ValueError) as err:
                         yield e["id"], f"{type(err).__name__}: {err}"
 
-        r = run(model, utterances(), self.out, progress=self.progress, total=len(ds.entries) + len(too_short),
-                settings={"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"],
-                          "manifest": str(self.manifest), **getattr(model, "settings", {})},
-                **self.saliency_options)
+        r = run(
+            model,
+            utterances(),
+            self.out,
+            progress=self.progress,
+            total=len(ds.entries) + len(too_short),
+            settings={
+                "checkpoint": self.hp["checkpoints"],
+                "reuse": self.hp["reuse"],
+                "manifest": str(self.manifest),
+                **getattr(model, "settings", {}),
+            },
+            **self.saliency_options,
+        )
         self.results["saliency"] = {k: r[k] for k in ("tokens", "utterances", "layers", "correlation", "deletion")}
         self.results["figures"].update({f"saliency_{k}": v for k, v in r["figures"].items()})
         self._saliency = r

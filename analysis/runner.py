@@ -2,6 +2,7 @@
 PAR, head scores and phoneme relation maps per layer and head, one utterance at a time (no map is
 kept beyond its batch).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,23 +34,39 @@ def aligned_manifest(manifest: str | Path, alignments: str | Path | None, out: P
         path = e.get("alignment")
         if not path and alignments is not None:
             spk, chapter = (e["id"].split("-") + ["", ""])[:2]
-            found = find_alignment(Path(alignments), manifest.stem,
-                                   {"speaker": e.get("speaker", spk), "chapter": e.get("chapter", chapter), "id": e["id"]})
+            found = find_alignment(
+                Path(alignments),
+                manifest.stem,
+                {"speaker": e.get("speaker", spk), "chapter": e.get("chapter", chapter), "id": e["id"]},
+            )
             path = str(found) if found else None
         (kept if path else missing).append({**e, "alignment": path} if path else e)
     if not kept:
-        raise ValueError(f"{manifest}: no utterance has an alignment" + (f" under {alignments}" if alignments else "")
-                         + "; pass --alignments or prepare with --alignments")
+        raise ValueError(
+            f"{manifest}: no utterance has an alignment"
+            + (f" under {alignments}" if alignments else "")
+            + "; pass --alignments or prepare with --alignments"
+        )
     if missing:
-        warnings.warn(f"{manifest}: {len(missing)} of {len(entries)} utterances have no alignment and are skipped "
-                      f"(e.g. {missing[0]['id']})", stacklevel=2)
+        warnings.warn(
+            f"{manifest}: {len(missing)} of {len(entries)} utterances have no alignment and are skipped "
+            f"(e.g. {missing[0]['id']})",
+            stacklevel=2,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(out, kept)
     return out, {"utterances": len(entries), "aligned": len(kept), "skipped_no_alignment": len(missing)}
 
 
-def labelled_loader(manifest: Path, cmvn: GlobalCMVN | None, max_frames: int = 20000, limit: int | None = None,
-                    num_workers: int = 0, featurizer=None, framing=None):
+def labelled_loader(
+    manifest: Path,
+    cmvn: GlobalCMVN | None,
+    max_frames: int = 20000,
+    limit: int | None = None,
+    num_workers: int = 0,
+    featurizer=None,
+    framing=None,
+):
     """Batches with model-frame labels (no SpecAugment, no shuffling); ``featurizer`` and
     ``framing`` default to our fbank and 40 ms encoder frames (see ``ManifestDataset``)."""
     ds = ManifestDataset([manifest], cmvn=cmvn, with_labels=True, featurizer=featurizer, framing=framing)
@@ -108,17 +125,25 @@ class AttentionStats:
     def cad(self) -> torch.Tensor:
         """``(L, H_max)`` mean CAD (NaN for heads a layer does not have)."""
         self._need()
-        return torch.where(self._valid(), self.cad_sum / self.utterances, torch.tensor(float("nan"), dtype=torch.float64))
+        return torch.where(
+            self._valid(), self.cad_sum / self.utterances, torch.tensor(float("nan"), dtype=torch.float64)
+        )
 
     def gvd(self) -> torch.Tensor:
         """``(3, L, H_max)`` mean G, V, D."""
         self._need()
-        return torch.where(self._valid()[None], self.gvd_sum / self.utterances, torch.tensor(float("nan"), dtype=torch.float64))
+        return torch.where(
+            self._valid()[None], self.gvd_sum / self.utterances, torch.tensor(float("nan"), dtype=torch.float64)
+        )
 
     def par_heads(self) -> torch.Tensor:
         """``(L, H_max, C, C)`` corpus PAR per head: mean over the utterances where it is defined."""
         self._need()
-        return torch.where(self.par_count > 0, self.par_sum / self.par_count.clamp_min(1), torch.tensor(float("nan"), dtype=torch.float64))
+        return torch.where(
+            self.par_count > 0,
+            self.par_sum / self.par_count.clamp_min(1),
+            torch.tensor(float("nan"), dtype=torch.float64),
+        )
 
     def par_layers(self) -> torch.Tensor:
         """``(L, C, C)`` PAR of each layer = mean over its heads (NaN-aware)."""
@@ -162,7 +187,8 @@ def accumulated_coverage(par_layers: torch.Tensor, ref: torch.Tensor, top_k: int
 
 
 def reference_par(par_layers: torch.Tensor) -> torch.Tensor:
-    """The coverage reference of Shim, Choi, Sung, ICLR 2022 (Section 5, Eq. 6): mean PAR over the lower half of the layers."""
+    """The coverage reference of Shim, Choi, Sung, ICLR 2022 (Section 5, Eq. 6): mean PAR over the lower half
+    of the layers."""
     return torch.nanmean(par_layers[: max(1, par_layers.shape[0] // 2)], 0)
 
 

@@ -49,6 +49,7 @@ The model side is the small :class:`~analysis.saliency_model.SaliencyModel` inte
 :class:`~models.ctc.ConformerCTC`; :mod:`analysis.saliency_hf` for transformers wav2vec2 / HuBERT CTC
 models and Whisper).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,14 +97,18 @@ def parse_mask_sizes(text: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         sizes = ()
     if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise ValueError(f"--mask-sizes {text!r}: expected comma-separated TxF cells of positive integers, e.g. 5x10,20x80")
+        raise ValueError(
+            f"--mask-sizes {text!r}: expected comma-separated TxF cells of positive integers, e.g. 5x10,20x80"
+        )
     return sizes
 
 
 # --- saliency methods -------------------------------------------------------------------------------
 
-def perturbation_masks(T: int, F: int, settings: PerturbationSettings, generator: torch.Generator, start: int = 0,
-                       count: int | None = None) -> torch.Tensor:
+
+def perturbation_masks(
+    T: int, F: int, settings: PerturbationSettings, generator: torch.Generator, start: int = 0, count: int | None = None
+) -> torch.Tensor:
     """``(count, T, F)`` bool, True = masked: masks ``start .. start + count - 1`` (default: all
     ``settings.masks``), each a grid of cells (mask ``i`` has the cells of ``settings.sizes[i % len]``)
     shifted by a random offset, each cell masked with probability ``settings.p``. Drawing them in
@@ -117,12 +122,13 @@ def perturbation_masks(T: int, F: int, settings: PerturbationSettings, generator
         nt, nf = (T + ot + ct - 1) // ct, (F + of + cf - 1) // cf
         cells = torch.rand(nt, nf, generator=generator) < settings.p
         grid = cells.repeat_interleave(ct, 0).repeat_interleave(cf, 1)
-        out[j] = grid[ot: ot + T, of: of + F]
+        out[j] = grid[ot : ot + T, of : of + F]
     return out
 
 
-def perturbation_saliency(score: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
-                          settings: PerturbationSettings) -> torch.Tensor:
+def perturbation_saliency(
+    score: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, settings: PerturbationSettings
+) -> torch.Tensor:
     """SPES-like saliency ``(N, T, F)`` of each of the ``N`` scores of ``score((B, T, F)) -> (B, N)``
     for ``features (T, F)``: ``E[drop | masked] - E[drop | kept]`` per element over the masks of
     :func:`perturbation_masks` (drop = unmasked score - masked score; masked = set to 0). Seeded by
@@ -149,8 +155,14 @@ def perturbation_saliency(score: Callable[[torch.Tensor], torch.Tensor], feature
     return sal.reshape(-1, T, F).float()
 
 
-def gradient_saliency(score: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, num_tokens: int,
-                      method: str = "ig", n_steps: int = 32, return_delta: bool = False):
+def gradient_saliency(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    num_tokens: int,
+    method: str = "ig",
+    n_steps: int = 32,
+    return_delta: bool = False,
+):
     """Gradient saliency ``(N, T, F)`` of each of the ``N`` scores of ``score((B, T, F)) -> (B, N)``
     with captum: ``"ig"`` integrated gradients from the zero input (``n_steps`` Gauss-Legendre
     points), ``"ixg"`` gradient x input. With ``return_delta`` (ig only) also the ``(N,)``
@@ -163,8 +175,14 @@ def gradient_saliency(score: Callable[[torch.Tensor], torch.Tensor], features: t
     maps, deltas = [], []
     for i in range(num_tokens):
         if method == "ig":
-            a, d = IntegratedGradients(score).attribute(x, baselines=torch.zeros_like(x), target=i, n_steps=n_steps,
-                                                        internal_batch_size=n_steps, return_convergence_delta=True)
+            a, d = IntegratedGradients(score).attribute(
+                x,
+                baselines=torch.zeros_like(x),
+                target=i,
+                n_steps=n_steps,
+                internal_batch_size=n_steps,
+                return_convergence_delta=True,
+            )
             deltas.append(d.reshape(()))
         else:
             a = InputXGradient(score).attribute(x.clone().requires_grad_(True), target=i)
@@ -184,25 +202,33 @@ def state_saliency(capture: Capture) -> list[torch.Tensor]:
     per_token = []
     for i in range(N):
         grads = torch.autograd.grad(capture.scores[i], capture.states, retain_graph=i < N - 1, allow_unused=True)
-        per_token.append([((g if g is not None else torch.zeros_like(s)) * s).sum(-1).detach().reshape(-1)
-                          for g, s in zip(grads, capture.states)])
+        per_token.append(
+            [
+                ((g if g is not None else torch.zeros_like(s)) * s).sum(-1).detach().reshape(-1)
+                for g, s in zip(grads, capture.states)
+            ]
+        )
     return [torch.stack([t[l] for t in per_token]) for l in range(len(capture.states))]
 
 
 # --- framing, attention, metrics ----------------------------------------------------------------------
 
-def frame_windows(num_frames: int, num_inputs: int, subsampling: int, receptive_field: int,
-                  offset: int = 0) -> torch.Tensor:
+
+def frame_windows(
+    num_frames: int, num_inputs: int, subsampling: int, receptive_field: int, offset: int = 0
+) -> torch.Tensor:
     """``(T', T)`` 0/1: row ``m`` marks the feature frames encoder frame ``m`` sees,
     ``subsampling m - offset .. subsampling m - offset + receptive_field - 1`` (clipped to ``0 .. T - 1``;
     ``offset``: the front end's left padding)."""
     w = torch.zeros(num_frames, num_inputs)
     for m in range(num_frames):
         a = subsampling * m - offset
-        w[m, max(0, a): min(num_inputs, a + receptive_field)] = 1
+        w[m, max(0, a) : min(num_inputs, a + receptive_field)] = 1
     if (w.sum(1) == 0).any():
-        raise ValueError(f"{num_frames} encoder frames do not fit {num_inputs} feature frames "
-                         f"(subsampling {subsampling}, receptive field {receptive_field}, offset {offset})")
+        raise ValueError(
+            f"{num_frames} encoder frames do not fit {num_inputs} feature frames "
+            f"(subsampling {subsampling}, receptive field {receptive_field}, offset {offset})"
+        )
     return w
 
 
@@ -218,7 +244,9 @@ def rollout(maps: list[torch.Tensor], residual: float = 0.5) -> list[torch.Tenso
     ``R_l = ((1 - residual) mean_h A_l + residual I) R_{l-1}``, ``R_{-1} = I``."""
     out, r = [], None
     for a in maps:
-        m = (1 - residual) * a.double().mean(0) + residual * torch.eye(a.shape[-1], dtype=torch.float64, device=a.device)
+        m = (1 - residual) * a.double().mean(0) + residual * torch.eye(
+            a.shape[-1], dtype=torch.float64, device=a.device
+        )
         r = m if r is None else m @ r
         out.append(r)
     return out
@@ -249,8 +277,13 @@ def delete_frames(features: torch.Tensor, frames: torch.Tensor, windows: torch.T
     return features * (~hit).to(features.device, features.dtype)[:, None]
 
 
-def deletion_drops(score: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, rankings: dict[str, torch.Tensor],
-                   ks, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+def deletion_drops(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    rankings: dict[str, torch.Tensor],
+    ks,
+    windows: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """Deletion test: ``rankings`` ``{name: (N, T')}`` -> ``{name: (N, len(ks))}`` drop of token
     ``i``'s score when the top ``k`` % frames of ranking ``i`` are removed (:func:`delete_frames`)."""
     names = list(rankings)
@@ -259,8 +292,9 @@ def deletion_drops(score: Callable[[torch.Tensor], torch.Tensor], features: torc
         N = base.shape[0]
         out = {n: torch.zeros(N, len(ks)) for n in names}
         for i in range(N):
-            variants = torch.stack([delete_frames(features, top_frames(rankings[n][i], k), windows)
-                                    for n in names for k in ks])
+            variants = torch.stack(
+                [delete_frames(features, top_frames(rankings[n][i], k), windows) for n in names for k in ks]
+            )
             drops = (base[i] - score(variants)[:, i]).reshape(len(names), len(ks)).float().cpu()
             for j, n in enumerate(names):
                 out[n][i] = drops[j]
@@ -286,9 +320,15 @@ class UtteranceResult:
     attention: torch.Tensor  # (N, T') layer-and-head average row
 
 
-def analyse_utterance(model: SaliencyModel, features: torch.Tensor, method: str = "perturbation",
-                      perturbation: PerturbationSettings | None = None, n_steps: int = 32,
-                      ks=DELETION_K, generator: torch.Generator | None = None) -> UtteranceResult | None:
+def analyse_utterance(
+    model: SaliencyModel,
+    features: torch.Tensor,
+    method: str = "perturbation",
+    perturbation: PerturbationSettings | None = None,
+    n_steps: int = 32,
+    ks=DELETION_K,
+    generator: torch.Generator | None = None,
+) -> UtteranceResult | None:
     """Every measure for one utterance ``features (T, F)`` (normalised); None if no token is emitted."""
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)}")
@@ -325,8 +365,23 @@ def analyse_utterance(model: SaliencyModel, features: torch.Tensor, method: str 
         frames = torch.tensor([t.frame for t in tokens])
         roll = torch.stack([pearson(R.cpu()[frames], frame_sal) for R in rollout([m.detach() for m in cap.maps])], 1)
     g = generator or torch.Generator().manual_seed(0)
-    rankings = {"attention": attention, "saliency": frame_sal,
-                "random": torch.stack([torch.randperm(Tp, generator=g) for _ in range(N)]).double()}
+    rankings = {
+        "attention": attention,
+        "saliency": frame_sal,
+        "random": torch.stack([torch.randperm(Tp, generator=g) for _ in range(N)]).double(),
+    }
     deletion = deletion_drops(score, features, rankings, ks, windows)
-    return UtteranceResult(tokens, in_layer, in_head, pearson(attention, frame_sal), roll, st_layer, st_head,
-                           pearson(attention, st_norm), deletion, sal.cpu(), frame_sal, attention)
+    return UtteranceResult(
+        tokens,
+        in_layer,
+        in_head,
+        pearson(attention, frame_sal),
+        roll,
+        st_layer,
+        st_head,
+        pearson(attention, st_norm),
+        deletion,
+        sal.cpu(),
+        frame_sal,
+        attention,
+    )

@@ -51,6 +51,7 @@ Speech-to-Text Models", the setting of that paper):
   input w.r.t. the encoder output that cross-attention reads (the same states for every decoder layer),
   the paper's second comparison; deletion silences the removed frames' log-Mel receptive fields.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,10 @@ def hf_saliency(up: HFUpstream):
     if up.family == "whisper":
         return WhisperSaliency(up)
     if not hasattr(up.model, "lm_head"):
-        raise ValueError(f"--upstream-ckpt {up.source}: {up.summary['class']} has no CTC head, so no token to explain; "
-                         f"saliency needs Wav2Vec2ForCTC, HubertForCTC or Whisper")
+        raise ValueError(
+            f"--upstream-ckpt {up.source}: {up.summary['class']} has no CTC head, so no token to explain; "
+            f"saliency needs Wav2Vec2ForCTC, HubertForCTC or Whisper"
+        )
     return HFCTCSaliency(up)
 
 
@@ -79,8 +82,10 @@ class _Prepared:
 
     def _check(self, features: torch.Tensor) -> None:
         if self._shape is None or tuple(features.shape[-2:]) != self._shape:
-            raise ValueError(f"features {tuple(features.shape)} are not those of the prepared utterance "
-                             f"{self._shape}: call prepare(wave) first")
+            raise ValueError(
+                f"features {tuple(features.shape)} are not those of the prepared utterance "
+                f"{self._shape}: call prepare(wave) first"
+            )
 
 
 class HFCTCSaliency(_Prepared):
@@ -99,7 +104,7 @@ class HFCTCSaliency(_Prepared):
         self.settings = {
             "model": f"{up.summary['class']} ({up.source})",
             "input": f"z, setting the gain z ** {self.power} of each {self.segment}-sample segment "
-                     f"({1000 * self.segment / 16000:g} ms) of the model's normalised waveform (0: silenced)",
+            f"({1000 * self.segment / 16000:g} ms) of the model's normalised waveform (0: silenced)",
             "token_score": f"log-probability at the emitting frame (greedy CTC path, blank {self.blank})",
             "deletion": "the removed frames' receptive fields silenced (normalised waveform set to 0)",
             "segment_samples": self.segment,
@@ -146,7 +151,9 @@ class WhisperSaliency(_Prepared):
         c1, c2 = up.encoder.conv1, up.encoder.conv2
         self.up = up
         self.subsampling = c1.stride[0] * c2.stride[0]
-        self.receptive_field = conv_receptive_field((c1.kernel_size[0], c2.kernel_size[0]), (c1.stride[0], c2.stride[0]))
+        self.receptive_field = conv_receptive_field(
+            (c1.kernel_size[0], c2.kernel_size[0]), (c1.stride[0], c2.stride[0])
+        )
         self.frame_offset = c1.padding[0] + c2.padding[0] * c1.stride[0]
         self.hop = int(up.feature_extractor.hop_length)
         self.computes = [True] * len(up.decoder.layers)
@@ -154,9 +161,9 @@ class WhisperSaliency(_Prepared):
             "model": f"{up.summary['class']} ({up.source})",
             "input": "Whisper's log-Mel frames covering the audio, minus the window's silence level (0: silence)",
             "token_score": "log-probability of each greedy-transcript token, teacher-forced (prompt and "
-                           "end-of-text not scored)",
+            "end-of-text not scored)",
             "attention": "decoder cross-attention row of each token (layers are decoder layers), cut to the "
-                         "encoder frames covering the audio and renormalised",
+            "encoder frames covering the audio and renormalised",
             "encoder_output_method": "gradient x input of the encoder output that cross-attention reads",
             "deletion": "log-Mel of the removed frames' receptive fields set to the silence level",
         }
@@ -201,11 +208,10 @@ class WhisperSaliency(_Prepared):
     def capture(self, features: torch.Tensor, tokens: list[Token]) -> Capture:
         enc = self._encode(features.detach()[None].requires_grad_(True))
         # the frames covering the audio as their own tensor on the path: their gradient is the saliency
-        audio, rest = enc[:, : self._frames], enc[:, self._frames:]
+        audio, rest = enc[:, : self._frames], enc[:, self._frames :]
         scores, out = self._decode(torch.cat([audio, rest], 1), tokens, output_attentions=True)
         rows = []
         for c in out.cross_attentions:  # (1, H, positions, window frames)
             r = c[0][:, self._positions, : self._frames].float()
             rows.append(r / r.sum(-1, keepdim=True))
         return Capture(scores[0], rows, None, [audio] * len(rows))
-

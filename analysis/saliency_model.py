@@ -8,6 +8,7 @@ log-probability *at its emitting frame*, the first frame of its run (where the c
 The sum over the run's frames, or the CTC posterior of the transcript, would mix frames; one frame
 has one attention row to compare with.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,8 +102,7 @@ class CTCSaliency:
         enc = self.model.encode(features[None], lengths, return_attentions=True, return_hidden_states=True)
         log_probs = torch.log_softmax(self.model.head(enc.output).float(), -1)[0]
         maps = [a[0].float() for a in enc.attentions]
-        return Capture(log_probs[frames, ids], [m[:, frames] for m in maps], maps,
-                       enc.hidden_states[:-1])
+        return Capture(log_probs[frames, ids], [m[:, frames] for m in maps], maps, enc.hidden_states[:-1])
 
 
 def token_index(tokens: list[Token], device) -> tuple[torch.Tensor, torch.Tensor]:

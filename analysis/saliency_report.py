@@ -22,6 +22,7 @@ the states that layer's attention reads (CTC: layer ``l``'s input; Whisper: the 
 ``mean_over_layers`` with the mean of the per-layer state saliencies, each L1-normalised).
 Averages skip tokens where a correlation is undefined (a constant map).
 """
+
 from __future__ import annotations
 
 import json
@@ -68,11 +69,22 @@ def _json(x):
     return x
 
 
-def run(model: SaliencyModel, utterances, out: str | Path, method: str = "perturbation",
-        perturbation: PerturbationSettings | None = None, n_steps: int = 32, ks=DELETION_K,
-        spectrogram: bool = True, progress: bool = True, total: int | None = None, settings: dict | None = None) -> dict:
+def run(
+    model: SaliencyModel,
+    utterances,
+    out: str | Path,
+    method: str = "perturbation",
+    perturbation: PerturbationSettings | None = None,
+    n_steps: int = 32,
+    ks=DELETION_K,
+    spectrogram: bool = True,
+    progress: bool = True,
+    total: int | None = None,
+    settings: dict | None = None,
+) -> dict:
     """Analyse ``utterances`` (an iterable of ``(id, features (T, F))``, features normalised; an item
-    ``(id, None)`` or ``(id, "reason")`` is an utterance that could not be loaded) and write ``out/saliency.json`` and the
+    ``(id, None)`` or ``(id, "reason")`` is an utterance that could not be loaded) and write
+    ``out/saliency.json`` and the
     figures; returns the JSON object. The deletion's random frames come from ``perturbation.seed``."""
     from tqdm import tqdm
 
@@ -103,8 +115,10 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
             continue
         scored += 1
         tokens += len(r.tokens)
-        for side, (pl, ph, mo) in {"input": (r.input_per_layer, r.input_per_head, r.input_mean),
-                                   "encoder_output": (r.states_per_layer, r.states_per_head, r.states_mean)}.items():
+        for side, (pl, ph, mo) in {
+            "input": (r.input_per_layer, r.input_per_head, r.input_mean),
+            "encoder_output": (r.states_per_layer, r.states_per_head, r.states_mean),
+        }.items():
             acc[side]["per_layer"].add(pl)
             acc[side]["per_head"].add(ph)
             acc[side]["mean_over_layers"].add(mo[:, None])
@@ -115,20 +129,34 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
         if example is None:
             example = (uid, feats.cpu(), r)
     if tokens == 0:
-        raise ValueError(f"no token was scored: {scored + empty} utterances analysed, {empty} emitted no token, "
-                         f"{len(skipped)} skipped" + (f" (e.g. {skipped[0]['id']}: {skipped[0]['error']})" if skipped else ""))
+        raise ValueError(
+            f"no token was scored: {scored + empty} utterances analysed, {empty} emitted no token, "
+            f"{len(skipped)} skipped" + (f" (e.g. {skipped[0]['id']}: {skipped[0]['error']})" if skipped else "")
+        )
     corr = {side: {n: m.value() for n, m in d.items()} for side, d in acc.items()}
     for c in corr.values():
         c["mean_over_layers"] = c["mean_over_layers"][0]
     result = {
-        "settings": {"method": method, "ig_steps": n_steps if method == "ig" else None,
-                     "perturbation": {"masks": perturbation.masks, "sizes": [list(s) for s in perturbation.sizes],
-                                      "p": perturbation.p, "seed": perturbation.seed} if method == "perturbation" else None,
-                     "seed": perturbation.seed, "token_score": "log-probability at the emitting frame (greedy CTC path)",
-                     "encoder_output_method": "gradient x input of each layer's input states",
-                     "deletion": "normalised features of the removed frames' receptive fields set to 0",
-                     "subsampling": model.subsampling, "receptive_field": model.receptive_field,
-                     "frame_offset": model.frame_offset, **(settings or {})},
+        "settings": {
+            "method": method,
+            "ig_steps": n_steps if method == "ig" else None,
+            "perturbation": {
+                "masks": perturbation.masks,
+                "sizes": [list(s) for s in perturbation.sizes],
+                "p": perturbation.p,
+                "seed": perturbation.seed,
+            }
+            if method == "perturbation"
+            else None,
+            "seed": perturbation.seed,
+            "token_score": "log-probability at the emitting frame (greedy CTC path)",
+            "encoder_output_method": "gradient x input of each layer's input states",
+            "deletion": "normalised features of the removed frames' receptive fields set to 0",
+            "subsampling": model.subsampling,
+            "receptive_field": model.receptive_field,
+            "frame_offset": model.frame_offset,
+            **(settings or {}),
+        },
         "tokens": tokens,
         "utterances": {"scored": scored, "no_tokens": empty, "skipped": skipped},
         "layers": [{"layer": l + 1, "computes": bool(c)} for l, c in enumerate(model.computes)],
@@ -148,6 +176,7 @@ def run(model: SaliencyModel, utterances, out: str | Path, method: str = "pertur
 
 # --- figures and table --------------------------------------------------------------------------------
 
+
 def _layer_labels(result: dict) -> list[str]:
     return [f"{d['layer']}" + ("" if d["computes"] else " (reused)") for d in result["layers"]]
 
@@ -161,8 +190,14 @@ def plot_correlation(result: dict, path: Path) -> Path:
     for ax, side in zip(axes[:2], ("input", "encoder_output")):
         m = np.array(result["correlation"][side]["per_head"], dtype=float)
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
-        ax.set(title=f"per head vs {side} saliency", xlabel="head", ylabel="layer",
-               yticks=range(len(labels)), yticklabels=labels, xticks=range(m.shape[1]))
+        ax.set(
+            title=f"per head vs {side} saliency",
+            xlabel="head",
+            ylabel="layer",
+            yticks=range(len(labels)),
+            yticklabels=labels,
+            xticks=range(m.shape[1]),
+        )
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
@@ -176,15 +211,17 @@ def plot_correlation(result: dict, path: Path) -> Path:
     for d in result["layers"]:
         if not d["computes"]:
             ax.axvspan(d["layer"] - 0.5, d["layer"] + 0.5, color="0.9")
-    ax.set(xlabel="layer (grey: reused map)", ylabel="Pearson r", title=f"per layer ({result['tokens']} tokens)",
-           xticks=x)
+    ax.set(
+        xlabel="layer (grey: reused map)", ylabel="Pearson r", title=f"per layer ({result['tokens']} tokens)", xticks=x
+    )
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_utterance(uid: str, feats: torch.Tensor, r: UtteranceResult, model: SaliencyModel, path: Path,
-                   spectrogram: bool = True) -> Path:
+def plot_utterance(
+    uid: str, feats: torch.Tensor, r: UtteranceResult, model: SaliencyModel, path: Path, spectrogram: bool = True
+) -> Path:
     """One utterance: the features with the input saliency of its middle token overlaid (features of
     one column, e.g. waveform segment gains: the saliency per input frame), and that token's pooled
     saliency, attention row (layer-and-head average) over time."""
@@ -194,8 +231,9 @@ def plot_utterance(uid: str, feats: torch.Tensor, r: UtteranceResult, model: Sal
     fig, (a0, a1) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     T = feats.shape[0]
     s = r.saliency[i].t().numpy()
-    token = f"token {r.tokens[i].id}" + ("" if r.tokens[i].frame is None else
-                                         f" (emitted at encoder frame {r.tokens[i].frame})")
+    token = f"token {r.tokens[i].id}" + (
+        "" if r.tokens[i].frame is None else f" (emitted at encoder frame {r.tokens[i].frame})"
+    )
     if feats.shape[1] == 1:
         a0.step(np.arange(T), s[0], where="post", label="input saliency")
         a0.set(ylabel="saliency", title=f"{uid}: {token}")
@@ -204,7 +242,9 @@ def plot_utterance(uid: str, feats: torch.Tensor, r: UtteranceResult, model: Sal
         lim = np.abs(s).max() or 1.0
         a0.imshow(s, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.6)
         a0.set(ylabel="mel bin", title=f"{uid}: {token}")
-    centres = np.arange(r.frame_saliency.shape[1]) * model.subsampling + (model.receptive_field - 1) / 2 - model.frame_offset
+    centres = (
+        np.arange(r.frame_saliency.shape[1]) * model.subsampling + (model.receptive_field - 1) / 2 - model.frame_offset
+    )
     norm = lambda v: v / (np.abs(v).max() or 1.0)
     a1.plot(centres, norm(r.frame_saliency[i].numpy()), label="saliency (pooled)")
     a1.plot(centres, norm(r.attention[i].numpy()), label="attention (mean over layers, heads)")
@@ -231,12 +271,16 @@ def format_table(result: dict) -> str:
     f = lambda v: "   n/a" if v is None else f"{v:6.3f}"
     c = result["correlation"]
     roll = c["input"].get("rollout") or [None] * len(result["layers"])
-    lines = [f"{result['tokens']} tokens, method {result['settings']['method']}",
-             "layer          r(input)  r(rollout)  r(enc.out)"]
+    lines = [
+        f"{result['tokens']} tokens, method {result['settings']['method']}",
+        "layer          r(input)  r(rollout)  r(enc.out)",
+    ]
     for d, a, b, e in zip(result["layers"], c["input"]["per_layer"], roll, c["encoder_output"]["per_layer"]):
         lines.append(f"{d['layer']:3d} {'computes' if d['computes'] else 'reused  '}   {f(a)}    {f(b)}      {f(e)}")
-    lines.append(f"mean over layers and heads: input {f(c['input']['mean_over_layers'])}, "
-                 f"encoder output {f(c['encoder_output']['mean_over_layers'])}")
+    lines.append(
+        f"mean over layers and heads: input {f(c['input']['mean_over_layers'])}, "
+        f"encoder output {f(c['encoder_output']['mean_over_layers'])}"
+    )
     lines.append("deletion k%   " + "  ".join(f"{k:6d}" for k in result["deletion"]["k"]))
     for n in RANKINGS:
         lines.append(f"  by {n:9s} " + "  ".join(f(v) for v in result["deletion"][n]))

@@ -3,6 +3,7 @@
 Analyses other than the probe remove the rows and columns of silence frames (label -1 here, or
 36 = ``data.alignments.SILENCE`` in the 37-label set) and renormalise each remaining row to 1.
 """
+
 from __future__ import annotations
 
 import torch

@@ -25,6 +25,7 @@ Candidates are ranked best first by zero-shot WER, then by GFLOP saved. Writes `
 ``DIR/similarity.png`` (the best plan's groups outlined) and ``DIR/candidates.png`` (zero-shot WER
 against saving, the Pareto front marked), and prints the table.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,7 +48,9 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     m = 0.5 * (p + q)
 
     def kl(a):
-        return torch.where(a > 0, a * (a.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), torch.zeros_like(a)).sum(-1)
+        return torch.where(a > 0, a * (a.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()), torch.zeros_like(a)).sum(
+            -1
+        )
 
     return (0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, LN2)
 
@@ -108,8 +111,11 @@ def candidate_groups(sim: torch.Tensor, heads: list[int], ks: list[int], per_k: 
     mixing head counts are not plans: left out)."""
     out = []
     for k in ks:
-        scored = [(within_group_similarity(sim, g), g) for g in partitions(len(heads), k)
-                  if all(len({heads[l] for l in grp}) == 1 for grp in g)]
+        scored = [
+            (within_group_similarity(sim, g), g)
+            for g in partitions(len(heads), k)
+            if all(len({heads[l] for l in grp}) == 1 for grp in g)
+        ]
         scored.sort(key=lambda x: -x[0])
         out += [g for _, g in scored[:per_k]]
     return out
@@ -132,10 +138,21 @@ def zero_shot(model, loader, tokenizer, sources: list[int] | None, device: str =
     for batch in loader:
         if batch is None:
             continue
-        log_probs, lengths = model(batch["features"].to(device), batch["feature_lengths"].to(device), map_sources=sources)
+        log_probs, lengths = model(
+            batch["features"].to(device), batch["feature_lengths"].to(device), map_sources=sources
+        )
         log_probs, lengths = log_probs.cpu(), lengths.cpu()
-        loss += float(F.ctc_loss(log_probs.transpose(0, 1), batch["targets"], lengths, batch["target_lengths"],
-                                 blank=BLANK, reduction="sum", zero_infinity=True))
+        loss += float(
+            F.ctc_loss(
+                log_probs.transpose(0, 1),
+                batch["targets"],
+                lengths,
+                batch["target_lengths"],
+                blank=BLANK,
+                reduction="sum",
+                zero_infinity=True,
+            )
+        )
         n += len(batch["ids"])
         refs += batch["texts"]
         hyps += [tokenizer.decode(h) for h in greedy_decode(log_probs, lengths)]
@@ -164,9 +181,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, limit: int | None = None,
-            per_k: int = 8, device: str = "cpu", data_dir: str | None = None, progress: bool = True,
-            max_frames: int = 20000) -> dict:
+def suggest(
+    ckpt: str,
+    manifest: str,
+    out: str,
+    ks: list[int] | None = None,
+    limit: int | None = None,
+    per_k: int = 8,
+    device: str = "cpu",
+    data_dir: str | None = None,
+    progress: bool = True,
+    max_frames: int = 20000,
+) -> dict:
     """Runs the whole suggestion; returns what ``suggest.json`` holds."""
     from analysis import plots
     from common.io import atomic_write_text, check_writable
@@ -191,16 +217,23 @@ def suggest(ckpt: str, manifest: str, out: str, ks: list[int] | None = None, lim
     ds.with_labels = False
     loader = ordered_loader(ds, max_frames)
     base_wer, base_loss = zero_shot(model, loader, tokenizer, None, device)
-    candidates, base_gflop = rank_candidates(model, loader, tokenizer, maps["similarity"], ks, per_k, base_wer,
-                                             device, progress)
+    candidates, base_gflop = rank_candidates(
+        model, loader, tokenizer, maps["similarity"], ks, per_k, base_wer, device, progress
+    )
     sim = maps["similarity"]
     result = {
-        "checkpoint": hp["checkpoints"], "manifest": str(path), "utterances": maps["utterances"], "reuse": model.reuse,
+        "checkpoint": hp["checkpoints"],
+        "manifest": str(path),
+        "utterances": maps["utterances"],
+        "reuse": model.reuse,
         "baseline": {"wer": round(base_wer, 3), "loss": round(base_loss, 4)},
-        "similarity": sim.tolist(), "divergence": maps["divergence"].tolist(),
-        "cad": maps["cad"].tolist(), "coverage": maps["coverage"],
+        "similarity": sim.tolist(),
+        "divergence": maps["divergence"].tolist(),
+        "cad": maps["cad"].tolist(),
+        "coverage": maps["coverage"],
         "encoder_gflop_768": round(base_gflop, 4),
-        "candidates": candidates, "seconds": round(time.perf_counter() - t0, 1),
+        "candidates": candidates,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(out / "suggest.json", json.dumps(result, indent=1))
     best = candidates[0]["groups"] if candidates else [[l] for l in range(model.num_layers)]
@@ -214,8 +247,10 @@ def check_request(model, ckpt: str, ks: list[int] | None, per_k: int) -> list[in
     that ``model`` is a baseline of two layers or more and ``ks`` / ``per_k`` are possible
     (``ValueError`` naming the option otherwise)."""
     if any(p.reuses for p in model.plans):
-        raise ValueError(f"{ckpt}: a reuse model ({model.reuse}); suggest-reuse starts from a baseline whose every "
-                         f"layer computes its own maps")
+        raise ValueError(
+            f"{ckpt}: a reuse model ({model.reuse}); suggest-reuse starts from a baseline whose every "
+            f"layer computes its own maps"
+        )
     L = model.num_layers
     if L < 2:
         raise ValueError(f"{ckpt}: one layer, nothing to share")
@@ -245,7 +280,9 @@ def map_statistics(model, loader, aligned: bool, device: str, progress: bool = T
         for batch in tqdm(loader, desc="maps", unit="batch", disable=not progress):
             if batch is None:
                 continue
-            enc = model.encode(batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True)
+            enc = model.encode(
+                batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True
+            )
             for b, n in enumerate(enc.lengths.cpu().tolist()):
                 maps = [a[b, :, :n, :n].double().cpu() for a in enc.attentions]
                 sim_acc.add(maps)
@@ -258,12 +295,26 @@ def map_statistics(model, loader, aligned: bool, device: str, progress: bool = T
         layers = stats.par_layers()
         ref = reference_par(layers)
         coverage = [par_coverage(layers[l], ref) for l in range(L)]
-    return {"similarity": sim_acc.similarity(), "divergence": sim_acc.divergence(), "cad": cad_sum / max(1, cad_n),
-            "coverage": coverage, "utterances": cad_n}
+    return {
+        "similarity": sim_acc.similarity(),
+        "divergence": sim_acc.divergence(),
+        "cad": cad_sum / max(1, cad_n),
+        "coverage": coverage,
+        "utterances": cad_n,
+    }
 
 
-def rank_candidates(model, loader, tokenizer, sim: torch.Tensor, ks: list[int], per_k: int, base_wer: float,
-                    device: str, progress: bool = True) -> tuple[list[dict], float]:
+def rank_candidates(
+    model,
+    loader,
+    tokenizer,
+    sim: torch.Tensor,
+    ks: list[int],
+    per_k: int,
+    base_wer: float,
+    device: str,
+    progress: bool = True,
+) -> tuple[list[dict], float]:
     """``(candidates, baseline GFLOP at 768 frames)``: the reuse plans of :func:`candidate_groups`,
     each with its zero-shot WER and loss, within-group similarity and GFLOP saved, sorted by WER
     (then saving) and marked on the Pareto front of saving against WER."""
@@ -281,12 +332,18 @@ def rank_candidates(model, loader, tokenizer, sim: torch.Tensor, ks: list[int], 
     for groups in tqdm(candidate_groups(sim, heads, ks, per_k), desc="zero-shot", unit="plan", disable=not progress):
         wer, loss = zero_shot(model, loader, tokenizer, sources_of(groups), device)
         reuse = plan_string(groups, heads)
-        candidates.append({
-            "reuse": reuse, "groups": groups, "num_groups": len(groups),
-            "zero_shot_wer": round(wer, 3), "wer_increase": round(wer - base_wer, 3), "zero_shot_loss": round(loss, 4),
-            "similarity": round(within_group_similarity(sim, groups), 5),
-            "gflop_saving": round(base_gflop - encoder_gflop(check_plan(cpu_base, reuse).eval(), 768), 4),
-        })
+        candidates.append(
+            {
+                "reuse": reuse,
+                "groups": groups,
+                "num_groups": len(groups),
+                "zero_shot_wer": round(wer, 3),
+                "wer_increase": round(wer - base_wer, 3),
+                "zero_shot_loss": round(loss, 4),
+                "similarity": round(within_group_similarity(sim, groups), 5),
+                "gflop_saving": round(base_gflop - encoder_gflop(check_plan(cpu_base, reuse).eval(), 768), 4),
+            }
+        )
         candidates[-1]["gflop_saving_fraction"] = round(candidates[-1]["gflop_saving"] / base_gflop, 4)
     candidates.sort(key=lambda c: (c["zero_shot_wer"], -c["gflop_saving"]))
     front = pareto_front([(c["gflop_saving"], c["zero_shot_wer"]) for c in candidates])
@@ -297,11 +354,17 @@ def rank_candidates(model, loader, tokenizer, sim: torch.Tensor, ks: list[int], 
 
 def print_table(result: dict, top: int = 20) -> None:
     b = result["baseline"]
-    print(f"baseline {result['reuse']}: WER {b['wer']:.2f} %, CTC loss {b['loss']:.3f} "
-          f"({result['utterances']} utterances, {result['seconds']} s)")
-    print(f"{'plan':32s} {'groups':>6s} {'WER%':>7s} {'+WER':>7s} {'loss':>8s} {'sim.':>6s} {'GFLOP saved':>11s} "
-          f"{'%':>5s} pareto")
+    print(
+        f"baseline {result['reuse']}: WER {b['wer']:.2f} %, CTC loss {b['loss']:.3f} "
+        f"({result['utterances']} utterances, {result['seconds']} s)"
+    )
+    print(
+        f"{'plan':32s} {'groups':>6s} {'WER%':>7s} {'+WER':>7s} {'loss':>8s} {'sim.':>6s} {'GFLOP saved':>11s} "
+        f"{'%':>5s} pareto"
+    )
     for c in result["candidates"][:top]:
-        print(f"{c['reuse']:32s} {c['num_groups']:6d} {c['zero_shot_wer']:7.2f} {c['wer_increase']:7.2f} "
-              f"{c['zero_shot_loss']:8.3f} {c['similarity']:6.3f} {c['gflop_saving']:11.3f} "
-              f"{100 * c['gflop_saving_fraction']:5.1f} {'*' if c['pareto'] else ''}")
+        print(
+            f"{c['reuse']:32s} {c['num_groups']:6d} {c['zero_shot_wer']:7.2f} {c['wer_increase']:7.2f} "
+            f"{c['zero_shot_loss']:8.3f} {c['similarity']:6.3f} {c['gflop_saving']:11.3f} "
+            f"{100 * c['gflop_saving_fraction']:5.1f} {'*' if c['pareto'] else ''}"
+        )

@@ -13,6 +13,7 @@ The checkpoint is the ``.ckpt`` that s3prl's hub downloads for ``tera`` / ``mock
 with the upstream config (``Upstream_Config``, or ``Config`` in legacy files, holding
 ``transformer`` and ``audio``) and the weights (``Transformer``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -23,8 +24,9 @@ from torch import nn
 
 from models.ctc import EncoderOutput
 
-S3PRL_HELP = ("s3prl is not installed; install the optional extra with `pip install '.[s3prl]'` "
-              "(or `pip install s3prl==0.4.18`)")
+S3PRL_HELP = (
+    "s3prl is not installed; install the optional extra with `pip install '.[s3prl]'` (or `pip install s3prl==0.4.18`)"
+)
 FRAME_SHIFT = 0.01  # TERA / Mockingjay run on 10 ms frames (no subsampling)
 FRAME_WINDOW = 0.025
 
@@ -85,7 +87,7 @@ class TeraUpstream(nn.Module):
         self.eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "TeraUpstream":
+    def from_checkpoint(cls, path: str | Path) -> TeraUpstream:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such TERA / Mockingjay checkpoint")
@@ -130,11 +132,19 @@ class TeraUpstream(nn.Module):
             return mask
         mask = torch.as_tensor(head_mask, dtype=torch.float32)
         if mask.shape != (self.num_layers, H):
-            raise ValueError(f"head mask must be (num_layers, heads) = ({self.num_layers}, {H}); got {tuple(mask.shape)}")
+            raise ValueError(
+                f"head mask must be (num_layers, heads) = ({self.num_layers}, {H}); got {tuple(mask.shape)}"
+            )
         return mask
 
-    def encode(self, features: torch.Tensor, lengths: torch.Tensor, return_attentions: bool = False,
-               return_hidden_states: bool = False, head_mask=None) -> EncoderOutput:
+    def encode(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        return_attentions: bool = False,
+        return_hidden_states: bool = False,
+        head_mask=None,
+    ) -> EncoderOutput:
         """``features (B, T, input_dim)`` -> :class:`EncoderOutput` (maps ``(B, H, T, T)`` per layer,
         ``num_layers + 1`` hidden states). ``head_mask`` zeroes a head's attention probabilities,
         hence its output, before the output projection (s3prl's own head masking)."""
@@ -146,28 +156,52 @@ class TeraUpstream(nn.Module):
         mask = (torch.arange(T, device=features.device)[None, :] < lengths[:, None]).float()
         pos = self._position_encoding(T, self.d_model).to(features.device).expand(B, T, self.d_model)
         hm = self.head_mask_tensor(head_mask)
-        attentions, hidden = self.model(features.float(), pos, mask, output_all_encoded_layers=True,
-                                        head_mask=None if hm is None else hm.to(features.device))
-        return EncoderOutput(hidden[-1], lengths, attentions if return_attentions else None,
-                             hidden if return_hidden_states else None)
+        attentions, hidden = self.model(
+            features.float(),
+            pos,
+            mask,
+            output_all_encoded_layers=True,
+            head_mask=None if hm is None else hm.to(features.device),
+        )
+        return EncoderOutput(
+            hidden[-1], lengths, attentions if return_attentions else None, hidden if return_hidden_states else None
+        )
 
     def forward(self, features, lengths, head_mask=None):
         return self.encode(features, lengths, head_mask=head_mask).output
 
 
-def build_random_tera(num_layers: int = 3, num_heads: int = 12, hidden_size: int = 768, seed: int = 0,
-                      audio: dict | None = None) -> tuple[dict, TeraUpstream]:
+def build_random_tera(
+    num_layers: int = 3, num_heads: int = 12, hidden_size: int = 768, seed: int = 0, audio: dict | None = None
+) -> tuple[dict, TeraUpstream]:
     """A randomly initialised TERA (by default TERA-base's size: 3 layers, 12 heads, 768 dimensions) and its
     checkpoint dict, in the format s3prl's hub downloads; for tests and for trying the tools without a download."""
     torch.manual_seed(seed)
     config = {
-        "transformer": {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
-                        "intermediate_size": 4 * hidden_size if hidden_size < 768 else 3072, "hidden_act": "gelu",
-                        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02,
-                        "layer_norm_eps": 1e-12, "share_layer": False, "pre_layer_norm": False},
-        "audio": audio or {"target_level": -25, "win_ms": 25, "hop_ms": 10, "n_freq": 201, "n_mels": 80, "n_mfcc": 13,
-                           "input": {"feat_type": "mel", "channel": 0, "log": True, "delta": 0, "cmvn": True},
-                           "target": {"feat_type": "linear", "channel": 1, "log": True, "delta": 0, "cmvn": True}},
+        "transformer": {
+            "hidden_size": hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "intermediate_size": 4 * hidden_size if hidden_size < 768 else 3072,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "initializer_range": 0.02,
+            "layer_norm_eps": 1e-12,
+            "share_layer": False,
+            "pre_layer_norm": False,
+        },
+        "audio": audio
+        or {
+            "target_level": -25,
+            "win_ms": 25,
+            "hop_ms": 10,
+            "n_freq": 201,
+            "n_mels": 80,
+            "n_mfcc": 13,
+            "input": {"feat_type": "mel", "channel": 0, "log": True, "delta": 0, "cmvn": True},
+            "target": {"feat_type": "linear", "channel": 1, "log": True, "delta": 0, "cmvn": True},
+        },
         "task": {"sequence_length": 0},
     }
     upstream = TeraUpstream(config)

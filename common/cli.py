@@ -7,6 +7,7 @@ Every command (``train.py``, ``evaluate.py``, ``transcribe.py``, ``python -m ana
 the exception propagates with its traceback (``TRAIN_TRACEBACK=1``, the name train.py used first,
 works too).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_ckpt(parser: argparse.ArgumentParser, required: bool = True,
-             help: str = "checkpoint file, or checkpoint folder (with --average)") -> None:
+def add_ckpt(
+    parser: argparse.ArgumentParser,
+    required: bool = True,
+    help: str = "checkpoint file, or checkpoint folder (with --average)",
+) -> None:
     """``--ckpt``: a checkpoint of train.py (file, or folder holding ``last.ckpt`` / ``epochNNN.ckpt``)."""
     parser.add_argument("--ckpt", required=required, help=help)
 
@@ -68,5 +72,8 @@ def add_device(parser: argparse.ArgumentParser, help: str = DEVICE_HELP, resolve
     """``--device``, defaulting to :func:`default_device`. With ``resolve_later`` the parsed default
     is None, for a command whose other options decide (e.g. ``--engine onnxruntime`` runs on the
     CPU); it then calls :func:`default_device` itself."""
-    parser.add_argument("--device", default=None if resolve_later else default_device(),
-                        help=f"{help} (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default=None if resolve_later else default_device(),
+        help=f"{help} (default: cuda if available, else cpu)",
+    )

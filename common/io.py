@@ -1,5 +1,6 @@
 """File I/O shared by every package: atomic writes (a temporary file beside the target, then a
 rename: never a half file) and a writable-folder check made before long work starts."""
+
 from __future__ import annotations
 
 import os

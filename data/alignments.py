@@ -2,9 +2,11 @@
 
 MFA writes one TextGrid per utterance with a ``words`` and a ``phones`` tier; phones are ARPAbet
 with stress digits, silences are empty intervals (or ``sil`` / ``sp`` / ``spn``). As in the
-phonetic analysis of Shim, Choi and Sung (ICLR 2022), stress digits are stripped and AA+AO, OW+OY, SH+ZH are merged, giving the 36
+phonetic analysis of Shim, Choi and Sung (ICLR 2022), stress digits are stripped and AA+AO, OW+OY, SH+ZH are
+merged, giving the 36
 classes of :data:`PHONE_CLASSES` (indices 0..35) plus silence (:data:`SILENCE`, index 36).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-PHONE_CLASSES = (
-    "AA AE AW AY AH EH ER EY IY IH O UH UW L R M N NG B D DH G K P T F CH SH TH S Z V JH W Y HH"
-).split()
+PHONE_CLASSES = ("AA AE AW AY AH EH ER EY IY IH O UH UW L R M N NG B D DH G K P T F CH SH TH S Z V JH W Y HH").split()
 NUM_PHONES = len(PHONE_CLASSES)  # 36
 SILENCE = NUM_PHONES  # index 36
 NUM_LABELS = NUM_PHONES + 1  # 37, the probe's outputs
@@ -65,7 +65,9 @@ class Alignment:
         """Labels (``num_frames``,) of frames by the centre rule; see :func:`frame_labels`."""
         return frame_labels(self.phone_classes(), num_frames, frame_shift, window)
 
-    def word_frames(self, num_frames: int, frame_shift: float, window: float | None = None) -> list[tuple[str, list[int]]]:
+    def word_frames(
+        self, num_frames: int, frame_shift: float, window: float | None = None
+    ) -> list[tuple[str, list[int]]]:
         """Each word with the frames whose centre falls in its interval (words with no frame dropped)."""
         centres = _centres(num_frames, frame_shift, window)
         out = []
@@ -89,8 +91,9 @@ def _centres(num_frames: int, frame_shift: float, window: float | None) -> list[
     return [k * frame_shift + half for k in range(num_frames)]
 
 
-def frame_labels(phones: list[tuple[float, float, int]], num_frames: int, frame_shift: float,
-                 window: float | None = None) -> torch.Tensor:
+def frame_labels(
+    phones: list[tuple[float, float, int]], num_frames: int, frame_shift: float, window: float | None = None
+) -> torch.Tensor:
     """Frame ``k`` takes the class of the interval that contains its centre ``k * shift + window / 2``.
 
     ``window`` defaults to ``frame_shift`` (centre of a 40 ms encoder frame at ``k*0.04 + 0.02``);
@@ -172,8 +175,12 @@ def write_textgrid(path: str | Path, words: list[Interval], phones: list[Interva
 def find_alignment(align_root: Path, subset: str, entry: dict) -> Path | None:
     """The TextGrid of an utterance under an MFA output root, trying the usual layouts."""
     spk, chap, uid = entry["speaker"], entry["chapter"], entry["id"]
-    for candidate in (align_root / subset / spk / f"{uid}.TextGrid", align_root / subset / spk / chap / f"{uid}.TextGrid",
-                      align_root / spk / f"{uid}.TextGrid", align_root / spk / chap / f"{uid}.TextGrid"):
+    for candidate in (
+        align_root / subset / spk / f"{uid}.TextGrid",
+        align_root / subset / spk / chap / f"{uid}.TextGrid",
+        align_root / spk / f"{uid}.TextGrid",
+        align_root / spk / chap / f"{uid}.TextGrid",
+    ):
         if candidate.is_file():
             return candidate
     return None

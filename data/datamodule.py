@@ -1,5 +1,6 @@
 """The LightningDataModule of training: loaders over a prepared folder's manifests, with the
 folder's tokenizer, CMVN and (for a converted model) front end. Batches: :mod:`data.dataset`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,24 +33,41 @@ class ASRDataModule(_lightning_base()):
         max_duration: drop training utterances longer than this (seconds).
     """
 
-    def __init__(self, data_dir: str, train_sets: list[str] | None = None, valid_sets: list[str] | None = None,
-                 test_sets: list[str] | None = None, max_frames: int = 20000, num_workers: int = 2,
-                 spec_augment: bool = True, freq_masks: int = 2, freq_width: int = 27, time_masks: int = 10,
-                 time_ratio: float = 0.05, num_buckets: int = 30, with_labels: bool = False,
-                 max_duration: float | None = None, seed: int = 0):
+    def __init__(
+        self,
+        data_dir: str,
+        train_sets: list[str] | None = None,
+        valid_sets: list[str] | None = None,
+        test_sets: list[str] | None = None,
+        max_frames: int = 20000,
+        num_workers: int = 2,
+        spec_augment: bool = True,
+        freq_masks: int = 2,
+        freq_width: int = 27,
+        time_masks: int = 10,
+        time_ratio: float = 0.05,
+        num_buckets: int = 30,
+        with_labels: bool = False,
+        max_duration: float | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = check_prepared(data_dir)
         for required in ("bpe.model", "cmvn.json"):
             if not (self.data_dir / required).is_file():
-                raise FileNotFoundError(f"{self.data_dir / required}: missing; run `python -m data.prepare --out {data_dir}` first")
+                raise FileNotFoundError(
+                    f"{self.data_dir / required}: missing; run `python -m data.prepare --out {data_dir}` first"
+                )
         self.tokenizer = Tokenizer.open(self.data_dir / "bpe.model")  # in tokens.txt's order, if there is one
         self.cmvn = GlobalCMVN.load(self.data_dir / "cmvn.json")
         # a folder prepared for a converted model (data.prepare --inputs) names the model's own front end
         self.features, self.featurizer, self.framing = model_features(self.data_dir / "features.json")
         if self.features is not None and with_labels:
-            raise ValueError(f"{self.data_dir / 'features.json'}: frame labels (with_labels) are not supported with "
-                             f"a converted model's front end in training")
+            raise ValueError(
+                f"{self.data_dir / 'features.json'}: frame labels (with_labels) are not supported with "
+                f"a converted model's front end in training"
+            )
         for name in (train_sets or []) + (valid_sets or []) + (test_sets or []):
             self.manifest(name)
 
@@ -59,19 +77,39 @@ class ASRDataModule(_lightning_base()):
 
     def dataset(self, sets: list[str], train: bool = False) -> ManifestDataset:
         h = self.hparams
-        aug = SpecAugment(h.freq_masks, h.freq_width, h.time_masks, h.time_ratio) if (train and h.spec_augment) else None
-        return ManifestDataset([self.manifest(s) for s in sets], self.tokenizer, self.cmvn, aug, h.with_labels,
-                               h.max_duration if train else None, seed=h.seed, featurizer=self.featurizer,
-                               framing=self.framing)
+        aug = (
+            SpecAugment(h.freq_masks, h.freq_width, h.time_masks, h.time_ratio) if (train and h.spec_augment) else None
+        )
+        return ManifestDataset(
+            [self.manifest(s) for s in sets],
+            self.tokenizer,
+            self.cmvn,
+            aug,
+            h.with_labels,
+            h.max_duration if train else None,
+            seed=h.seed,
+            featurizer=self.featurizer,
+            framing=self.framing,
+        )
 
     def loader(self, sets: list[str], train: bool = False) -> DataLoader:
         """Frame-bounded batches of ``sets``; for training shuffled, tagged with the epoch, and
         resumable (:class:`ResumableLoader`)."""
         ds = self.dataset(sets, train)
-        sampler = FrameBucketSampler([ds.num_frames(i) for i in range(len(ds))], self.hparams.max_frames, shuffle=train,
-                                     num_buckets=self.hparams.num_buckets, seed=self.hparams.seed, tag_epoch=train)
-        kw = dict(batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers,
-                  persistent_workers=train and self.hparams.num_workers > 0)
+        sampler = FrameBucketSampler(
+            [ds.num_frames(i) for i in range(len(ds))],
+            self.hparams.max_frames,
+            shuffle=train,
+            num_buckets=self.hparams.num_buckets,
+            seed=self.hparams.seed,
+            tag_epoch=train,
+        )
+        kw = dict(
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=train and self.hparams.num_workers > 0,
+        )
         return ResumableLoader(ds, self._train_progress, **kw) if train else DataLoader(ds, **kw)
 
     def train_dataloader(self):

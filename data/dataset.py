@@ -14,6 +14,7 @@ A batch is a dict::
 An utterance that fails to load is reported once and left out of its batch: a long run never
 dies on one bad file.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,17 +54,28 @@ class ManifestDataset(Dataset):
     and says how many feature frames the model needs (default: 40 ms encoder frames, >= 7).
     """
 
-    def __init__(self, manifests: list[str | Path], tokenizer: Tokenizer | None = None, cmvn: GlobalCMVN | None = None,
-                 spec_augment: SpecAugment | None = None, with_labels: bool = False, max_duration: float | None = None,
-                 seed: int = 0, featurizer=None, framing: LabelFraming | None = None):
+    def __init__(
+        self,
+        manifests: list[str | Path],
+        tokenizer: Tokenizer | None = None,
+        cmvn: GlobalCMVN | None = None,
+        spec_augment: SpecAugment | None = None,
+        with_labels: bool = False,
+        max_duration: float | None = None,
+        seed: int = 0,
+        featurizer=None,
+        framing: LabelFraming | None = None,
+    ):
         self.entries = []
         self.manifests = [str(m) for m in manifests]
         for m in manifests:
             entries = read_manifest(m)
             missing = [e for e in entries if not os.path.isfile(e["audio"])]
             if missing:  # a moved corpus: say so before any work starts
-                raise FileNotFoundError(f"{m}: audio of {len(missing)} of {len(entries)} utterances is missing, "
-                                        f"e.g. {missing[0]['id']}: {missing[0]['audio']}")
+                raise FileNotFoundError(
+                    f"{m}: audio of {len(missing)} of {len(entries)} utterances is missing, "
+                    f"e.g. {missing[0]['id']}: {missing[0]['audio']}"
+                )
             self.entries += entries
         self.featurizer = featurizer or fbank
         self.framing = framing or LabelFraming()
@@ -74,16 +86,21 @@ class ManifestDataset(Dataset):
             if why := self.framing.too_short(self._feature_frames(e)):
                 self.skipped[e["id"]] = why
         if self.skipped:
-            warnings.warn(f"{', '.join(map(str, manifests))}: {len(self.skipped)} utterances are too short for the "
-                          f"model and skipped, e.g. {next(iter(self.skipped))}", stacklevel=2)
+            warnings.warn(
+                f"{', '.join(map(str, manifests))}: {len(self.skipped)} utterances are too short for the "
+                f"model and skipped, e.g. {next(iter(self.skipped))}",
+                stacklevel=2,
+            )
             self.entries = [e for e in self.entries if e["id"] not in self.skipped]
         if max_duration is not None:
             self.entries = [e for e in self.entries if e["duration"] <= max_duration]
         if with_labels:
             self.entries = [e for e in self.entries if e.get("alignment")]
         if not self.entries:
-            raise ValueError(f"no usable utterance in {', '.join(map(str, manifests))}"
-                             + (" with an alignment" if with_labels else ""))
+            raise ValueError(
+                f"no usable utterance in {', '.join(map(str, manifests))}"
+                + (" with an alignment" if with_labels else "")
+            )
         self.tokenizer, self.cmvn, self.spec_augment, self.with_labels = tokenizer, cmvn, spec_augment, with_labels
         self.seed = seed
 
@@ -144,8 +161,9 @@ def collate(items: list[dict | None]) -> dict | None:
         batch["targets"] = torch.nn.utils.rnn.pad_sequence([x["targets"] for x in items], batch_first=True)
         batch["target_lengths"] = torch.tensor([len(x["targets"]) for x in items], dtype=torch.long)
     if "labels" in items[0]:
-        batch["labels"] = torch.nn.utils.rnn.pad_sequence([x["labels"] for x in items], batch_first=True,
-                                                          padding_value=IGNORE_LABEL)
+        batch["labels"] = torch.nn.utils.rnn.pad_sequence(
+            [x["labels"] for x in items], batch_first=True, padding_value=IGNORE_LABEL
+        )
     return batch
 
 
@@ -163,5 +181,8 @@ def model_features(path: str | Path):
         featurizer = frontend_of(record)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a feature record of python -m models.convert ({e})") from None
-    return record, featurizer, LabelFraming(min_frames=int(record.get("min_frames", MIN_FRAMES)),
-                                            frame_ms=featurizer.frame_ms)
+    return (
+        record,
+        featurizer,
+        LabelFraming(min_frames=int(record.get("min_frames", MIN_FRAMES)), frame_ms=featurizer.frame_ms),
+    )

@@ -7,6 +7,7 @@ state, so the synthesiser is not thread-safe (use processes for parallelism).
 Phoneme events carry espeak's own English phoneme mnemonics (``h``, ``@``, ``aI``...).
 :func:`to_arpabet` maps them to ARPAbet with stress digits, as Montreal Forced Aligner writes.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -71,23 +72,94 @@ class Synthesis:
 # phoneme's interval equally.
 _ARPABET = {
     # vowels
-    "@": "AH0", "@2": "AH0", "@5": "AH0", "a#": "AH0", "V": "AH1",
-    "3": "ER0", "3:": "ER1", "@L": "AH0 L",
-    "a": "AE1", "aa": "AA1", "A:": "AA1", "A@": "AA1 R", "A#": "AA1",
-    "e": "EH1", "E": "EH1", "e@": "EH1 R", "E2": "EH1", "E#": "EH1",
-    "eI": "EY1", "i": "IY0", "i:": "IY1", "i@": "IH1 R", "i@3": "IH1 R",
-    "I": "IH1", "I2": "IH0", "I#": "IH0", "I2#": "IH0", "y": "IY0",
-    "0": "AA1", "0#": "AA1", "O:": "AO1", "O@": "AO1 R", "O": "AO1", "o@": "AO1 R",
-    "oU": "OW1", "oU#": "OW1", "O2": "AO1", "OI": "OY1",
-    "u:": "UW1", "U": "UH1", "U@": "UH1 R", "u": "UW0",
-    "aI": "AY1", "aI@": "AY1 ER0", "aI3": "AY1 ER0", "aU": "AW1", "aU@": "AW1 ER0",
+    "@": "AH0",
+    "@2": "AH0",
+    "@5": "AH0",
+    "a#": "AH0",
+    "V": "AH1",
+    "3": "ER0",
+    "3:": "ER1",
+    "@L": "AH0 L",
+    "a": "AE1",
+    "aa": "AA1",
+    "A:": "AA1",
+    "A@": "AA1 R",
+    "A#": "AA1",
+    "e": "EH1",
+    "E": "EH1",
+    "e@": "EH1 R",
+    "E2": "EH1",
+    "E#": "EH1",
+    "eI": "EY1",
+    "i": "IY0",
+    "i:": "IY1",
+    "i@": "IH1 R",
+    "i@3": "IH1 R",
+    "I": "IH1",
+    "I2": "IH0",
+    "I#": "IH0",
+    "I2#": "IH0",
+    "y": "IY0",
+    "0": "AA1",
+    "0#": "AA1",
+    "O:": "AO1",
+    "O@": "AO1 R",
+    "O": "AO1",
+    "o@": "AO1 R",
+    "oU": "OW1",
+    "oU#": "OW1",
+    "O2": "AO1",
+    "OI": "OY1",
+    "u:": "UW1",
+    "U": "UH1",
+    "U@": "UH1 R",
+    "u": "UW0",
+    "aI": "AY1",
+    "aI@": "AY1 ER0",
+    "aI3": "AY1 ER0",
+    "aU": "AW1",
+    "aU@": "AW1 ER0",
     # consonants
-    "p": "P", "b": "B", "t": "T", "d": "D", "k": "K", "g": "G",
-    "f": "F", "v": "V", "T": "TH", "D": "DH", "s": "S", "z": "Z",
-    "S": "SH", "Z": "ZH", "h": "HH", "m": "M", "n": "N", "N": "NG",
-    "l": "L", "r": "R", "r-": "R", "w": "W", "j": "Y", "tS": "CH", "dZ": "JH",
-    "t#": "T", "t2": "T", "t[": "T", "d#": "D", "n-": "N", "l/": "L", "l/2": "L", "m-": "M", "?": "T",
-    "x": "K", "*": "R", "z#": "Z", "s2": "S", "w#": "W", "nt": "N T",
+    "p": "P",
+    "b": "B",
+    "t": "T",
+    "d": "D",
+    "k": "K",
+    "g": "G",
+    "f": "F",
+    "v": "V",
+    "T": "TH",
+    "D": "DH",
+    "s": "S",
+    "z": "Z",
+    "S": "SH",
+    "Z": "ZH",
+    "h": "HH",
+    "m": "M",
+    "n": "N",
+    "N": "NG",
+    "l": "L",
+    "r": "R",
+    "r-": "R",
+    "w": "W",
+    "j": "Y",
+    "tS": "CH",
+    "dZ": "JH",
+    "t#": "T",
+    "t2": "T",
+    "t[": "T",
+    "d#": "D",
+    "n-": "N",
+    "l/": "L",
+    "l/2": "L",
+    "m-": "M",
+    "?": "T",
+    "x": "K",
+    "*": "R",
+    "z#": "Z",
+    "s2": "S",
+    "w#": "W",
+    "nt": "N T",
 }
 _SILENT = {"_", "_:", "_!", "_^_", "||", "|", ""}
 # Marks that are not phones of their own (";" links two vowels across a word boundary): the
@@ -124,8 +196,14 @@ class Synthesizer:
             raise RuntimeError(f"espeak-ng failed to initialise with data at {data.decode()}")
         self.sample_rate = int(rate)
         self._lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-            ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_void_p,
         ]
         self._chunks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int, int, str]] = []
@@ -172,7 +250,7 @@ class Synthesizer:
         words = []
         word_events = [(s / sr, pos, length) for t, s, pos, length, _ in self._events if t == _EV_WORD]
         for k, (start, pos, length) in enumerate(word_events):
-            token = text.encode("utf-8")[pos - 1: pos - 1 + length].decode("utf-8", "replace")
+            token = text.encode("utf-8")[pos - 1 : pos - 1 + length].decode("utf-8", "replace")
             # A word ends at the end of its last non-silent phoneme before the next word starts.
             stop = word_events[k + 1][0] if k + 1 < len(word_events) else end
             inside = [p for p in phones if start - 1e-6 <= p[0] < stop]

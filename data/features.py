@@ -4,6 +4,7 @@ Audio is read with ``soundfile`` (torchaudio's own loader needs torchcodec). Fil
 from ``torchaudio.compliance.kaldi.fbank`` (25 ms window, 10 ms shift), masks from
 ``torchaudio.functional.mask_along_axis``.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,14 +90,18 @@ class GlobalCMVN(torch.nn.Module):
         """Add the frames of ``feats (T, D)`` to running sums; start with ``stats=None``."""
         f = feats.double()
         if stats is None:
-            stats = {"count": 0, "sum": torch.zeros(f.shape[1], dtype=torch.float64), "sumsq": torch.zeros(f.shape[1], dtype=torch.float64)}
+            stats = {
+                "count": 0,
+                "sum": torch.zeros(f.shape[1], dtype=torch.float64),
+                "sumsq": torch.zeros(f.shape[1], dtype=torch.float64),
+            }
         stats["count"] += f.shape[0]
         stats["sum"] += f.sum(0)
         stats["sumsq"] += (f * f).sum(0)
         return stats
 
     @classmethod
-    def from_stats(cls, stats: dict, floor: float = 1e-5) -> "GlobalCMVN":
+    def from_stats(cls, stats: dict, floor: float = 1e-5) -> GlobalCMVN:
         if not stats or stats["count"] == 0:
             raise ValueError("CMVN statistics are empty: no frames were accumulated")
         mean = stats["sum"] / stats["count"]
@@ -107,7 +112,7 @@ class GlobalCMVN(torch.nn.Module):
         atomic_write_text(path, json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist()}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "GlobalCMVN":
+    def load(cls, path: str | Path) -> GlobalCMVN:
         try:
             d = json.loads(Path(path).read_text())
             return cls(torch.tensor(d["mean"]), torch.tensor(d["std"]), dim=len(d["mean"]))
@@ -126,8 +131,14 @@ class SpecAugment(torch.nn.Module):
     after CMVN). Active only in training mode.
     """
 
-    def __init__(self, freq_masks: int = 2, freq_width: int = 27, time_masks: int = 10, time_ratio: float = 0.05,
-                 mask_value: float = 0.0):
+    def __init__(
+        self,
+        freq_masks: int = 2,
+        freq_width: int = 27,
+        time_masks: int = 10,
+        time_ratio: float = 0.05,
+        mask_value: float = 0.0,
+    ):
         super().__init__()
         if freq_masks < 0 or time_masks < 0 or freq_width < 0 or not 0 <= time_ratio <= 1:
             raise ValueError("SpecAugment: mask counts and widths must be >= 0 and time_ratio in [0, 1]")

@@ -18,6 +18,7 @@ Encoder frame ``m`` sees input frames ``factor m .. factor m + r - 1`` (``r``: t
 field). Over our 10 ms / 25 ms fbank frames the default front end gives 40 ms encoder frames, frame
 ``m`` covering audio ``[0.04 m, 0.04 m + 0.085)`` s (:data:`ENCODER_SHIFT`, :data:`ENCODER_WINDOW`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,8 +87,11 @@ def receptive_field(input_layer: str = DEFAULT_INPUT_LAYER) -> int:
     return r
 
 
-def frame_times(input_layer: str = DEFAULT_INPUT_LAYER, hop: float = FRAME_SHIFT_MS / 1000,
-                first_centre: float = FRAME_LENGTH_MS / 2000) -> tuple[float, float]:
+def frame_times(
+    input_layer: str = DEFAULT_INPUT_LAYER,
+    hop: float = FRAME_SHIFT_MS / 1000,
+    first_centre: float = FRAME_LENGTH_MS / 2000,
+) -> tuple[float, float]:
     """``(shift, window)`` in seconds of the model frames of ``input_layer`` over feature frames
     ``hop`` seconds apart, the first centred at ``first_centre`` (our fbank: 10 ms, 12.5 ms). Model
     frame ``m`` sees feature frames ``f m .. f m + r - 1`` and is centred on feature frame
@@ -127,23 +131,40 @@ class LabelFraming:
     ``count`` (e.g. a ``functools.partial``) keeps loader workers possible. :meth:`of_front_end`
     gives the framing of any front end of the table over any feature frames."""
 
-    def __init__(self, shift: float = ENCODER_SHIFT, window: float = ENCODER_WINDOW, subsampled: bool = True,
-                 count=None, min_frames: int | None = None, frame_ms: float = FRAME_SHIFT_MS):
+    def __init__(
+        self,
+        shift: float = ENCODER_SHIFT,
+        window: float = ENCODER_WINDOW,
+        subsampled: bool = True,
+        count=None,
+        min_frames: int | None = None,
+        frame_ms: float = FRAME_SHIFT_MS,
+    ):
         self.shift, self.window, self.subsampled = shift, window, subsampled
         self._count = count or (encoder_frames if subsampled else None)
         self.min_frames = min_frames if min_frames is not None else (MIN_FRAMES if subsampled else 1)
         self.frame_ms = frame_ms
 
     @classmethod
-    def of_front_end(cls, input_layer: str = DEFAULT_INPUT_LAYER, hop: float = FRAME_SHIFT_MS / 1000,
-                     first_centre: float = FRAME_LENGTH_MS / 2000, frame_ms: float = FRAME_SHIFT_MS) -> "LabelFraming":
+    def of_front_end(
+        cls,
+        input_layer: str = DEFAULT_INPUT_LAYER,
+        hop: float = FRAME_SHIFT_MS / 1000,
+        first_centre: float = FRAME_LENGTH_MS / 2000,
+        frame_ms: float = FRAME_SHIFT_MS,
+    ) -> LabelFraming:
         """The framing of ``input_layer`` over feature frames ``hop`` seconds apart, the first
         centred at ``first_centre`` seconds (:func:`frame_times`)."""
         from functools import partial
 
         shift, window = frame_times(input_layer, hop, first_centre)
-        return cls(shift=shift, window=window, count=partial(subsampled_count, input_layer=input_layer),
-                   min_frames=receptive_field(input_layer), frame_ms=frame_ms)
+        return cls(
+            shift=shift,
+            window=window,
+            count=partial(subsampled_count, input_layer=input_layer),
+            min_frames=receptive_field(input_layer),
+            frame_ms=frame_ms,
+        )
 
     def count(self, num_frames: int) -> int:
         return self._count(num_frames) if self._count is not None else num_frames

@@ -1,5 +1,6 @@
 """Flashlight lexicons (``WORD piece piece ...`` per line) for the lexicon-constrained CTC beam
 search of :mod:`models.decoding`: written with our tokenizer's pieces, and read back."""
+
 from __future__ import annotations
 
 import warnings
@@ -17,8 +18,11 @@ def write_lexicon(words, tokenizer, path: str | Path) -> int:
     words = sorted({n for w in words for n in normalise(w).split()})
     unspellable = [w for w in words if not tokenizer.spellable(w)]
     if unspellable:
-        warnings.warn(f"lexicon {path}: {len(unspellable)} words the tokenizer cannot spell are left out, "
-                      f"e.g. {', '.join(unspellable[:5])}", stacklevel=2)
+        warnings.warn(
+            f"lexicon {path}: {len(unspellable)} words the tokenizer cannot spell are left out, "
+            f"e.g. {', '.join(unspellable[:5])}",
+            stacklevel=2,
+        )
         words = sorted(set(words) - set(unspellable))
     lines = [f"{w} {' '.join(tokenizer.sp.encode(w, out_type=str))}\n" for w in words]
     atomic_write_text(path, "".join(lines))  # a concurrent run's decoder may be reading the old one

@@ -8,6 +8,7 @@ The layout is LibriSpeech's own (the mini corpus uses it too)::
 Scanning never stops at a bad utterance: it is skipped and reported as ``Problem``, naming the
 file and line at fault.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,15 @@ import urllib.request
 from pathlib import Path
 
 OPENSLR_URL = "https://www.openslr.org/resources/12"
-SUBSETS = ("dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100", "train-clean-360", "train-other-500")
+SUBSETS = (
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
+    "train-clean-100",
+    "train-clean-360",
+    "train-other-500",
+)
 SHA256 = {
     "dev-clean": "76f87d090650617fca0cac8f88b9416e0ebf80350acb97b343a85fa903728ab3",
     "dev-other": "12661c48e8c3fe1de2c1caa4c3e135193bfb1811584f11f569dd12645aa84365",
@@ -78,8 +87,9 @@ def scan_subset(root: str | Path, subset: str, audio_ext: str = ".flac") -> tupl
             try:
                 line = raw_bytes.decode("utf-8").strip()
             except UnicodeDecodeError as e:  # e.g. a Latin-1 file: report, never guess
-                problems.append(Problem(f"{trans}:{n}", f"not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at column "
-                                                        f"{e.start + 1})"))
+                problems.append(
+                    Problem(f"{trans}:{n}", f"not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at column {e.start + 1})")
+                )
                 listed.add(raw_bytes.split(b" ", 1)[0].decode("ascii", "replace"))
                 continue
             if not line:
@@ -108,10 +118,16 @@ def scan_subset(root: str | Path, subset: str, audio_ext: str = ".flac") -> tupl
             if duration <= 0:
                 problems.append(Problem(str(audio), "audio has no samples"))
                 continue
-            entries.append({
-                "id": utt_id, "audio": str(audio.resolve()), "duration": round(duration, 4),
-                "speaker": parts[0], "chapter": parts[1], "text": text,
-            })
+            entries.append(
+                {
+                    "id": utt_id,
+                    "audio": str(audio.resolve()),
+                    "duration": round(duration, 4),
+                    "speaker": parts[0],
+                    "chapter": parts[1],
+                    "text": text,
+                }
+            )
         for audio in sorted(chapter_dir.glob(f"*{audio_ext}")):
             if audio.stem not in listed:
                 problems.append(Problem(str(audio), f"audio with no transcript line in {trans.name}"))
@@ -149,8 +165,9 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, progres
         os.replace(part, dest)
         return dest
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {}),
-                                      timeout=60)
+        resp = urllib.request.urlopen(
+            urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {}), timeout=60
+        )
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:
             raise
@@ -167,9 +184,10 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, progres
             have = 0  # server ignored the range (or nothing to resume): start over
         size = resp.headers.get("Content-Length")
         total = have + int(size) if size else None
-        with open(part, "ab" if resumed else "wb") as out, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-        ) as bar:
+        with (
+            open(part, "ab" if resumed else "wb") as out,
+            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+        ):
             while block := resp.read(1 << 20):
                 out.write(block)
                 bar.update(len(block))
@@ -182,8 +200,14 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, progres
     return dest
 
 
-def download(subset: str, dest: str | Path, base_url: str = OPENSLR_URL, extract: bool = True,
-             sha256: str | None = None, progress: bool = True) -> Path:
+def download(
+    subset: str,
+    dest: str | Path,
+    base_url: str = OPENSLR_URL,
+    extract: bool = True,
+    sha256: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Download (resumably) and extract one LibriSpeech subset into ``dest/LibriSpeech/<subset>``."""
     if sha256 is None:
         if subset not in SHA256:

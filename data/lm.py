@@ -23,6 +23,7 @@ included), no pruning. Interpolated Kneser-Ney is written exactly in ARPA form (
 weight of a history is its interpolation weight); ``tests/test_lm.py`` checks every conditional
 distribution against an independent recomputation and its sum against 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def fetch(file: str, dest: str | Path, base_url: str = OPENSLR_LM_URL, sha256: str | None = None,
-          progress: bool = True) -> Path:
+def fetch(
+    file: str, dest: str | Path, base_url: str = OPENSLR_LM_URL, sha256: str | None = None, progress: bool = True
+) -> Path:
     """Downloads one file of the resource into ``dest`` (resuming a ``.part``), checking its
     SHA-256: the pinned one, else the one recorded in ``FILE.sha256`` by an earlier download, else
     none, and then records it (trust on first use). Returns the file's path."""
@@ -76,20 +78,25 @@ def fetch(file: str, dest: str | Path, base_url: str = OPENSLR_LM_URL, sha256: s
     recorded = (sidecar.read_text().split() or [None])[0] if sidecar.is_file() else None
     expected = sha256 or SHA256.get(file) or recorded
     if recorded and expected != recorded:
-        raise ValueError(f"{sidecar} records sha256 {recorded}, but {file} should have {expected}: remove the "
-                         f"file and its .sha256 to download it again")
+        raise ValueError(
+            f"{sidecar} records sha256 {recorded}, but {file} should have {expected}: remove the "
+            f"file and its .sha256 to download it again"
+        )
     download_file(f"{base_url.rstrip('/')}/{file}", path, expected, progress)
     if not sidecar.is_file():
         digest = expected or sha256sum(path)
         atomic_write_text(sidecar, f"{digest}  {file}\n")
         if not expected and progress:
-            print(f"{file}: no published SHA-256; recorded {digest} in {sidecar} (checked on later downloads)",
-                  file=sys.stderr)
+            print(
+                f"{file}: no published SHA-256; recorded {digest} in {sidecar} (checked on later downloads)",
+                file=sys.stderr,
+            )
     return path
 
 
 def gunzip(src: Path, dst: Path) -> Path:
     """``src`` (gzip) decompressed to ``dst`` through a temporary file (never a half ARPA)."""
+
     def write(tmp):
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
@@ -97,13 +104,13 @@ def gunzip(src: Path, dst: Path) -> Path:
     try:
         atomic_write(dst, write)
     except (OSError, EOFError, zlib.error) as e:  # a damaged deflate stream raises zlib.error, not an OSError
-        raise ValueError(f"{src}: cannot decompress it ({e}); remove it and its .sha256 to download it "
-                         f"again") from None
+        raise ValueError(f"{src}: cannot decompress it ({e}); remove it and its .sha256 to download it again") from None
     return dst
 
 
-def download_lm(names: list[str], dest: str | Path, tokenizer=None, base_url: str = OPENSLR_LM_URL,
-                progress: bool = True) -> dict[str, Path]:
+def download_lm(
+    names: list[str], dest: str | Path, tokenizer=None, base_url: str = OPENSLR_LM_URL, progress: bool = True
+) -> dict[str, Path]:
     """Fetches the named resources (short names of :data:`LM_FILES` or file names) into ``dest``;
     each ``.arpa.gz`` is decompressed beside it (``4-gram.arpa``). With a ``tokenizer`` (ours)
     the lexicon is fetched too and its words written spelled with our pieces to
@@ -152,7 +159,7 @@ def count_ngrams(sentences, order: int) -> list[Counter]:
         for n in range(1, order + 1):
             c = counts[n - 1]
             for i in range(len(toks) - n + 1):
-                c[tuple(toks[i:i + n])] += 1
+                c[tuple(toks[i : i + n])] += 1
     counts[0].pop((BOS,), None)
     return counts
 
@@ -242,20 +249,31 @@ def build_arpa(sentences, path: str | Path, order: int = 3) -> dict:
     sentences = [s.split() if isinstance(s, str) else list(s) for s in sentences]
     probs, bows, discounts = kneser_ney(sentences, order)
     write_arpa(probs, bows, path)
-    return {"path": str(path), "order": order, "sentences": len(sentences),
-            "ngrams": [len(p) + (1 if n == 0 else 0) for n, p in enumerate(probs)],
-            "discounts": [round(d, 4) for d in discounts], "words": len(probs[0])}
+    return {
+        "path": str(path),
+        "order": order,
+        "sentences": len(sentences),
+        "ngrams": [len(p) + (1 if n == 0 else 0) for n, p in enumerate(probs)],
+        "discounts": [round(d, 4) for d in discounts],
+        "words": len(probs[0]),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m data.lm", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data.lm",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch openslr resource 11's LM files (resume, SHA-256)")
     d.add_argument("names", nargs="+", metavar="NAME", help=f"any of {', '.join(LM_FILES)} (or their file names)")
     d.add_argument("--dest", required=True, help="folder for the files (e.g. /data/librispeech/lm)")
-    d.add_argument("--tokenizer", help="our SentencePiece model (a prepared folder's bpe.model): also write "
-                                       f"DEST/{BPE_LEXICON}, the LM's words spelled with its pieces")
+    d.add_argument(
+        "--tokenizer",
+        help="our SentencePiece model (a prepared folder's bpe.model): also write "
+        f"DEST/{BPE_LEXICON}, the LM's words spelled with its pieces",
+    )
     d.add_argument("--base-url", default=OPENSLR_LM_URL, help="a mirror of openslr resource 11")
     a_ = sub.add_parser("arpa", help="an ARPA word n-gram of a prepared folder's training transcripts")
     a_.add_argument("--data-dir", required=True, help="prepared folder (its manifests/*train*.jsonl are read)")
@@ -274,8 +292,11 @@ def main(argv: list[str] | None = None) -> None:
             sentences, manifests = training_transcripts(a.data_dir)
             out = Path(a.out) if a.out else Path(a.data_dir) / "lm" / f"{a.order}gram.arpa"
             s = build_arpa(sentences, out, a.order)
-            print(f"wrote {out}: {s['order']}-gram of {s['sentences']} transcripts ({', '.join(m.name for m in manifests)}), "
-                  f"n-grams {' / '.join(map(str, s['ngrams']))}, discounts {' / '.join(map(str, s['discounts']))}")
+            print(
+                f"wrote {out}: {s['order']}-gram of {s['sentences']} transcripts "
+                f"({', '.join(m.name for m in manifests)}), "
+                f"n-grams {' / '.join(map(str, s['ngrams']))}, discounts {' / '.join(map(str, s['discounts']))}"
+            )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ where known), under ``DATA_DIR/manifests/<set>.jsonl``.
 One place reads and writes them, checks that a folder's preparation finished, resolves a set
 name to its file, and gathers the training transcripts (for a lexicon or a word LM).
 """
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ A "speaker" is an espeak voice (accent + variant) with its own speaking rate and
 speakers of the three subsets are disjoint, and no test or dev sentence occurs in training.
 The output is deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,8 +109,8 @@ def _synthesise(job: Job, out_dir: str) -> tuple[Job, float, str | None]:
     import torch
     import torchaudio.functional as AF
 
-    from data.espeak import Synthesizer, to_arpabet
     from data.alignments import write_textgrid
+    from data.espeak import Synthesizer, to_arpabet
 
     global _SYNTH
     if _SYNTH is None:  # one synthesiser per worker process
@@ -133,7 +134,9 @@ def _synthesise(job: Job, out_dir: str) -> tuple[Job, float, str | None]:
     wav = torch.from_numpy(out.audio.astype(np.float32) / 32768.0)
     wav = AF.resample(wav, out.sample_rate, SAMPLE_RATE).numpy()
     lead, tail = rng.uniform(0.1, 0.35), rng.uniform(0.1, 0.35)
-    wav = np.concatenate([np.zeros(int(lead * SAMPLE_RATE), np.float32), wav, np.zeros(int(tail * SAMPLE_RATE), np.float32)])
+    wav = np.concatenate(
+        [np.zeros(int(lead * SAMPLE_RATE), np.float32), wav, np.zeros(int(tail * SAMPLE_RATE), np.float32)]
+    )
     wav = wav / max(1e-3, float(np.abs(wav).max())) * rng.uniform(0.3, 0.8)
     wav = wav + rng.normal(0.0, 10 ** rng.uniform(-3.8, -3.0), wav.shape).astype(np.float32)  # room noise
     wav = np.clip(wav, -1.0, 1.0)
@@ -144,7 +147,9 @@ def _synthesise(job: Job, out_dir: str) -> tuple[Job, float, str | None]:
     sf.write(chapter_dir / f"{job.utt_id}.flac", wav, SAMPLE_RATE, subtype="PCM_16")
     words = [(s + lead, e + lead, w.upper()) for s, e, w in out.words]
     phones = [(s + lead, e + lead, p) for s, e, p in phones]
-    write_textgrid(Path(out_dir, "alignments", job.subset, str(spk.id), f"{job.utt_id}.TextGrid"), words, phones, duration)
+    write_textgrid(
+        Path(out_dir, "alignments", job.subset, str(spk.id), f"{job.utt_id}.TextGrid"), words, phones, duration
+    )
     return job, duration, None
 
 
@@ -159,8 +164,15 @@ def _star(args):
     return _synthesise_chunk(*args)
 
 
-def build(out_dir: str | Path, train: int = 6000, dev: int = 300, test: int = 300, seed: int = 0,
-          jobs: int = 2, progress: bool = True) -> dict:
+def build(
+    out_dir: str | Path,
+    train: int = 6000,
+    dev: int = 300,
+    test: int = 300,
+    seed: int = 0,
+    jobs: int = 2,
+    progress: bool = True,
+) -> dict:
     """Generate the corpus under ``out_dir``; returns a summary (counts, hours, failures, seconds).
 
     espeak-ng keeps hidden state between utterances (its pitch flutter runs on), so each fixed
@@ -175,13 +187,16 @@ def build(out_dir: str | Path, train: int = 6000, dev: int = 300, test: int = 30
     done: dict[str, list[Job]] = {s: [] for s in SUBSETS}
     seconds = {s: 0.0 for s in SUBSETS}
     failures: list[str] = []
-    chunks = [(todo[i:i + CHUNK], str(out_dir)) for i in range(0, len(todo), CHUNK)]
+    chunks = [(todo[i : i + CHUNK], str(out_dir)) for i in range(0, len(todo), CHUNK)]
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["data.espeak", "data.alignments", "numpy", "torch", "torchaudio", "soundfile", "praatio.textgrid"])
-    with ctx.Pool(max(1, jobs), maxtasksperchild=1) as pool, tqdm(
-        total=len(todo), desc="synthesising", unit="utt", disable=not progress
-    ) as bar:
+        ctx.set_forkserver_preload(
+            ["data.espeak", "data.alignments", "numpy", "torch", "torchaudio", "soundfile", "praatio.textgrid"]
+        )
+    with (
+        ctx.Pool(max(1, jobs), maxtasksperchild=1) as pool,
+        tqdm(total=len(todo), desc="synthesising", unit="utt", disable=not progress) as bar,
+    ):
         for results in pool.imap(_star, chunks):
             for job, dur, err in results:
                 if err:
@@ -223,8 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         summary = build(a.out_dir, a.train, a.dev, a.test, a.seed, a.jobs)
     for s in SUBSETS:
-        print(f"{s:11s} {summary['utterances'][s]:6d} utterances  {summary['hours'][s]:6.3f} h  {summary['speakers'][s]:3d} speakers")
-    print(f"skipped {len(summary['failures'])}; took {summary['seconds']} s; wrote {Path(a.out_dir) / 'LibriSpeech'} and {Path(a.out_dir) / 'alignments'}")
+        print(
+            f"{s:11s} {summary['utterances'][s]:6d} utterances  {summary['hours'][s]:6.3f} h  "
+            f"{summary['speakers'][s]:3d} speakers"
+        )
+    print(
+        f"skipped {len(summary['failures'])}; took {summary['seconds']} s; "
+        f"wrote {Path(a.out_dir) / 'LibriSpeech'} and {Path(a.out_dir) / 'alignments'}"
+    )
 
 
 if __name__ == "__main__":

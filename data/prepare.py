@@ -21,6 +21,7 @@ line, empty transcripts, TextGrids that do not cover the audio or hold non-ARPAb
 skipped, reported with the file and line at fault, and counted. Every output is written to a
 temporary file and renamed, so an interrupted run never leaves a half manifest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,9 @@ def attach_alignments(entries: list[dict], align_root: Path, subset: str) -> tup
     return kept, problems, missing
 
 
-def compute_cmvn(entries: list[dict], max_utterances: int, progress: bool = True) -> tuple[GlobalCMVN, set[str], list[Problem]]:
+def compute_cmvn(
+    entries: list[dict], max_utterances: int, progress: bool = True
+) -> tuple[GlobalCMVN, set[str], list[Problem]]:
     """Global CMVN over up to ``max_utterances`` evenly spread entries; also returns the ids whose
     audio failed to decode (to drop from the manifests) with their problems."""
     from tqdm import tqdm
@@ -125,8 +128,9 @@ def check_audio(entries: list[dict], progress: bool = True, desc: str = "audio")
 MODEL_INPUTS = ("bpe.model", "tokens.txt", "cmvn.json", "features.json")
 
 
-def check_arguments(root, out: Path, alignments, subsets: list[str] | None, train_subsets: list[str] | None,
-                    inputs) -> tuple[list[str], list[str]]:
+def check_arguments(
+    root, out: Path, alignments, subsets: list[str] | None, train_subsets: list[str] | None, inputs
+) -> tuple[list[str], list[str]]:
     """``(subsets, train_subsets)`` with their defaults (every subset found; those named
     ``*train*``), after every check that needs no audio: one error naming the option at fault."""
     subsets = subsets or librispeech.list_subsets(root)
@@ -143,8 +147,9 @@ def check_arguments(root, out: Path, alignments, subsets: list[str] | None, trai
     if inputs is not None:
         missing = [f for f in MODEL_INPUTS if not (Path(inputs) / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"--inputs {inputs}: no {missing[0]} (give the output folder of "
-                                    f"python -m models.convert)")
+            raise FileNotFoundError(
+                f"--inputs {inputs}: no {missing[0]} (give the output folder of python -m models.convert)"
+            )
     check_writable(out)
     return subsets, train_subsets
 
@@ -208,9 +213,11 @@ def stage_tokenizer(stage: Path, out: Path, texts, vocab_size: int, cmvn: Global
     old = out / "bpe.model"
     old_digest = Tokenizer.open(old).digest if old.is_file() else None  # with its tokens.txt order, if any
     if old_digest is not None and old_digest != tokenizer.digest and not force:
-        raise ValueError(f"{old} exists and the new tokenizer differs from it (sha256 {old_digest} -> "
-                         f"{tokenizer.digest}): checkpoints trained on it would no longer evaluate or resume. "
-                         f"Prepare into another --out, or pass --force to replace it")
+        raise ValueError(
+            f"{old} exists and the new tokenizer differs from it (sha256 {old_digest} -> "
+            f"{tokenizer.digest}): checkpoints trained on it would no longer evaluate or resume. "
+            f"Prepare into another --out, or pass --force to replace it"
+        )
     return tokenizer
 
 
@@ -228,9 +235,18 @@ def install(stage: Path, out: Path) -> None:
     (out / INCOMPLETE).unlink()
 
 
-def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = None, subsets: list[str] | None = None,
-            train_subsets: list[str] | None = None, vocab_size: int = 128, cmvn_utterances: int = 2000,
-            progress: bool = True, force: bool = False, inputs: str | Path | None = None) -> dict:
+def prepare(
+    root: str | Path,
+    out: str | Path,
+    alignments: str | Path | None = None,
+    subsets: list[str] | None = None,
+    train_subsets: list[str] | None = None,
+    vocab_size: int = 128,
+    cmvn_utterances: int = 2000,
+    progress: bool = True,
+    force: bool = False,
+    inputs: str | Path | None = None,
+) -> dict:
     """Run the whole preparation; returns the report (also written to ``out/report.json``).
 
     Outputs are made in a staging folder and moved into ``out`` at the end (:func:`install`), a
@@ -257,8 +273,14 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
             write_manifest(stage / "manifests" / f"{subset}.jsonl", entries)
         report = {
             "root": str(librispeech.find_root(root)),
-            "subsets": {s: {"utterances": len(v), "hours": round(sum(e["duration"] for e in v) / 3600, 3),
-                            "aligned": sum("alignment" in e for e in v)} for s, v in manifests.items()},
+            "subsets": {
+                s: {
+                    "utterances": len(v),
+                    "hours": round(sum(e["duration"] for e in v) / 3600, 3),
+                    "aligned": sum("alignment" in e for e in v),
+                }
+                for s, v in manifests.items()
+            },
             "train_subsets": train_subsets,
             "vocab_size": tokenizer.vocab_size - 1,
             "inputs": None if inputs is None else str(inputs),
@@ -275,11 +297,12 @@ def prepare(root: str | Path, out: str | Path, alignments: str | Path | None = N
     return report
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--root", required=True, help="LibriSpeech root (the folder holding the subsets, or its parent)")
     add_out(p)
     p.add_argument("--alignments", help="MFA TextGrid root (e.g. CORPUS/alignments)")
@@ -288,16 +311,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab-size", type=int, default=128, help="BPE units, blank excluded (default 128)")
     p.add_argument("--cmvn-utterances", type=int, default=2000, help="training utterances read for CMVN")
     p.add_argument("--force", action="store_true", help="replace a different tokenizer already in --out")
-    p.add_argument("--inputs", help="take the tokenizer, normalisation and front end of a converted model "
-                                    "(the --out folder of python -m models.convert) instead of training them")
-    p.add_argument("--download", nargs="+", metavar="SUBSET",
-                   help=f"first download these subsets into --root ({', '.join(librispeech.SUBSETS)})")
+    p.add_argument(
+        "--inputs",
+        help="take the tokenizer, normalisation and front end of a converted model "
+        "(the --out folder of python -m models.convert) instead of training them",
+    )
+    p.add_argument(
+        "--download",
+        nargs="+",
+        metavar="SUBSET",
+        help=f"first download these subsets into --root ({', '.join(librispeech.SUBSETS)})",
+    )
     a = p.parse_args(argv)
     with user_errors():
         for subset in a.download or []:
             librispeech.download(subset, a.root)
-        report = prepare(a.root, a.out, a.alignments, a.subsets, a.train_subsets, a.vocab_size, a.cmvn_utterances,
-                         force=a.force, inputs=a.inputs)
+        report = prepare(
+            a.root,
+            a.out,
+            a.alignments,
+            a.subsets,
+            a.train_subsets,
+            a.vocab_size,
+            a.cmvn_utterances,
+            force=a.force,
+            inputs=a.inputs,
+        )
     for line in report["problems"]:
         print(f"skipped {line}", file=sys.stderr)
     for s, v in report["subsets"].items():

@@ -1,5 +1,6 @@
 """Frame-bounded batches: a length-bucketing batch sampler (resumable, DDP-aware), the resumable
 training loader, and the fixed-order loader of evaluation and analysis."""
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,25 @@ class FrameBucketSampler(Sampler[list[int]]):
     epoch's), whatever epoch a trainer announces in between.
     """
 
-    def __init__(self, lengths: list[int], max_frames: int, shuffle: bool = True, num_buckets: int = 30, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, tag_epoch: bool = False, even: bool | None = None):
+    def __init__(
+        self,
+        lengths: list[int],
+        max_frames: int,
+        shuffle: bool = True,
+        num_buckets: int = 30,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        tag_epoch: bool = False,
+        even: bool | None = None,
+    ):
         if max_frames <= 0:
             raise ValueError(f"max_frames must be positive, got {max_frames}")
         too_long = [i for i, n in enumerate(lengths) if n > max_frames]
         if too_long:
-            warnings.warn(f"{len(too_long)} utterances longer than max_frames={max_frames} get batches of their own",
-                          stacklevel=2)
+            warnings.warn(
+                f"{len(too_long)} utterances longer than max_frames={max_frames} get batches of their own", stacklevel=2
+            )
         self.lengths, self.max_frames, self.shuffle = list(lengths), max_frames, shuffle
         self.num_buckets, self.seed, self.epoch, self.tag_epoch = max(1, num_buckets), seed, 0, tag_epoch
         self.even = shuffle if even is None else even
@@ -83,21 +95,21 @@ class FrameBucketSampler(Sampler[list[int]]):
         size = math.ceil(len(order) / self.num_buckets)
         batches = []
         for b in range(0, len(order), size):
-            bucket = [i for i in order[b:b + size] if self.lengths[i] <= self.max_frames]
-            batches += [[i] for i in order[b:b + size] if self.lengths[i] > self.max_frames]
+            bucket = [i for i in order[b : b + size] if self.lengths[i] <= self.max_frames]
+            batches += [[i] for i in order[b : b + size] if self.lengths[i] > self.max_frames]
             if not bucket:
                 continue
             per_batch = max(1, self.max_frames // max(1, max(self.lengths[i] for i in bucket)))
             if self.shuffle:
                 rng.shuffle(bucket)
-            batches += [bucket[k:k + per_batch] for k in range(0, len(bucket), per_batch)]
+            batches += [bucket[k : k + per_batch] for k in range(0, len(bucket), per_batch)]
         if self.shuffle:
             rng.shuffle(batches)
         if self.world_size > 1:
             if self.even:
-                batches = batches[self.rank: len(batches) // self.world_size * self.world_size: self.world_size]
+                batches = batches[self.rank : len(batches) // self.world_size * self.world_size : self.world_size]
             else:  # every batch once; ranks short of one get an empty batch (None after collate)
-                share = batches[self.rank::self.world_size]
+                share = batches[self.rank :: self.world_size]
                 batches = share + [[]] * (-(-len(batches) // self.world_size) - len(share))
         return batches
 

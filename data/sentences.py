@@ -4,6 +4,7 @@ The mini corpus needs text that a small recogniser can learn in minutes: a close
 grammatical word order (so that a beam search or a language model has something to exploit), and
 enough combinations that test sentences never occur in training.
 """
+
 from __future__ import annotations
 
 import random
@@ -21,8 +22,19 @@ NOUNS = (
     "car train bread water milk coffee apple money box bag hat coat shoe key clock picture lamp "
     "morning evening night day week winter summer fire stone bridge church school market island"
 ).split()
-PLURALS = {n: (n + "es" if n.endswith(("s", "sh", "ch", "x")) else n[:-1] + "ies" if n.endswith("y") and n[-2] not in "aeiou" else n + "s") for n in NOUNS}
-PLURALS.update({"man": "men", "woman": "women", "child": "children", "fish": "fish", "shoe": "shoes", "knife": "knives"})
+PLURALS = {
+    n: (
+        n + "es"
+        if n.endswith(("s", "sh", "ch", "x"))
+        else n[:-1] + "ies"
+        if n.endswith("y") and n[-2] not in "aeiou"
+        else n + "s"
+    )
+    for n in NOUNS
+}
+PLURALS.update(
+    {"man": "men", "woman": "women", "child": "children", "fish": "fish", "shoe": "shoes", "knife": "knives"}
+)
 TRANSITIVE = (
     "saw found took gave made kept left brought bought sold opened closed carried painted washed "
     "moved watched followed helped called liked loved wanted needed read wrote built broke lost "
@@ -35,8 +47,18 @@ NAMES = "john mary peter anne thomas alice henry emma james lucy robert grace da
 CONJUNCTIONS = "and but so because while when".split()
 
 VOCABULARY = sorted(
-    set(DETERMINERS + ADJECTIVES + NOUNS + list(PLURALS.values()) + TRANSITIVE + INTRANSITIVE
-        + PREPOSITIONS + ADVERBS + NAMES + CONJUNCTIONS)
+    set(
+        DETERMINERS
+        + ADJECTIVES
+        + NOUNS
+        + list(PLURALS.values())
+        + TRANSITIVE
+        + INTRANSITIVE
+        + PREPOSITIONS
+        + ADVERBS
+        + NAMES
+        + CONJUNCTIONS
+    )
 )
 
 

@@ -14,6 +14,7 @@ What is left outside ``A-Z ' space`` (digits, letters of other scripts) cannot b
 LibriSpeech's alphabet: :func:`unsupported` names those characters, preparation skips such
 utterances (reported), and the tokenizer refuses to turn them into ``<unk>`` targets.
 """
+
 from __future__ import annotations
 
 import re

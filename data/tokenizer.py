@@ -7,6 +7,7 @@ A model converted from ESPnet keeps ESPnet's output order instead: its ``token_l
 (``<blank>`` first, then ``<unk>``, the pieces by their training-text frequency, ``<sos/eos>``
 last), given as ``token_list``; output ``i`` is then ``token_list[i]``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,14 +51,18 @@ class Tokenizer:
             if len(set(self.token_list)) != len(self.token_list):
                 dup = next(t for t in self.token_list if self.token_list.count(t) > 1)
                 raise ValueError(f"token_list holds {dup!r} twice")
-            unknown = [t for t in self.token_list if t not in self.SPECIAL and self.sp.piece_to_id(t) == self.sp.unk_id()]
+            unknown = [
+                t for t in self.token_list if t not in self.SPECIAL and self.sp.piece_to_id(t) == self.sp.unk_id()
+            ]
             if unknown:
-                raise ValueError(f"token_list holds {len(unknown)} symbols that are not pieces of {self.path}, "
-                                 f"e.g. {unknown[:3]} (another BPE model?)")
+                raise ValueError(
+                    f"token_list holds {len(unknown)} symbols that are not pieces of {self.path}, "
+                    f"e.g. {unknown[:3]} (another BPE model?)"
+                )
             self._index = {t: i for i, t in enumerate(self.token_list)}
 
     @classmethod
-    def open(cls, model_path: str | Path) -> "Tokenizer":
+    def open(cls, model_path: str | Path) -> Tokenizer:
         """The tokenizer of a prepared folder's ``bpe.model``, in the output order of the
         ``tokens.txt`` beside it where there is one (a folder prepared for a converted ESPnet model,
         ``python -m data.prepare --inputs``)."""
@@ -114,7 +119,7 @@ class Tokenizer:
         return ["<blk>"] + self.symbols()[1:]
 
     @staticmethod
-    def train(texts, model_prefix: str | Path, vocab_size: int = 128) -> "Tokenizer":
+    def train(texts, model_prefix: str | Path, vocab_size: int = 128) -> Tokenizer:
         """Train a BPE model on an iterable of transcripts; writes ``model_prefix.{model,vocab}``."""
         import sentencepiece as spm
 
@@ -124,9 +129,17 @@ class Tokenizer:
         Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, hard_vocab_limit=False,
-            num_threads=2, minloglevel=2,
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            hard_vocab_limit=False,
+            num_threads=2,
+            minloglevel=2,
         )
         path = Path(f"{model_prefix}.model")
         tmp = path.with_suffix(".model.tmp")

@@ -1,4 +1,5 @@
-"""Relative positional multi-head self-attention, with layer-wise map reuse (Shim, Choi, Sung, ICLR 2022, Section 4, Appendix A.1).
+"""Relative positional multi-head self-attention, with layer-wise map reuse (Shim, Choi, Sung, ICLR 2022,
+Section 4, Appendix A.1).
 
 The computing layer follows ESPnet's ``RelPositionMultiHeadedAttention`` ("latest" rel-pos,
 Transformer-XL style)::
@@ -13,6 +14,7 @@ first layer of its group to its own values, whose width is doubled (``W_V: d -> 
 Shapes: ``x (B, T, d)``, ``pos_emb (1, 2T-1, d)``, ``key_padding_mask (B, T)`` True at padding,
 attention maps ``(B, H, T, T)`` with rows over query frames.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,8 +78,9 @@ class RelPositionalEncoding(nn.Module):
 
     def _build(self, length: int, device, dtype) -> torch.Tensor:
         pos = torch.arange(length - 1, -length, -1, device=device, dtype=torch.float32).unsqueeze(1)
-        div = torch.exp(torch.arange(0, self.d_model, 2, device=device, dtype=torch.float32)
-                        * -(math.log(10000.0) / self.d_model))
+        div = torch.exp(
+            torch.arange(0, self.d_model, 2, device=device, dtype=torch.float32) * -(math.log(10000.0) / self.d_model)
+        )
         pe = torch.zeros(2 * length - 1, self.d_model, device=device)
         pe[:, 0::2] = torch.sin(pos * div)
         pe[:, 1::2] = torch.cos(pos * div)
@@ -91,20 +94,31 @@ class RelPositionalEncoding(nn.Module):
         t = self.table
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = dtype or torch.float32
-        if (t is None or t.size(1) < 2 * length - 1 or t.device != device or t.dtype != dtype
-                or t.is_inference() != torch.is_inference_mode_enabled()):
+        if (
+            t is None
+            or t.size(1) < 2 * length - 1
+            or t.device != device
+            or t.dtype != dtype
+            or t.is_inference() != torch.is_inference_mode_enabled()
+        ):
             longest = length if t is None else max(length, (t.size(1) + 1) // 2)
             with torch.no_grad():
                 t = self.table = self._build(longest, device, dtype)
         centre = (t.size(1) - 1) // 2
-        return t[:, centre - length + 1: centre + length]
+        return t[:, centre - length + 1 : centre + length]
 
     def table_offset(self, pos_emb: torch.Tensor) -> int | None:
         """First row of :attr:`table` that ``pos_emb`` is a slice of, or None if it is not one."""
         t = self.table
-        if (t is None or pos_emb.dim() != 3 or pos_emb.size(-1) != self.d_model or pos_emb.device != t.device
-                or pos_emb.dtype != t.dtype or pos_emb.stride() != t.stride()
-                or pos_emb.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()):
+        if (
+            t is None
+            or pos_emb.dim() != 3
+            or pos_emb.size(-1) != self.d_model
+            or pos_emb.device != t.device
+            or pos_emb.dtype != t.dtype
+            or pos_emb.stride() != t.stride()
+            or pos_emb.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        ):
             return None
         return (pos_emb.storage_offset() - t.storage_offset()) // t.stride(1)
 
@@ -121,7 +135,7 @@ def _skew(y: torch.Tensor, t: int) -> torch.Tensor:
     b, h, c, n = y.shape
     if n - 1 < t:  # a single row (c == 1) is already aligned
         return y[..., :t]
-    flat = y.contiguous().reshape(b, h, c * n)[..., c - 1: c - 1 + c * (n - 1)]
+    flat = y.contiguous().reshape(b, h, c * n)[..., c - 1 : c - 1 + c * (n - 1)]
     return flat.view(b, h, c, n - 1)[..., :t]
 
 
@@ -151,8 +165,8 @@ def relative_position_rows(q: torch.Tensor, p: torch.Tensor, chunk: int | None =
     chunk = chunk or (t if t < 256 else max(32, -(-t // 8)))
     for a in range(0, t, chunk):  # one chunk (chunk >= T): all 2T-1 positions, rel_shift's case
         c = min(chunk, t - a)
-        window = p[..., t - a - c: 2 * t - 1 - a, :]  # positions needed by rows a .. a+c-1
-        yield a, _skew(q[..., a:a + c, :] @ window.transpose(-2, -1), t)  # (B, H, c, T + c - 1) -> (B, H, c, T)
+        window = p[..., t - a - c : 2 * t - 1 - a, :]  # positions needed by rows a .. a+c-1
+        yield a, _skew(q[..., a : a + c, :] @ window.transpose(-2, -1), t)  # (B, H, c, T + c - 1) -> (B, H, c, T)
 
 
 def relative_position_scores(q: torch.Tensor, p: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -186,8 +200,9 @@ class MultiHeadSelfAttention(nn.Module):
         was_gamma: weak attention suppression threshold (None = off).
     """
 
-    def __init__(self, d_model: int, num_heads: int, reuse: bool = False, dropout: float = 0.1,
-                 was_gamma: float | None = None):
+    def __init__(
+        self, d_model: int, num_heads: int, reuse: bool = False, dropout: float = 0.1, was_gamma: float | None = None
+    ):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"{num_heads} heads do not divide d_model={d_model}")
@@ -239,18 +254,29 @@ class MultiHeadSelfAttention(nn.Module):
         """
         src, w = self.position_source, self.linear_pos.weight
         offset = None
-        if (src is not None and not torch.compiler.is_compiling() and not self.training
-                and not torch.is_grad_enabled() and not w.is_inference()):
+        if (
+            src is not None
+            and not torch.compiler.is_compiling()
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not w.is_inference()
+        ):
             offset = src.table_offset(pos_emb)  # (weights made in inference mode have no version to watch)
         if offset is None:
             return self._heads(self.linear_pos(pos_emb), self.d_k)
-        key = (w.data_ptr(), w._version, w.dtype, torch.is_inference_mode_enabled(),
-               _autocast_state(pos_emb.device.type), _parameter_generation)
+        key = (
+            w.data_ptr(),
+            w._version,
+            w.dtype,
+            torch.is_inference_mode_enabled(),
+            _autocast_state(pos_emb.device.type),
+            _parameter_generation,
+        )
         cached = self._position_cache
         if cached is None or cached[0] is not src.table or cached[1] != key:
             projected = self._heads(self.linear_pos(src.table), self.d_k).contiguous()
             cached = self._position_cache = (src.table, key, projected)
-        return cached[2][:, :, offset: offset + pos_emb.size(1)]
+        return cached[2][:, :, offset : offset + pos_emb.size(1)]
 
     def clear_position_cache(self) -> None:
         """Drops the cached projection of the position table (:meth:`position_keys`); the next
@@ -308,11 +334,16 @@ class MultiHeadSelfAttention(nn.Module):
                 bias = bias.masked_fill(pad, float("-inf"))
             elif chunk >= t:
                 bias = bias.contiguous()  # one dense, aligned (B, H, T, T) mask, as the GPU kernels want
-            parts.append(F.scaled_dot_product_attention(q_u[..., a:a + bias.shape[-2], :], k, v, attn_mask=bias,
-                                                        dropout_p=dropout_p))
+            parts.append(
+                F.scaled_dot_product_attention(
+                    q_u[..., a : a + bias.shape[-2], :], k, v, attn_mask=bias, dropout_p=dropout_p
+                )
+            )
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
-    def attention_map(self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def attention_map(
+        self, x: torch.Tensor, pos_emb: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """The ``(B, H, T, T)`` row-stochastic map (before dropout); padded keys get zero weight."""
         if self.reuse:
             raise RuntimeError("a reuse layer computes no attention map of its own")
@@ -325,10 +356,16 @@ class MultiHeadSelfAttention(nn.Module):
             attn = weak_attention_suppression(attn, key_padding_mask, self.was_gamma)
         return attn
 
-    def forward(self, x: torch.Tensor, pos_emb: torch.Tensor | None, key_padding_mask: torch.Tensor | None = None,
-                shared_attn: torch.Tensor | None = None, need_weights: bool = False,
-                head_mask: torch.Tensor | None = None,
-                value_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos_emb: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None = None,
+        shared_attn: torch.Tensor | None = None,
+        need_weights: bool = False,
+        head_mask: torch.Tensor | None = None,
+        value_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(output (B, T, d), attention map or None)``.
 
         The map is returned when ``need_weights`` (or given as ``shared_attn``); without either,

@@ -18,6 +18,7 @@ Older layouts keep loading (:meth:`CheckpointRecord.read`): until the data recor
 ``hyper_parameters.tokenizer_path``; before tokenizers were embedded, ``vocab_size`` and
 ``tokenizer_sha256`` stood among the hyper-parameters and the tokenizer was read from its path.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -49,8 +50,13 @@ class DataRecord:
     features: dict | None = None
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer, data_dir: str | Path | None, cmvn: GlobalCMVN | dict | None = None,
-           features: dict | None = None) -> DataRecord:
+    def of(
+        cls,
+        tokenizer: Tokenizer,
+        data_dir: str | Path | None,
+        cmvn: GlobalCMVN | dict | None = None,
+        features: dict | None = None,
+    ) -> DataRecord:
         """The record of a tokenizer (embedded whole) and the CMVN statistics and front-end record
         of the data it was trained on."""
         if isinstance(cmvn, GlobalCMVN):
@@ -100,8 +106,12 @@ class CheckpointRecord:
             if not isinstance(tok, dict):  # before tokenizers were embedded
                 tok = {"vocab_size": hp.get("vocab_size"), "sha256": hp.get("tokenizer_sha256"), "model": None}
             tok = {"name": path.name, **tok}
-            record = DataRecord(str(path.parent) if "tokenizer_path" in hp else None, tok, checkpoint.get("cmvn"),
-                                checkpoint.get("features"))
+            record = DataRecord(
+                str(path.parent) if "tokenizer_path" in hp else None,
+                tok,
+                checkpoint.get("cmvn"),
+                checkpoint.get("features"),
+            )
         if record.tokenizer.get("vocab_size") is None:
             raise ValueError(f"{where}: not a checkpoint of train.py's CTCModule (no vocabulary size)")
         rest = {k: v for k, v in hp.items() if k not in MODEL_KEYS and k not in _NOT_HYPER_PARAMETERS}
@@ -110,9 +120,16 @@ class CheckpointRecord:
     def info(self, paths: list[Path]) -> dict:
         """The flat mapping :func:`load_model` returns: the hyper-parameters, ``tokenizer_path``,
         ``data_dir``, ``vocab_size``, ``tokenizer_sha256``, ``checkpoints``, ``cmvn``, ``features``."""
-        return {**self.hyper_parameters(), "tokenizer_path": str(self.data.tokenizer_path), "data_dir": self.data.dir,
-                "vocab_size": self.vocab_size, "tokenizer_sha256": self.data.tokenizer.get("sha256"),
-                "checkpoints": [str(p) for p in paths], "cmvn": self.data.cmvn, "features": self.data.features}
+        return {
+            **self.hyper_parameters(),
+            "tokenizer_path": str(self.data.tokenizer_path),
+            "data_dir": self.data.dir,
+            "vocab_size": self.vocab_size,
+            "tokenizer_sha256": self.data.tokenizer.get("sha256"),
+            "checkpoints": [str(p) for p in paths],
+            "cmvn": self.data.cmvn,
+            "features": self.data.features,
+        }
 
     def tokenizer(self, path: str | Path | None = None, where: str | Path = "the checkpoint") -> Tokenizer:
         """The embedded tokenizer, or (``path`` given, or a checkpoint that does not embed it) the
@@ -122,10 +139,13 @@ class CheckpointRecord:
             tokenizer = Tokenizer(path or self.data.tokenizer_path)
         else:
             tokenizer = Tokenizer(self.data.tokenizer_path, tok["model"], tok.get("token_list"))
-        if tokenizer.vocab_size != self.vocab_size or (tok.get("sha256") is not None
-                                                       and tokenizer.digest != tok["sha256"]):
-            raise ValueError(f"tokenizer {tokenizer.path} ({tokenizer.vocab_size} outputs) is not the one {where} "
-                             f"was trained with ({self.vocab_size} outputs, sha256 {tok.get('sha256')})")
+        if tokenizer.vocab_size != self.vocab_size or (
+            tok.get("sha256") is not None and tokenizer.digest != tok["sha256"]
+        ):
+            raise ValueError(
+                f"tokenizer {tokenizer.path} ({tokenizer.vocab_size} outputs) is not the one {where} "
+                f"was trained with ({self.vocab_size} outputs, sha256 {tok.get('sha256')})"
+            )
         return tokenizer
 
 
@@ -140,8 +160,10 @@ def write_checkpoint(path: str | Path, checkpoint: dict) -> None:
     try:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     except (OSError, RuntimeError) as e:  # disk full: torch reports "unexpected pos"
-        raise OSError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); is the disk full? "
-                      f"The previous checkpoint there is intact") from None
+        raise OSError(
+            f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]}); is the disk full? "
+            f"The previous checkpoint there is intact"
+        ) from None
 
 
 def checkpoint_paths(ckpt: str | Path, average: int = 1) -> list[Path]:
@@ -160,11 +182,13 @@ def checkpoint_paths(ckpt: str | Path, average: int = 1) -> list[Path]:
 
     # one file per complete epoch, ``epochNNN.ckpt`` (train.py writes no other): by epoch number,
     # not by time, and never a versioned ``epochNNN-v1.ckpt`` of an older naming
-    numbered = {int(m.group(1)): p for p in ckpt.glob("epoch*.ckpt") if (m := re.fullmatch(r"epoch(\d+)\.ckpt", p.name))}
+    numbered = {
+        int(m.group(1)): p for p in ckpt.glob("epoch*.ckpt") if (m := re.fullmatch(r"epoch(\d+)\.ckpt", p.name))
+    }
     epochs = [numbered[e] for e in sorted(numbered)]
     if len(epochs) < max(1, average):
         raise ValueError(f"{ckpt}: {len(epochs)} epoch checkpoints (epochNNN.ckpt), fewer than --average {average}")
-    return epochs[-max(1, average):]
+    return epochs[-max(1, average) :]
 
 
 def average_state_dicts(states: list[dict]) -> dict:
@@ -181,8 +205,12 @@ def average_state_dicts(states: list[dict]) -> dict:
 def embedded_tokenizer(tokenizer: Tokenizer) -> dict:
     """The tokenizer as a checkpoint embeds it (what :func:`tokenizer_record` reads back); with the
     output order of a converted ESPnet model (``token_list``) where it has one."""
-    record = {"sha256": tokenizer.digest, "vocab_size": tokenizer.vocab_size, "model": tokenizer.model_bytes,
-              "name": Path(tokenizer.path).name}
+    record = {
+        "sha256": tokenizer.digest,
+        "vocab_size": tokenizer.vocab_size,
+        "model": tokenizer.model_bytes,
+        "name": Path(tokenizer.path).name,
+    }
     if tokenizer.token_list is not None:
         record["token_list"] = list(tokenizer.token_list)
     return record
@@ -198,8 +226,9 @@ def training_data_dir(hp: dict, data_dir: str | Path | None = None) -> Path:
     return Path(hp.get("tokenizer_path", ".")).parent
 
 
-def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | None = None,
-               device: str = "cpu") -> tuple[ConformerCTC, Tokenizer, dict]:
+def load_model(
+    ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | None = None, device: str = "cpu"
+) -> tuple[ConformerCTC, Tokenizer, dict]:
     """Model (eval mode), tokenizer and information (:meth:`CheckpointRecord.info`) from a
     checkpoint (or several, averaged). The tokenizer is the one embedded in the checkpoint (older
     checkpoints: the file they name); ``tokenizer_path`` may name a file, which must be the same
@@ -214,7 +243,7 @@ def load_model(ckpt: str | Path, average: int = 1, tokenizer_path: str | Path | 
     record = CheckpointRecord.read(loaded[-1], paths[-1])
     tokenizer = record.tokenizer(tokenizer_path, paths[-1])
     model = ConformerCTC(record.vocab_size, record.model)
-    states = [{k[len("model."):]: v for k, v in c["state_dict"].items() if k.startswith("model.")} for c in loaded]
+    states = [{k[len("model.") :]: v for k, v in c["state_dict"].items() if k.startswith("model.")} for c in loaded]
     try:
         model.load_state_dict(average_state_dicts(states) if len(states) > 1 else states[0])
     except RuntimeError as e:
@@ -229,8 +258,10 @@ def model_cmvn(hp: dict, data_dir: str | Path | None = None) -> GlobalCMVN:
     if hp.get("cmvn") is not None:
         return GlobalCMVN(hp["cmvn"]["mean"], hp["cmvn"]["std"], dim=len(hp["cmvn"]["mean"]))
     if data_dir is None:
-        raise ValueError(f"{hp['checkpoints'][-1]}: the checkpoint holds no CMVN statistics; give --data-dir "
-                         "(the prepared data folder with cmvn.json)")
+        raise ValueError(
+            f"{hp['checkpoints'][-1]}: the checkpoint holds no CMVN statistics; give --data-dir "
+            "(the prepared data folder with cmvn.json)"
+        )
     return GlobalCMVN.load(Path(data_dir) / "cmvn.json")
 
 
@@ -248,8 +279,9 @@ def input_differences(hp: dict, data_dir: str | Path) -> list[str]:
     if hp.get("cmvn") is not None and (data_dir / "cmvn.json").is_file():
         ours, folder = model_cmvn(hp), GlobalCMVN.load(data_dir / "cmvn.json")
         if ours.mean.shape != folder.mean.shape or not (
-                torch.allclose(ours.mean, folder.mean, rtol=1e-5, atol=1e-6)
-                and torch.allclose(ours.std, folder.std, rtol=1e-5, atol=1e-6)):
+            torch.allclose(ours.mean, folder.mean, rtol=1e-5, atol=1e-6)
+            and torch.allclose(ours.std, folder.std, rtol=1e-5, atol=1e-6)
+        ):
             out.append(f"its CMVN statistics differ from {data_dir / 'cmvn.json'}'s")
     record, _, _ = model_features(data_dir / "features.json")
     if hp.get("features") != record:
@@ -280,7 +312,11 @@ def model_inputs(model: ConformerCTC, hp: dict, data_dir: str | Path | None = No
             featurizer = frontend_of(spec)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{hp['checkpoints'][-1]}: its feature record cannot be used ({e})") from None
-        hop, first_centre, frame_ms = featurizer.hop_length / featurizer.fs, featurizer.first_centre, featurizer.frame_ms
+        hop, first_centre, frame_ms = (
+            featurizer.hop_length / featurizer.fs,
+            featurizer.first_centre,
+            featurizer.frame_ms,
+        )
     framing = LabelFraming.of_front_end(model.frontend.input_layer, hop, first_centre, frame_ms)
     return cmvn, featurizer, framing
 
@@ -292,6 +328,9 @@ def save_model_checkpoint(path: str | Path, model: ConformerCTC, tokenizer: Toke
     (``data_dir``, or ``tokenizer_path``'s folder); its other entries that are not model options
     (``lr``, ``retrofit_from``, ...) are kept as hyper-parameters. The options are the model's own."""
     data_dir = hp.get("data_dir") or (Path(hp["tokenizer_path"]).parent if hp.get("tokenizer_path") else None)
-    record = CheckpointRecord(model.model_config, DataRecord.of(tokenizer, data_dir, hp.get("cmvn"), hp.get("features")),
-                              {k: v for k, v in hp.items() if k not in MODEL_KEYS and k not in _INFO_KEYS})
+    record = CheckpointRecord(
+        model.model_config,
+        DataRecord.of(tokenizer, data_dir, hp.get("cmvn"), hp.get("features")),
+        {k: v for k, v in hp.items() if k not in MODEL_KEYS and k not in _INFO_KEYS},
+    )
     write_checkpoint(path, {**record.entries(), "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}})

@@ -10,6 +10,7 @@ A field's ``role`` says what it changes: ``plan`` (the reuse plan), ``function``
 trained model computes: sizes, front end, normalisation) or ``training`` (regularisation and
 BatchNorm momentum, which act only while training).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,11 @@ class ModelConfig:
 
     def options(self, role: str | None = None) -> dict:
         """The options as a dict, in field order; only those of ``role`` if given."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if role is None or f.metadata["role"] == role}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if role is None or f.metadata["role"] == role
+        }
 
 
 MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ModelConfig))
@@ -83,8 +87,10 @@ FUNCTION_OPTIONS: tuple[str, ...] = tuple(ModelConfig().options("function"))
 def _parameters() -> list[inspect.Parameter]:
     """One keyword-only parameter per option, with its resolved type and default."""
     hints = typing.get_type_hints(ModelConfig)
-    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
-            for f in dataclasses.fields(ModelConfig)]
+    return [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in dataclasses.fields(ModelConfig)
+    ]
 
 
 def takes_model_options(func: Callable) -> Callable:
@@ -112,8 +118,9 @@ def model_config_of(options: Mapping, base: ModelConfig | None = None) -> ModelC
     naming it (as a misspelt keyword argument would)."""
     unknown = sorted(set(options) - set(MODEL_KEYS))
     if unknown:
-        raise TypeError(f"unknown model option(s) {', '.join(map(repr, unknown))}; the options are "
-                        f"{', '.join(MODEL_KEYS)}")
+        raise TypeError(
+            f"unknown model option(s) {', '.join(map(repr, unknown))}; the options are {', '.join(MODEL_KEYS)}"
+        )
     return (base or ModelConfig()).replace(**options)
 
 

@@ -1,8 +1,10 @@
-"""Conformer blocks and the encoder that wires a reuse plan through them (Shim, Choi, Sung, ICLR 2022, Section 4, Appendix A.1).
+"""Conformer blocks and the encoder that wires a reuse plan through them (Shim, Choi, Sung, ICLR 2022, Section
+4, Appendix A.1).
 
 Block (ESPnet / Gulati et al.): macaron FFN (half step) -> multi-head self-attention -> convolution
 module -> FFN (half step) -> LayerNorm, each sub-layer pre-normed with a residual connection.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +19,13 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, ffn_dim: int, dropout: float, eps: float = 1e-5):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(d_model, eps=eps), nn.Linear(d_model, ffn_dim), nn.SiLU(), nn.Dropout(dropout),
-                                 nn.Linear(ffn_dim, d_model))
+        self.net = nn.Sequential(
+            nn.LayerNorm(d_model, eps=eps),
+            nn.Linear(d_model, ffn_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_dim, d_model),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -54,9 +61,18 @@ class ConformerBlock(nn.Module):
     """One Conformer layer; ``plan.reuses`` makes its attention a reuse layer. ``eps``: of every
     LayerNorm (ours 1e-5; ESPnet's 1e-12)."""
 
-    def __init__(self, d_model: int, ffn_dim: int, kernel_size: int, plan: LayerPlan, dropout: float = 0.1,
-                 attention_dropout: float = 0.1, was_gamma: float | None = None, bn_momentum: float = 0.005,
-                 eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        kernel_size: int,
+        plan: LayerPlan,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        was_gamma: float | None = None,
+        bn_momentum: float = 0.005,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.plan = plan
         self.ffn1 = FeedForward(d_model, ffn_dim, dropout, eps)
@@ -70,8 +86,9 @@ class ConformerBlock(nn.Module):
     def forward(self, x, pos_emb, padding_mask, shared_attn=None, need_weights=False, head_mask=None, value_mask=None):
         """Returns ``(output, attention map applied or None)``."""
         x = x + 0.5 * self.dropout(self.ffn1(x))
-        a, attn = self.self_attn(self.norm_mha(x), pos_emb, padding_mask, shared_attn, need_weights, head_mask,
-                                 value_mask)
+        a, attn = self.self_attn(
+            self.norm_mha(x), pos_emb, padding_mask, shared_attn, need_weights, head_mask, value_mask
+        )
         x = x + self.dropout(a)
         x = x + self.dropout(self.conv(x, padding_mask))
         x = x + 0.5 * self.dropout(self.ffn2(x))
@@ -91,9 +108,19 @@ class ConformerEncoder(nn.Module):
     the caller asks for maps; otherwise it runs the fused SDPA kernel.
     """
 
-    def __init__(self, plans: list[LayerPlan], d_model: int, ffn_dim: int, kernel_size: int, dropout: float = 0.1,
-                 attention_dropout: float = 0.1, was_gamma: float | None = None, bn_momentum: float = 0.005,
-                 eps: float = 1e-5, final_norm: bool = False):
+    def __init__(
+        self,
+        plans: list[LayerPlan],
+        d_model: int,
+        ffn_dim: int,
+        kernel_size: int,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        was_gamma: float | None = None,
+        bn_momentum: float = 0.005,
+        eps: float = 1e-5,
+        final_norm: bool = False,
+    ):
         super().__init__()
         self.plans = plans
         self.pos_enc = RelPositionalEncoding(d_model, dropout)
@@ -108,8 +135,15 @@ class ConformerEncoder(nn.Module):
         reused = {p.source for p in plans if p.reuses}
         self._map_needed = [i in reused for i in range(len(plans))]
 
-    def forward(self, x, padding_mask, return_attentions=False, return_hidden_states=False, head_mask=None,
-                map_sources: list[int] | None = None):
+    def forward(
+        self,
+        x,
+        padding_mask,
+        return_attentions=False,
+        return_hidden_states=False,
+        head_mask=None,
+        map_sources: list[int] | None = None,
+    ):
         """``x (B, T, d)`` -> ``(output, attentions list or None, hidden_states list or None)``;
         ``head_mask`` is a list (one ``(H,)`` tensor or None per layer) or None. ``map_sources``
         (zero-shot reuse, checked by :meth:`ConformerCTC.map_sources`): layer ``i`` applies the map

@@ -16,6 +16,7 @@ Paths in the config (``bpemodel``, ``normalize_conf.stats_file``, a ``token_list
 resolved as given, then relative to the config's and the model file's folders and their parents
 (a model folder unpacked from ESPnet's zoo keeps the recipe's relative paths).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ from data.features import GlobalCMVN
 from data.framing import receptive_field
 from data.tokenizer import Tokenizer
 from models.checkpoint import save_model_checkpoint
-from models.ctc import ConformerCTC
 from models.config import ModelConfig
+from models.ctc import ConformerCTC
 from models.espnet import ConversionError, espnet_to_ours, frontend_options, model_options
 
 
@@ -49,8 +50,9 @@ def resolve(path: str | Path, *anchors: Path, what: str) -> Path:
     for candidate in tried:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{what} {path}: not found as given nor beside {', '.join(map(str, anchors))} "
-                            f"(give it explicitly)")
+    raise FileNotFoundError(
+        f"{what} {path}: not found as given nor beside {', '.join(map(str, anchors))} (give it explicitly)"
+    )
 
 
 def _check_shapes(ours: dict, target: dict, options: ModelConfig) -> None:
@@ -63,16 +65,22 @@ def _check_shapes(ours: dict, target: dict, options: ModelConfig) -> None:
     size = f"{options.num_layers} blocks, input_layer {options.input_layer}"
     missing = [k for k in target if k not in ours]
     if missing:
-        raise ConversionError(f"the state dict lacks {name(missing[0])!r}, which the config's encoder ({size}) has "
-                              f"({len(missing)} keys missing)")
+        raise ConversionError(
+            f"the state dict lacks {name(missing[0])!r}, which the config's encoder ({size}) has "
+            f"({len(missing)} keys missing)"
+        )
     extra = [k for k in ours if k not in target]
     if extra:
-        raise ConversionError(f"the state dict holds {name(extra[0])!r}, which the config's encoder ({size}) does not have")
+        raise ConversionError(
+            f"the state dict holds {name(extra[0])!r}, which the config's encoder ({size}) does not have"
+        )
     for k, v in target.items():
         if tuple(ours[k].shape) != tuple(v.shape):
-            raise ConversionError(f"{name(k)}: shape {tuple(ours[k].shape)} in the state dict, {tuple(v.shape)} from the "
-                                  f"config (output_size, attention_heads, linear_units, cnn_module_kernel, n_mels and "
-                                  f"token_list must match the weights)")
+            raise ConversionError(
+                f"{name(k)}: shape {tuple(ours[k].shape)} in the state dict, {tuple(v.shape)} from the "
+                f"config (output_size, attention_heads, linear_units, cnn_module_kernel, n_mels and "
+                f"token_list must match the weights)"
+            )
 
 
 def _read_config(config_path: Path) -> dict:
@@ -94,7 +102,9 @@ def _tokens(config: dict, anchors: tuple[Path, ...], bpe: str | Path | None) -> 
         raise ConversionError(f"token_type: {config.get('token_type')!r} is not supported (only 'bpe')")
     token_list = config.get("token_list")
     if isinstance(token_list, str):
-        token_list = [t.strip() for t in resolve(token_list, *anchors, what="token_list").read_text().splitlines() if t.strip()]
+        token_list = [
+            t.strip() for t in resolve(token_list, *anchors, what="token_list").read_text().splitlines() if t.strip()
+        ]
     if not isinstance(token_list, list) or not token_list:
         raise ConversionError("token_list: missing from the config")
     if bpe is None:
@@ -115,13 +125,21 @@ def _read_state(model_path: Path) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{model_path}: not a state dict of tensors")
     if "ctc.ctc_lo.weight" not in state:
-        raise ConversionError(f"{model_path}: no CTC head (ctc.ctc_lo); a model trained with ctc_weight 0 cannot be "
-                              f"decoded by CTC")
+        raise ConversionError(
+            f"{model_path}: no CTC head (ctc.ctc_lo); a model trained with ctc_weight 0 cannot be decoded by CTC"
+        )
     return state
 
 
-def _normalisation(config: dict, state: dict, stats: str | None, anchors: tuple[Path, ...], model_path: Path,
-                   input_dim: int, notes: list[str]) -> tuple[GlobalCMVN, str | None]:
+def _normalisation(
+    config: dict,
+    state: dict,
+    stats: str | None,
+    anchors: tuple[Path, ...],
+    model_path: Path,
+    input_dim: int,
+    notes: list[str],
+) -> tuple[GlobalCMVN, str | None]:
     """The model's feature normalisation (``GlobalMVN`` from the stats file, checked against the
     buffers in the state dict, or the buffers alone; or none) and where it came from."""
     normalize = config.get("normalize")
@@ -143,13 +161,17 @@ def _normalisation(config: dict, state: dict, stats: str | None, anchors: tuple[
     if stats_path is not None:
         # GlobalMVN keeps the file's mean and std as buffers whatever it normalises: both must match
         raw = global_mvn(stats_path, True, True, norm_conf.get("eps", 1e-20))
-        for buffer, value, what, name in ((saved[0], raw.mean, "mean", "normalize.mean"),
-                                          (saved[1], raw.std, "standard deviation", "normalize.std")):
+        for buffer, value, what, name in (
+            (saved[0], raw.mean, "mean", "normalize.mean"),
+            (saved[1], raw.std, "standard deviation", "normalize.std"),
+        ):
             if buffer is not None and not torch.allclose(buffer.float(), value, rtol=1e-4, atol=1e-5):
-                raise ConversionError(f"{stats_path}: its {what} differs from {name} in {model_path} (another "
-                                      f"model's statistics?)")
-        return global_mvn(stats_path, norm_conf.get("norm_means", True), norm_conf.get("norm_vars", True),
-                          norm_conf.get("eps", 1e-20)), str(stats_path)
+                raise ConversionError(
+                    f"{stats_path}: its {what} differs from {name} in {model_path} (another model's statistics?)"
+                )
+        return global_mvn(
+            stats_path, norm_conf.get("norm_means", True), norm_conf.get("norm_vars", True), norm_conf.get("eps", 1e-20)
+        ), str(stats_path)
     if saved[0] is not None and saved[1] is not None:
         mean = saved[0].float() if norm_conf.get("norm_means", True) else torch.zeros_like(saved[0]).float()
         std = saved[1].float() if norm_conf.get("norm_vars", True) else torch.ones_like(saved[1]).float()
@@ -168,19 +190,28 @@ def _write(out: Path, model: ConformerCTC, bpe: Path, token_list: list[str], cmv
     cmvn.save(out / "cmvn.json")
     features = {"type": "espnet", "config": front, "min_frames": receptive_field(options.input_layer)}
     atomic_write_text(out / "features.json", json.dumps(features, indent=2))
-    hp = {"data_dir": str(out.resolve()), "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()},
-          "features": features}
+    hp = {
+        "data_dir": str(out.resolve()),
+        "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()},
+        "features": features,
+    }
     save_model_checkpoint(out / "model.ckpt", model.eval(), Tokenizer(out / "bpe.model", token_list=token_list), hp)
     # train.py fit --config recipes/.../retrofit.yaml --config OUT/model.yaml --model.reuse PLAN
     #   --data.data_dir <a folder of data.prepare --inputs OUT>
     #   (the options that fix the model's function; the recipe's own dropout and BatchNorm momentum)
-    fit = {"model": {**options.options("plan"), **options.options("function"),
-                     "init_from": str((out / "model.ckpt").resolve())}}
+    fit = {
+        "model": {
+            **options.options("plan"),
+            **options.options("function"),
+            "init_from": str((out / "model.ckpt").resolve()),
+        }
+    }
     atomic_write_text(out / "model.yaml", yaml.safe_dump(fit, sort_keys=False))
 
 
-def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | Path, stats: str | None = None,
-                   bpe: str | None = None) -> dict:
+def convert_espnet(
+    config_path: str | Path, model_path: str | Path, out: str | Path, stats: str | None = None, bpe: str | None = None
+) -> dict:
     """Converts an ESPnet ASR model (see the module docstring); returns the conversion record."""
     config_path, model_path, out = Path(config_path), Path(model_path), Path(out)
     config = _read_config(config_path)
@@ -194,8 +225,10 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     ours, ignored = espnet_to_ours(state, options.num_layers, options.input_layer)
     decoder = [k for k in ignored if k.startswith("decoder.")]
     if decoder:
-        notes.append(f"the attention decoder ({len(decoder)} tensors, decoder: {config.get('decoder')}) is ignored: "
-                     f"the converted model decodes with its CTC head only")
+        notes.append(
+            f"the attention decoder ({len(decoder)} tensors, decoder: {config.get('decoder')}) is ignored: "
+            f"the converted model decodes with its CTC head only"
+        )
     model = ConformerCTC(len(token_list), options)
     try:
         _check_shapes(ours, model.state_dict(), options)
@@ -206,16 +239,25 @@ def convert_espnet(config_path: str | Path, model_path: str | Path, out: str | P
     if "frontend.logmel.melmat" in state:
         saved = state["frontend.logmel.melmat"].float()
         if saved.shape != frontend.melmat.shape or not torch.allclose(saved, frontend.melmat, atol=1e-6, rtol=1e-4):
-            raise ConversionError(f"{model_path}: frontend.logmel.melmat differs from the Mel filters of the config's "
-                                  f"frontend_conf ({front})")
+            raise ConversionError(
+                f"{model_path}: frontend.logmel.melmat differs from the Mel filters of the config's "
+                f"frontend_conf ({front})"
+            )
     cmvn, source = _normalisation(config, state, stats, anchors, model_path, options.input_dim, notes)
     if cmvn.mean.numel() != options.input_dim:
-        raise ConversionError(f"normalisation statistics of {cmvn.mean.numel()} features; the model takes "
-                              f"{options.input_dim}")
+        raise ConversionError(
+            f"normalisation statistics of {cmvn.mean.numel()} features; the model takes {options.input_dim}"
+        )
     _write(out, model, bpe, token_list, cmvn, front)
-    record = {"source": {"config": str(config_path), "model": str(model_path), "bpe": str(bpe), "stats": source},
-              "model": options.options(), "vocab_size": len(token_list), "frontend": front, "notes": notes,
-              "ignored_keys": len(ignored), "checkpoint": str(out / "model.ckpt")}
+    record = {
+        "source": {"config": str(config_path), "model": str(model_path), "bpe": str(bpe), "stats": source},
+        "model": options.options(),
+        "vocab_size": len(token_list),
+        "frontend": front,
+        "notes": notes,
+        "ignored_keys": len(ignored),
+        "checkpoint": str(out / "model.ckpt"),
+    }
     atomic_write_text(out / "conversion.json", json.dumps(record, indent=2))
     return record
 
@@ -233,12 +275,16 @@ def main(argv: list[str] | None = None) -> None:
     with user_errors():
         record = convert_espnet(a.config, a.model, a.out, a.stats, a.bpe)
     m = record["model"]
-    print(f"converted {a.model}: {m['num_layers']} blocks, d_model {m['d_model']}, {m['reuse']}, ffn {m['ffn_dim']}, "
-          f"kernel {m['kernel_size']}, {m['input_layer']}, {record['vocab_size']} outputs")
+    print(
+        f"converted {a.model}: {m['num_layers']} blocks, d_model {m['d_model']}, {m['reuse']}, ffn {m['ffn_dim']}, "
+        f"kernel {m['kernel_size']}, {m['input_layer']}, {record['vocab_size']} outputs"
+    )
     for note in record["notes"]:
         print(f"note: {note}")
-    print(f"wrote {record['checkpoint']} (and bpe.model, tokens.txt, cmvn.json, features.json, model.yaml, "
-          f"conversion.json beside it)")
+    print(
+        f"wrote {record['checkpoint']} (and bpe.model, tokens.txt, cmvn.json, features.json, model.yaml, "
+        f"conversion.json beside it)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Conformer-CTC: front end -> Conformer encoder (with a reuse plan) -> CTC projection."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,11 +63,25 @@ class ConformerCTC(nn.Module):
         self.plans = parse_reuse_config(cfg.reuse, cfg.num_layers, cfg.d_model)
         self.reuse = format_reuse_config(self.plans)
         self.model_config = cfg.replace(reuse=self.reuse)
-        self.vocab_size, self.input_dim, self.d_model, self.num_layers = vocab_size, cfg.input_dim, cfg.d_model, cfg.num_layers
+        self.vocab_size, self.input_dim, self.d_model, self.num_layers = (
+            vocab_size,
+            cfg.input_dim,
+            cfg.d_model,
+            cfg.num_layers,
+        )
         self.frontend = Conv2dSubsampling(cfg.input_dim, cfg.d_model, cfg.subsampling_channels, cfg.input_layer)
-        self.encoder = ConformerEncoder(self.plans, cfg.d_model, cfg.ffn_dim, cfg.kernel_size, cfg.dropout,
-                                        cfg.attention_dropout, cfg.was_gamma, cfg.bn_momentum, cfg.layer_norm_eps,
-                                        cfg.final_norm)
+        self.encoder = ConformerEncoder(
+            self.plans,
+            cfg.d_model,
+            cfg.ffn_dim,
+            cfg.kernel_size,
+            cfg.dropout,
+            cfg.attention_dropout,
+            cfg.was_gamma,
+            cfg.bn_momentum,
+            cfg.layer_norm_eps,
+            cfg.final_norm,
+        )
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
     @property
@@ -91,8 +106,10 @@ class ConformerCTC(nn.Module):
             raise ValueError(f"lengths {lengths.tolist()} must lie in 1..{features.shape[1]} (the padded length)")
         short = int(lengths.min())
         if short < self.frontend.min_frames:
-            raise ValueError(f"an utterance of {short} frames is too short for the {self.frontend.input_layer} "
-                             f"subsampling (needs >= {self.frontend.min_frames} frames)")
+            raise ValueError(
+                f"an utterance of {short} frames is too short for the {self.frontend.input_layer} "
+                f"subsampling (needs >= {self.frontend.min_frames} frames)"
+            )
 
     def head_mask_tensor(self, head_mask, device=None) -> list[torch.Tensor | None] | None:
         """Normalise a head mask to one ``(H_l,)`` 0/1 tensor (or None) per layer.
@@ -111,14 +128,18 @@ class ConformerCTC(nn.Module):
                 m = torch.ones(heads[layer], device=device)
                 for h in masked:
                     if not 0 <= int(h) < heads[layer]:
-                        raise ValueError(f"head mask names head {h} of layer {layer}, which has heads 0..{heads[layer] - 1}")
+                        raise ValueError(
+                            f"head mask names head {h} of layer {layer}, which has heads 0..{heads[layer] - 1}"
+                        )
                     m[int(h)] = 0
                 out[int(layer)] = m
             return out
         mask = torch.as_tensor(head_mask, device=device)
         if mask.shape != (self.num_layers, max(heads)):
-            raise ValueError(f"head mask must be (num_layers, max_heads) = ({self.num_layers}, {max(heads)}); "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"head mask must be (num_layers, max_heads) = ({self.num_layers}, {max(heads)}); "
+                f"got {tuple(mask.shape)}"
+            )
         for layer, h in enumerate(heads):
             if (mask[layer, h:] != 1).any():
                 raise ValueError(f"head mask masks a head >= {h} in layer {layer}, which has only {h} heads")
@@ -154,15 +175,25 @@ class ConformerCTC(nn.Module):
             if source > layer:
                 raise ValueError(f"map assignment: layer {layer} cannot take the map of the later layer {source}")
             if heads[source] != heads[layer]:
-                raise ValueError(f"map assignment: layer {layer} has {heads[layer]} heads, layer {source} has "
-                                 f"{heads[source]}")
+                raise ValueError(
+                    f"map assignment: layer {layer} has {heads[layer]} heads, layer {source} has {heads[source]}"
+                )
             if self.plans[layer].reuses:
-                raise ValueError(f"map assignment: layer {layer} already reuses the map of layer "
-                                 f"{self.plans[layer].source} in this model's plan {self.reuse!r}")
+                raise ValueError(
+                    f"map assignment: layer {layer} already reuses the map of layer "
+                    f"{self.plans[layer].source} in this model's plan {self.reuse!r}"
+                )
         return sources
 
-    def encode(self, features: torch.Tensor, lengths: torch.Tensor, return_attentions: bool = False,
-               return_hidden_states: bool = False, head_mask=None, map_sources=None) -> EncoderOutput:
+    def encode(
+        self,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        return_attentions: bool = False,
+        return_hidden_states: bool = False,
+        head_mask=None,
+        map_sources=None,
+    ) -> EncoderOutput:
         """Run the front end and the encoder; see :class:`EncoderOutput`. ``head_mask``: see
         :meth:`head_mask_tensor`; ``map_sources``: zero-shot reuse, see :meth:`map_sources`
         (the identity assignment, or None, is the model as trained)."""
@@ -170,12 +201,19 @@ class ConformerCTC(nn.Module):
         sources = self.map_sources(map_sources)
         x, out_lengths = self.frontend(features, lengths)
         padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]
-        out, attentions, hidden = self.encoder(x, padding_mask, return_attentions, return_hidden_states,
-                                               self.head_mask_tensor(head_mask, x.device), sources)
+        out, attentions, hidden = self.encoder(
+            x,
+            padding_mask,
+            return_attentions,
+            return_hidden_states,
+            self.head_mask_tensor(head_mask, x.device),
+            sources,
+        )
         return EncoderOutput(out, out_lengths, attentions, hidden)
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor, head_mask=None,
-                map_sources=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, lengths: torch.Tensor, head_mask=None, map_sources=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``features (B, T, input_dim)``, ``lengths (B,)`` -> ``(log_probs (B, T', V) float32, out_lengths (B,))``."""
         enc = self.encode(features, lengths, head_mask=head_mask, map_sources=map_sources)
         return torch.log_softmax(self.head(enc.output).float(), dim=-1), enc.lengths

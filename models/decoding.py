@@ -1,5 +1,6 @@
 """CTC decoding: greedy best path, and beam search (torchaudio / flashlight-text): lexicon-free, over
 a lexicon, or over a lexicon with a word n-gram LM (ARPA / KenLM)."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,16 @@ class BeamSearch:
     first (:func:`check_lm`); ``lm_kenlm`` may pass an LM already loaded for the same lexicon
     (see :meth:`with_weights`), so that a sweep loads a large LM once."""
 
-    def __init__(self, tokenizer: Tokenizer, beam_size: int = 32, lexicon=None, lm=None, lm_weight: float = 1.0,
-                 word_score: float = 0.0, lm_kenlm=None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        beam_size: int = 32,
+        lexicon=None,
+        lm=None,
+        lm_weight: float = 1.0,
+        word_score: float = 0.0,
+        lm_kenlm=None,
+    ):
         from torchaudio.models.decoder import ctc_decoder
 
         pieces = tokenizer.pieces()
@@ -40,7 +49,10 @@ class BeamSearch:
         self.lexicon = None if lexicon is None else str(lexicon)
         self.beam_size = beam_size
         self.lm = None if lm is None else str(lm)
-        self.lm_weight, self.word_score = parse_weight("--lm-weight", lm_weight), parse_weight("--word-score", word_score)
+        self.lm_weight, self.word_score = (
+            parse_weight("--lm-weight", lm_weight),
+            parse_weight("--word-score", word_score),
+        )
         self.lm_info, self._kenlm = None, lm_kenlm
         if self.lm is not None:
             if self.lexicon is None:
@@ -48,14 +60,24 @@ class BeamSearch:
             if lm_kenlm is None:
                 self.lm_info = check_lm(self.lm, self.lexicon)
                 self._kenlm = load_kenlm(self.lm, self.lexicon)
-        self.decoder = ctc_decoder(lexicon=self.lexicon, tokens=pieces, lm=self._kenlm, beam_size=beam_size,
-                                   lm_weight=self.lm_weight, word_score=self.word_score,
-                                   blank_token="<blk>", sil_token="<unk>", unk_word="<unk>", nbest=1)
+        self.decoder = ctc_decoder(
+            lexicon=self.lexicon,
+            tokens=pieces,
+            lm=self._kenlm,
+            beam_size=beam_size,
+            lm_weight=self.lm_weight,
+            word_score=self.word_score,
+            blank_token="<blk>",
+            sil_token="<unk>",
+            unk_word="<unk>",
+            nbest=1,
+        )
 
-    def with_weights(self, lm_weight: float, word_score: float) -> "BeamSearch":
+    def with_weights(self, lm_weight: float, word_score: float) -> BeamSearch:
         """The same search (tokenizer, beam, lexicon, the LM already loaded) with other weights."""
-        other = BeamSearch(self.tokenizer, self.beam_size, self.lexicon, self.lm, lm_weight, word_score,
-                           lm_kenlm=self._kenlm)
+        other = BeamSearch(
+            self.tokenizer, self.beam_size, self.lexicon, self.lm, lm_weight, word_score, lm_kenlm=self._kenlm
+        )
         other.lm_info = self.lm_info
         return other
 
@@ -63,8 +85,13 @@ class BeamSearch:
         """What the search ran with, for results files."""
         out = {"beam_size": self.beam_size, "lexicon": self.lexicon}
         if self.lm is not None:
-            out.update(lm=self.lm, lm_format=(self.lm_info or {}).get("format"),
-                       lm_order=(self.lm_info or {}).get("order"), lm_weight=self.lm_weight, word_score=self.word_score)
+            out.update(
+                lm=self.lm,
+                lm_format=(self.lm_info or {}).get("format"),
+                lm_order=(self.lm_info or {}).get("order"),
+                lm_weight=self.lm_weight,
+                word_score=self.word_score,
+            )
         return out
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -139,14 +166,16 @@ def read_arpa_header(path) -> tuple[dict[int, int], set[str]]:
                     elif len(fields) != 2:
                         raise ValueError
                 except (ValueError, IndexError):
-                    raise ValueError(f"{path}:{n}: malformed unigram line {line[:60]!r} "
-                                     f"(expected 'log10-prob word [backoff]')") from None
+                    raise ValueError(
+                        f"{path}:{n}: malformed unigram line {line[:60]!r} (expected 'log10-prob word [backoff]')"
+                    ) from None
                 words.add(fields[1])
     if state != "unigrams":
         raise ValueError(f"{path}: not an ARPA language model (no \\1-grams: section)")
     if len(words) != counts[1]:
-        raise ValueError(f"{path}: the \\data\\ section declares {counts[1]} unigrams, the file holds {len(words)} "
-                         f"(truncated?)")
+        raise ValueError(
+            f"{path}: the \\data\\ section declares {counts[1]} unigrams, the file holds {len(words)} (truncated?)"
+        )
     return counts, words
 
 
@@ -166,8 +195,10 @@ def check_lm(path, lexicon=None, min_coverage: float = 0.5) -> dict:
     with open(path, "rb") as f:
         head = f.read(64)
     if head[:2] == b"\x1f\x8b":
-        raise ValueError(f"LM {path} is gzip-compressed: decompress it first (gunzip -k {path}); "
-                         f"python -m data.lm download does so for openslr's files")
+        raise ValueError(
+            f"LM {path} is gzip-compressed: decompress it first (gunzip -k {path}); "
+            f"python -m data.lm download does so for openslr's files"
+        )
     if head.startswith(KENLM_MAGIC):
         return {"format": "kenlm-binary", "order": None, "ngrams": None}
     counts, words = read_arpa_header(path)
@@ -180,13 +211,21 @@ def check_lm(path, lexicon=None, min_coverage: float = 0.5) -> dict:
         info.update(lexicon_words=len(lex), lexicon_words_in_lm=len(lex) - len(missing))
         if lex and len(lex) - len(missing) < min_coverage * len(lex):
             upper = {w.upper() for w in words}
-            hint = " (the LM's words differ in case: use an upper-case LM)" if sum(
-                w.upper() in upper for w in missing) > len(missing) / 2 else ""
-            raise ValueError(f"LM {path} lacks {len(missing)} of the {len(lex)} words of lexicon {lexicon}, e.g. "
-                             f"{', '.join(missing[:5])}{hint}: is it the LM of this lexicon?")
+            hint = (
+                " (the LM's words differ in case: use an upper-case LM)"
+                if sum(w.upper() in upper for w in missing) > len(missing) / 2
+                else ""
+            )
+            raise ValueError(
+                f"LM {path} lacks {len(missing)} of the {len(lex)} words of lexicon {lexicon}, e.g. "
+                f"{', '.join(missing[:5])}{hint}: is it the LM of this lexicon?"
+            )
         if missing:
-            warnings.warn(f"LM {path}: {len(missing)} of the {len(lex)} lexicon words are not in it and are scored "
-                          f"as <unk>, e.g. {', '.join(missing[:5])}", stacklevel=2)
+            warnings.warn(
+                f"LM {path}: {len(missing)} of the {len(lex)} lexicon words are not in it and are scored "
+                f"as <unk>, e.g. {', '.join(missing[:5])}",
+                stacklevel=2,
+            )
     return info
 
 

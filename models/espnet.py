@@ -12,6 +12,7 @@ encoder, concat_after, ...) is refused by :func:`model_options`, naming the opti
 
 Checked against espnet 202511's own modules in ``tests/test_espnet.py``.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,15 +28,26 @@ ESPNET_LAYER_NORM_EPS = 1e-12
 
 # ours <- ESPnet, inside ``encoder.layers.{i}.`` <- ``encoder.encoders.{i}.``
 _LAYER_KEYS = (
-    ("ffn1.net.0.", "norm_ff_macaron."), ("ffn1.net.1.", "feed_forward_macaron.w_1."),
-    ("ffn1.net.4.", "feed_forward_macaron.w_2."), ("norm_mha.", "norm_mha."), ("self_attn.", "self_attn."),
-    ("conv.norm.", "norm_conv."), ("conv.pointwise1.", "conv_module.pointwise_conv1."),
-    ("conv.depthwise.", "conv_module.depthwise_conv."), ("conv.batch_norm.", "conv_module.norm."),
-    ("conv.pointwise2.", "conv_module.pointwise_conv2."), ("ffn2.net.0.", "norm_ff."),
-    ("ffn2.net.1.", "feed_forward.w_1."), ("ffn2.net.4.", "feed_forward.w_2."), ("norm_final.", "norm_final."),
+    ("ffn1.net.0.", "norm_ff_macaron."),
+    ("ffn1.net.1.", "feed_forward_macaron.w_1."),
+    ("ffn1.net.4.", "feed_forward_macaron.w_2."),
+    ("norm_mha.", "norm_mha."),
+    ("self_attn.", "self_attn."),
+    ("conv.norm.", "norm_conv."),
+    ("conv.pointwise1.", "conv_module.pointwise_conv1."),
+    ("conv.depthwise.", "conv_module.depthwise_conv."),
+    ("conv.batch_norm.", "conv_module.norm."),
+    ("conv.pointwise2.", "conv_module.pointwise_conv2."),
+    ("ffn2.net.0.", "norm_ff."),
+    ("ffn2.net.1.", "feed_forward.w_1."),
+    ("ffn2.net.4.", "feed_forward.w_2."),
+    ("norm_final.", "norm_final."),
 )
-_MODEL_KEYS = (("frontend.conv.", "encoder.embed.conv."), ("encoder.after_norm.", "encoder.after_norm."),
-               ("head.", "ctc.ctc_lo."))
+_MODEL_KEYS = (
+    ("frontend.conv.", "encoder.embed.conv."),
+    ("encoder.after_norm.", "encoder.after_norm."),
+    ("head.", "ctc.ctc_lo."),
+)
 # the front end's output projection as espnet 202511 writes it: the first of a Sequential with the
 # positional encoding, except in Conv2dSubsampling8, where it stands alone (what espnet_peer loads)
 _OUT_KEY = {"conv2d": "encoder.embed.out.0.", "conv2d6": "encoder.embed.out.0.", "conv2d8": "encoder.embed.out."}
@@ -45,16 +57,41 @@ _OUT_PARAM = re.compile(r"encoder\.embed\.out\.(?:0\.)?(weight|bias)")
 
 # encoder_conf: what each option must be for our encoder (None: any value; it only acts in training
 # or is a size we take over)
-_REQUIRED = {"normalize_before": True, "concat_after": False, "positionwise_layer_type": "linear",
-             "macaron_style": True, "rel_pos_type": "latest", "pos_enc_layer_type": "rel_pos",
-             "selfattention_layer_type": "rel_selfattn", "activation_type": "swish", "use_cnn_module": True,
-             "zero_triu": False, "interctc_layer_idx": [], "interctc_use_conditioning": False, "ctc_trim": False,
-             "qk_norm": False}
+_REQUIRED = {
+    "normalize_before": True,
+    "concat_after": False,
+    "positionwise_layer_type": "linear",
+    "macaron_style": True,
+    "rel_pos_type": "latest",
+    "pos_enc_layer_type": "rel_pos",
+    "selfattention_layer_type": "rel_selfattn",
+    "activation_type": "swish",
+    "use_cnn_module": True,
+    "zero_triu": False,
+    "interctc_layer_idx": [],
+    "interctc_use_conditioning": False,
+    "ctc_trim": False,
+    "qk_norm": False,
+}
 # ESPnet's defaults where they differ from what we require (an option left out of the config takes these)
 _ESPNET_DEFAULTS = {"macaron_style": False, "rel_pos_type": "legacy"}
-_FREE = {"output_size", "attention_heads", "linear_units", "num_blocks", "dropout_rate", "positional_dropout_rate",
-         "attention_dropout_rate", "input_layer", "cnn_module_kernel", "stochastic_depth_rate", "layer_drop_rate",
-         "max_pos_emb_len", "padding_idx", "positionwise_conv_kernel_size", "use_flash_attn"}
+_FREE = {
+    "output_size",
+    "attention_heads",
+    "linear_units",
+    "num_blocks",
+    "dropout_rate",
+    "positional_dropout_rate",
+    "attention_dropout_rate",
+    "input_layer",
+    "cnn_module_kernel",
+    "stochastic_depth_rate",
+    "layer_drop_rate",
+    "max_pos_emb_len",
+    "padding_idx",
+    "positionwise_conv_kernel_size",
+    "use_flash_attn",
+}
 
 
 class ConversionError(ValueError):
@@ -71,7 +108,7 @@ def _key_pairs(num_layers: int, input_layer: str) -> list[tuple[str, str]]:
 def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
     for src, dst in pairs:
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return None
 
 
@@ -107,8 +144,10 @@ def espnet_to_ours(state: dict, num_layers: int, input_layer: str = "conv2d") ->
         elif k.startswith(("decoder.", "criterion_att.", "frontend.", "normalize.", "lang_token")):
             ignored.append(k)
         else:
-            raise ConversionError(f"state dict key {k!r} is not part of the Conformer encoder, CTC head, front end "
-                                  f"or decoder this converter knows (a preencoder, postencoder or other module?)")
+            raise ConversionError(
+                f"state dict key {k!r} is not part of the Conformer encoder, CTC head, front end "
+                f"or decoder this converter knows (a preencoder, postencoder or other module?)"
+            )
     return out, ignored
 
 
@@ -122,8 +161,9 @@ def model_options(config: dict) -> tuple[ModelConfig, list[str]]:
         raise ConversionError(f"encoder: {encoder!r} is not supported (only 'conformer')")
     for module in ("preencoder", "postencoder"):
         if config.get(module):
-            raise ConversionError(f"{module}: {config[module]!r} is not supported (it changes the encoder's input "
-                                  f"or output)")
+            raise ConversionError(
+                f"{module}: {config[module]!r} is not supported (it changes the encoder's input or output)"
+            )
     conf = dict(config.get("encoder_conf") or {})
     unknown = sorted(set(conf) - set(_REQUIRED) - _FREE)
     if unknown:
@@ -131,16 +171,20 @@ def model_options(config: dict) -> tuple[ModelConfig, list[str]]:
     for option, required in _REQUIRED.items():
         value = conf.get(option, _ESPNET_DEFAULTS.get(option, required))
         if value != required and not (option == "interctc_layer_idx" and not value):
-            raise ConversionError(f"encoder_conf: {option}: {value!r} is not supported (needs {required!r})"
-                                  + (" (ESPnet's default when left out)" if option not in conf else ""))
+            raise ConversionError(
+                f"encoder_conf: {option}: {value!r} is not supported (needs {required!r})"
+                + (" (ESPnet's default when left out)" if option not in conf else "")
+            )
     input_layer = conf.get("input_layer", "conv2d")
     if input_layer not in INPUT_LAYERS:
-        raise ConversionError(f"encoder_conf: input_layer: {input_layer!r} is not supported (expected one of "
-                              f"{', '.join(INPUT_LAYERS)})")
+        raise ConversionError(
+            f"encoder_conf: input_layer: {input_layer!r} is not supported (expected one of {', '.join(INPUT_LAYERS)})"
+        )
     for option in ("stochastic_depth_rate", "layer_drop_rate"):
         if conf.get(option):
-            notes.append(f"encoder_conf: {option} {conf[option]} acts in training only; fine-tuning here does "
-                         f"not apply it")
+            notes.append(
+                f"encoder_conf: {option} {conf[option]} acts in training only; fine-tuning here does not apply it"
+            )
     d_model = int(conf.get("output_size", 256))
     heads, blocks = int(conf.get("attention_heads", 4)), int(conf.get("num_blocks", 6))
     frontend = config.get("frontend")
@@ -149,11 +193,20 @@ def model_options(config: dict) -> tuple[ModelConfig, list[str]]:
     if frontend != "default":
         raise ConversionError(f"frontend: {frontend!r} is not supported (only 'default')")
     n_mels = int((config.get("frontend_conf") or {}).get("n_mels", 80))
-    options = ModelConfig(input_dim=n_mels, d_model=d_model, num_layers=blocks, ffn_dim=int(conf.get("linear_units", 2048)),
-                   kernel_size=int(conf.get("cnn_module_kernel", 31)), reuse=f"1(H{heads})x{blocks}",
-                   dropout=float(conf.get("dropout_rate", 0.1)),
-                   attention_dropout=float(conf.get("attention_dropout_rate", 0.0)), subsampling_channels=d_model,
-                   layer_norm_eps=ESPNET_LAYER_NORM_EPS, final_norm=True, input_layer=input_layer)
+    options = ModelConfig(
+        input_dim=n_mels,
+        d_model=d_model,
+        num_layers=blocks,
+        ffn_dim=int(conf.get("linear_units", 2048)),
+        kernel_size=int(conf.get("cnn_module_kernel", 31)),
+        reuse=f"1(H{heads})x{blocks}",
+        dropout=float(conf.get("dropout_rate", 0.1)),
+        attention_dropout=float(conf.get("attention_dropout_rate", 0.0)),
+        subsampling_channels=d_model,
+        layer_norm_eps=ESPNET_LAYER_NORM_EPS,
+        final_norm=True,
+        input_layer=input_layer,
+    )
     return options, notes
 
 
@@ -173,15 +226,37 @@ def frontend_options(config: dict) -> dict:
         raise ConversionError("frontend_conf: the multi-channel WPE / beamformer front end is not supported")
     if conf.pop("apply_stft", True) is not True:
         raise ConversionError("frontend_conf: apply_stft: false (features given as a spectrum) is not supported")
-    known = {"n_fft", "win_length", "hop_length", "window", "center", "normalized", "onesided", "n_mels", "fmin",
-             "fmax", "htk"}
+    known = {
+        "n_fft",
+        "win_length",
+        "hop_length",
+        "window",
+        "center",
+        "normalized",
+        "onesided",
+        "n_mels",
+        "fmin",
+        "fmax",
+        "htk",
+    }
     unknown = sorted(set(conf) - known)
     if unknown:
         raise ConversionError(f"frontend_conf: option {unknown[0]!r} is not known to this converter")
     if int(fs) != 16000:
         raise ConversionError(f"frontend_conf: fs {fs} is not supported (our audio is read at 16 kHz)")
-    defaults = dict(n_fft=512, win_length=None, hop_length=128, window="hann", center=True, normalized=False,
-                    onesided=True, n_mels=80, fmin=None, fmax=None, htk=False)
+    defaults = dict(
+        n_fft=512,
+        win_length=None,
+        hop_length=128,
+        window="hann",
+        center=True,
+        normalized=False,
+        onesided=True,
+        n_mels=80,
+        fmin=None,
+        fmax=None,
+        htk=False,
+    )
     return {"fs": int(fs), **defaults, **conf}
 
 
@@ -201,15 +276,30 @@ class EspnetPeer(nn.Module):
 def encoder_kwargs(model: ConformerCTC) -> dict:
     """espnet2 ``ConformerEncoder`` arguments of the same architecture as ``model`` (a baseline)."""
     if any(p.reuses for p in model.plans) or len(set(model.num_heads)) != 1:
-        raise ConversionError(f"plan {model.reuse!r}: ESPnet's encoder has one head count and no map reuse; "
-                              f"only a baseline 1(Hh)xL has an ESPnet peer")
+        raise ConversionError(
+            f"plan {model.reuse!r}: ESPnet's encoder has one head count and no map reuse; "
+            f"only a baseline 1(Hh)xL has an ESPnet peer"
+        )
     c = model.model_config
-    return dict(input_size=c.input_dim, output_size=c.d_model, attention_heads=model.num_heads[0],
-                linear_units=c.ffn_dim, num_blocks=c.num_layers, dropout_rate=c.dropout,
-                positional_dropout_rate=c.dropout, attention_dropout_rate=c.attention_dropout,
-                input_layer=c.input_layer, normalize_before=True, macaron_style=True, rel_pos_type="latest",
-                pos_enc_layer_type="rel_pos", selfattention_layer_type="rel_selfattn", activation_type="swish",
-                use_cnn_module=True, cnn_module_kernel=c.kernel_size)
+    return dict(
+        input_size=c.input_dim,
+        output_size=c.d_model,
+        attention_heads=model.num_heads[0],
+        linear_units=c.ffn_dim,
+        num_blocks=c.num_layers,
+        dropout_rate=c.dropout,
+        positional_dropout_rate=c.dropout,
+        attention_dropout_rate=c.attention_dropout,
+        input_layer=c.input_layer,
+        normalize_before=True,
+        macaron_style=True,
+        rel_pos_type="latest",
+        pos_enc_layer_type="rel_pos",
+        selfattention_layer_type="rel_selfattn",
+        activation_type="swish",
+        use_cnn_module=True,
+        cnn_module_kernel=c.kernel_size,
+    )
 
 
 def espnet_peer(model: ConformerCTC) -> EspnetPeer:
@@ -221,17 +311,21 @@ def espnet_peer(model: ConformerCTC) -> EspnetPeer:
 
     c = model.model_config
     if c.subsampling_channels != c.d_model:
-        raise ConversionError(f"subsampling_channels {c.subsampling_channels} != d_model {c.d_model}: ESPnet's "
-                              f"Conv2d front end has d_model channels")
+        raise ConversionError(
+            f"subsampling_channels {c.subsampling_channels} != d_model {c.d_model}: ESPnet's "
+            f"Conv2d front end has d_model channels"
+        )
     encoder = EspnetEncoder(**encoder_kwargs(model))
     if not c.final_norm:
         encoder.after_norm = nn.Identity()
     for m in encoder.modules():
         if isinstance(m, nn.LayerNorm):
             m.eps = c.layer_norm_eps
-    state = {k[len("encoder."):]: v for k, v in ours_to_espnet(model.state_dict(), model.num_layers,
-                                                              c.input_layer).items()
-             if k.startswith("encoder.")}
+    state = {
+        k[len("encoder.") :]: v
+        for k, v in ours_to_espnet(model.state_dict(), model.num_layers, c.input_layer).items()
+        if k.startswith("encoder.")
+    }
     encoder.load_state_dict(state, strict=True)
     p = next(model.parameters())
     return EspnetPeer(encoder).to(device=p.device, dtype=p.dtype).eval()

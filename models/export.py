@@ -34,6 +34,7 @@ forward at several lengths (one of them past 256 encoder frames, where eager chu
 and on a padded batch (:func:`models.onnx_runtime.compare`): every output within
 :data:`~models.onnx_runtime.ATOL` (log-probabilities) and equal lengths, or the export fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,8 @@ import torch
 from torch import nn
 
 from common.cli import add_ckpt, add_out, user_errors
-from models.onnx_runtime import OnnxCTC, compare, session
 from data.framing import input_frames
+from models.onnx_runtime import OnnxCTC, compare, session
 
 
 @contextlib.contextmanager
@@ -80,16 +81,32 @@ def as_exported():
         yield
 
 
-def export_onnx(module: nn.Module, args: tuple, path: str | Path, input_names: list[str], output_names: list[str],
-                dynamic_shapes: dict, opset: int | None = None) -> Path:
+def export_onnx(
+    module: nn.Module,
+    args: tuple,
+    path: str | Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict,
+    opset: int | None = None,
+) -> Path:
     """Exports ``module(*args)`` (eval mode) to ``path`` with torch's dynamo exporter; weights are
     kept inside the file (no external data: models here are far below ONNX's 2 GiB limit)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), _quiet():
-        program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=False,
-                                    optimize=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
         program.save(str(path), external_data=False)
     return path
 
@@ -110,8 +127,15 @@ def export_model(model: nn.Module, path: str | Path, opset: int | None = None) -
     frames = input_frames(64, model.frontend.input_layer)  # 64 encoder frames: below eager's attention chunking
     features, lengths = example_features(frames=frames, input_dim=model.input_dim)
     batch, time = Dim("batch", min=1), Dim("time", min=model.frontend.min_frames)
-    return export_onnx(model, (features, lengths), path, ["features", "lengths"], ["log_probs", "out_lengths"],
-                       {"features": {0: batch, 1: time}, "lengths": {0: batch}}, opset)
+    return export_onnx(
+        model,
+        (features, lengths),
+        path,
+        ["features", "lengths"],
+        ["log_probs", "out_lengths"],
+        {"features": {0: batch, 1: time}, "lengths": {0: batch}},
+        opset,
+    )
 
 
 def onnx_engine(model: nn.Module, folder: str | Path, threads: int | None = None) -> tuple[OnnxCTC, list[dict]]:
@@ -167,26 +191,43 @@ def sidecar(model, tokenizer, hp: dict, opset: int | None, check: list[dict] | N
         "computing_layers": [i for i, p in enumerate(model.plans) if not p.reuses],
         "config": model.config,
         "checkpoints": hp.get("checkpoints"),
-        "inputs": {"features": "float32 (B, T, input_dim): fbank, then (x - cmvn.mean) / cmvn.std; zero padding",
-                   "lengths": f"int64 (B,): valid frames of each utterance, {model.frontend.min_frames} <= lengths <= T"},
-        "outputs": {"log_probs": "float32 (B, T', vocab_size): CTC log-probabilities, blank 0",
-                    "out_lengths": "int64 (B,): valid output frames (conv2d: ((lengths - 1) // 2 - 1) // 2)"},
+        "inputs": {
+            "features": "float32 (B, T, input_dim): fbank, then (x - cmvn.mean) / cmvn.std; zero padding",
+            "lengths": f"int64 (B,): valid frames of each utterance, {model.frontend.min_frames} <= lengths <= T",
+        },
+        "outputs": {
+            "log_probs": "float32 (B, T', vocab_size): CTC log-probabilities, blank 0",
+            "out_lengths": "int64 (B,): valid output frames (conv2d: ((lengths - 1) // 2 - 1) // 2)",
+        },
         "min_frames": model.frontend.min_frames,
         "input_layer": getattr(model.frontend, "input_layer", "conv2d"),
         # ours: Kaldi fbank (data.features.fbank); a converted ESPnet model: its front end's record
-        "features": hp["features"] if hp.get("features") is not None else {
-            "kind": "kaldi fbank (torchaudio.compliance.kaldi.fbank)", "sample_rate": F.SAMPLE_RATE,
-            "num_mel_bins": model.input_dim, "frame_length_ms": F.FRAME_LENGTH_MS,
-            "frame_shift_ms": F.FRAME_SHIFT_MS, "dither": 0.0, "energy_floor": 0.0, "snip_edges": True,
-            "waveform_scale": 32768.0},
-        "cmvn": None if cmvn is None else {"mean": [float(v) for v in cmvn["mean"]],
-                                           "std": [float(v) for v in cmvn["std"]]},
+        "features": hp["features"]
+        if hp.get("features") is not None
+        else {
+            "kind": "kaldi fbank (torchaudio.compliance.kaldi.fbank)",
+            "sample_rate": F.SAMPLE_RATE,
+            "num_mel_bins": model.input_dim,
+            "frame_length_ms": F.FRAME_LENGTH_MS,
+            "frame_shift_ms": F.FRAME_SHIFT_MS,
+            "dither": 0.0,
+            "energy_floor": 0.0,
+            "snip_edges": True,
+            "waveform_scale": 32768.0,
+        },
+        "cmvn": None
+        if cmvn is None
+        else {"mean": [float(v) for v in cmvn["mean"]], "std": [float(v) for v in cmvn["std"]]},
         "vocab_size": model.vocab_size,
         "blank": 0,
         "tokens": tokenizer.symbols(),
-        "tokenizer": {"file": "tokenizer.model", "table": "tokens.txt", "sha256": tokenizer.digest,
-                      "decode": "drop blanks and repeats; output i is line i (from 0) of tokens.txt; join the "
-                                "symbols but <blank> and <sos/eos> with tokenizer.model's SentencePiece decode_pieces"},
+        "tokenizer": {
+            "file": "tokenizer.model",
+            "table": "tokens.txt",
+            "sha256": tokenizer.digest,
+            "decode": "drop blanks and repeats; output i is line i (from 0) of tokens.txt; join the "
+            "symbols but <blank> and <sos/eos> with tokenizer.model's SentencePiece decode_pieces",
+        },
         "opset": opset,
         "torch": torch.__version__,
         "check": check,
@@ -210,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     path = export_model(model, out / "model.onnx", a.opset)
     import onnx
 
-    opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == ""),
-                 a.opset)
+    opset = next(
+        (o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain == ""), a.opset
+    )
     check = None
     if not a.no_check:
         with user_errors(AssertionError):
@@ -223,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_bytes(out / "tokenizer.model", tokenizer.model_bytes)
     atomic_write_text(out / "tokens.txt", "".join(t + "\n" for t in tokenizer.symbols()))
     size = path.stat().st_size / 2**20
-    print(f"wrote {path} ({size:.1f} MiB, opset {opset}, plan {model.reuse}: {len(softmaxes)} attention softmaxes, "
-          f"read by {softmaxes} value products), {out / 'model.json'}, {out / 'tokenizer.model'}, {out / 'tokens.txt'}")
+    print(
+        f"wrote {path} ({size:.1f} MiB, opset {opset}, plan {model.reuse}: {len(softmaxes)} attention softmaxes, "
+        f"read by {softmaxes} value products), {out / 'model.json'}, {out / 'tokenizer.model'}, {out / 'tokens.txt'}"
+    )
     for r in check or []:
         print(f"  check {r['case']:28s} max |ONNX Runtime - PyTorch| = {r['max_abs_diff']:.2e}")
     return info

@@ -5,6 +5,7 @@ the softmax are not). PyTorch's counter has no rule for the CPU's fused attentio
 (``aten._scaled_dot_product_flash_attention_for_cpu``); it is given the one of the other fused
 kernels: ``2 T S (d_k + d_v)`` per head and batch element for ``T`` queries against ``S`` keys.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

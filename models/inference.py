@@ -4,6 +4,7 @@
 LM decoders (:func:`make_decoders`), what computes the log-probabilities (:func:`computing_model`:
 PyTorch at a precision, or ONNX Runtime), and WER / CER scoring (:func:`score`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ def score(refs: list[str], hyps: list[str]) -> dict:
         raise ValueError("nothing to score: no reference")
     m = jiwer.process_words(refs, hyps)
     words = m.hits + m.substitutions + m.deletions
-    return {"wer": round(100 * m.wer, 3), "cer": round(100 * jiwer.cer(refs, hyps), 3), "substitutions": m.substitutions,
-            "deletions": m.deletions, "insertions": m.insertions, "words": words, "utterances": len(refs)}
+    return {
+        "wer": round(100 * m.wer, 3),
+        "cer": round(100 * jiwer.cer(refs, hyps), 3),
+        "substitutions": m.substitutions,
+        "deletions": m.deletions,
+        "insertions": m.insertions,
+        "words": words,
+        "utterances": len(refs),
+    }
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -41,27 +49,57 @@ def add_model_arguments(p: argparse.ArgumentParser, sweep: bool = True) -> None:
     """The options of the model and its decoders that evaluate.py and transcribe.py share: data
     folder, tokenizer, beam size, lexicon, LM (and its weights: several make a sweep where
     ``sweep``), batch size, engine, device and precision."""
-    p.add_argument("--data-dir", help="prepared data folder holding manifests/ (default: the folder the checkpoint "
-                                      "was trained from); the tokenizer and CMVN come from the checkpoint")
+    p.add_argument(
+        "--data-dir",
+        help="prepared data folder holding manifests/ (default: the folder the checkpoint "
+        "was trained from); the tokenizer and CMVN come from the checkpoint",
+    )
     p.add_argument("--tokenizer", help="SentencePiece model (default: the checkpoint's; must match it)")
     p.add_argument("--beam-size", type=int, default=32)
-    p.add_argument("--lexicon", help="restrict the beam search to a word list: a flashlight lexicon file, or "
-                                     "'train' to spell the words of the data dir's *train* manifests (the default "
-                                     "with --lm)")
-    p.add_argument("--lm", help="word n-gram LM (ARPA file or KenLM binary) for an LM beam search over the lexicon, "
-                                "scored as the decoder 'lm' (see python -m data.lm)")
-    p.add_argument("--lm-weight", nargs="+" if sweep else None, metavar="W", help="weight of the LM's log10 probabilities (default 1); "
-                   "several values (and --word-score values) are a sweep: every point is decoded on the first of "
-                   "--sets (a dev set) and the best there is used for the others" if sweep else "")
-    p.add_argument("--word-score", nargs="+" if sweep else None, metavar="S", help="score added per word with --lm (default 0)")
+    p.add_argument(
+        "--lexicon",
+        help="restrict the beam search to a word list: a flashlight lexicon file, or "
+        "'train' to spell the words of the data dir's *train* manifests (the default "
+        "with --lm)",
+    )
+    p.add_argument(
+        "--lm",
+        help="word n-gram LM (ARPA file or KenLM binary) for an LM beam search over the lexicon, "
+        "scored as the decoder 'lm' (see python -m data.lm)",
+    )
+    p.add_argument(
+        "--lm-weight",
+        nargs="+" if sweep else None,
+        metavar="W",
+        help="weight of the LM's log10 probabilities (default 1); "
+        "several values (and --word-score values) are a sweep: every point is decoded on the first of "
+        "--sets (a dev set) and the best there is used for the others"
+        if sweep
+        else "",
+    )
+    p.add_argument(
+        "--word-score", nargs="+" if sweep else None, metavar="S", help="score added per word with --lm (default 0)"
+    )
     p.add_argument("--max-frames", type=int, default=20000, help="padded 10 ms frames per batch")
-    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
-                   help="what computes the log-probabilities: PyTorch, or ONNX Runtime on the checkpoint's ONNX "
-                        "export (CPU, fp32; needs the .[onnx] extra)")
-    add_device(p, "where the model runs (features are made on the CPU and moved per batch; cpu with --engine "
-                  "onnxruntime)", resolve_later=True)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the model: bf16 / fp16 cast "
-                   "its weights (models.precision); fp16 only on GPUs and CPUs with fp16 matrix instructions")
+    p.add_argument(
+        "--engine",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="what computes the log-probabilities: PyTorch, or ONNX Runtime on the checkpoint's ONNX "
+        "export (CPU, fp32; needs the .[onnx] extra)",
+    )
+    add_device(
+        p,
+        "where the model runs (features are made on the CPU and moved per batch; cpu with --engine onnxruntime)",
+        resolve_later=True,
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="fp32",
+        help="precision of the model: bf16 / fp16 cast "
+        "its weights (models.precision); fp16 only on GPUs and CPUs with fp16 matrix instructions",
+    )
 
 
 def open_model(a: argparse.Namespace):
@@ -82,8 +120,9 @@ def open_model(a: argparse.Namespace):
     return model, tokenizer, hp, data_dir, model_inputs(model, hp, data_dir)
 
 
-def make_decoders(a: argparse.Namespace, tokenizer, data_dir: Path, folder: Path,
-                  beam: bool = True) -> tuple[Path | str | None, BeamSearch | None, dict[str, BeamSearch]]:
+def make_decoders(
+    a: argparse.Namespace, tokenizer, data_dir: Path, folder: Path, beam: bool = True
+) -> tuple[Path | str | None, BeamSearch | None, dict[str, BeamSearch]]:
     """``(lexicon, beam, lm_beams)`` for the options of :func:`add_model_arguments`: the lexicon
     (``--lexicon train`` spells the data folder's training words into ``folder/lexicon.txt``; the
     default with ``--lm``), the beam search (None unless ``beam``) and the LM beam searches, one per
@@ -109,8 +148,9 @@ def make_decoders(a: argparse.Namespace, tokenizer, data_dir: Path, folder: Path
     if a.lm:
         lm_beam = BeamSearch(tokenizer, a.beam_size, lexicon, a.lm, weights[0], word_scores[0])
         grid = [(w, s) for w in weights for s in word_scores]
-        lm_beams = {"lm": lm_beam} if len(grid) == 1 else {
-            f"lm w={w:g} s={s:g}": lm_beam.with_weights(w, s) for w, s in grid}
+        lm_beams = (
+            {"lm": lm_beam} if len(grid) == 1 else {f"lm w={w:g} s={s:g}": lm_beam.with_weights(w, s) for w, s in grid}
+        )
     return lexicon, searcher, lm_beams
 
 

@@ -6,6 +6,7 @@ rows) and is checked against the PyTorch module it was exported from by :func:`c
 before it is used: each floating output within :data:`ATOL` of PyTorch's (inference mode), each
 integer output equal, the shapes equal.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -79,8 +80,9 @@ def run(sess, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in sess.run(None, feeds(sess, inputs))]
 
 
-def check_session(module: Callable, sess, cases: Sequence[tuple[str, dict[str, torch.Tensor]]],
-                  atol: float = ATOL) -> list[dict]:
+def check_session(
+    module: Callable, sess, cases: Sequence[tuple[str, dict[str, torch.Tensor]]], atol: float = ATOL
+) -> list[dict]:
     """``sess`` against ``module`` (called with each case's inputs as positional arguments, in
     inference mode) on every ``(name, inputs)`` case: ``[{"case", "max_abs_diff", "lengths_equal"}]``,
     the largest difference over the floating outputs (every element, padding included) and whether
@@ -104,8 +106,13 @@ def check_session(module: Callable, sess, cases: Sequence[tuple[str, dict[str, t
                 raise OnnxMismatch(
                     f"ONNX Runtime differs from PyTorch on {name}: max |diff| {diff:.3g} (tolerance {atol:g}), "
                     f"shapes {[tuple(o.shape) for o in out]} vs {[tuple(r.shape) for r in ref]}"
-                    + ("" if equal else f", integer outputs {[o.tolist() for o in out if not o.is_floating_point()]}"
-                                        f" vs {[r.tolist() for r in ref if not r.is_floating_point()]}"))
+                    + (
+                        ""
+                        if equal
+                        else f", integer outputs {[o.tolist() for o in out if not o.is_floating_point()]}"
+                        f" vs {[r.tolist() for r in ref if not r.is_floating_point()]}"
+                    )
+                )
     return results
 
 

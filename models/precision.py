@@ -28,6 +28,7 @@ a CPU without half-precision matrix instructions (x86 ``avx512_fp16`` / ``amx_fp
 ``asimdhp``): PyTorch emulates it there, an order of magnitude slower than fp32; bf16 on a CPU
 without bf16 instructions runs, with a warning.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,9 +46,22 @@ MODES = ("weights", "autocast")
 
 # oneDNN's instruction sets in increasing order (``ONEDNN_MAX_CPU_ISA``, oneDNN's "CPU dispatcher
 # control"); bf16 matrix instructions from AVX512_CORE_BF16 on, fp16 from AVX512_CORE_FP16 on
-_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
-                "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16")
+_ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX512_CORE_AMX_FP16",
+)
 _X86_BF16, _X86_FP16 = {"avx512_bf16", "amx_bf16"}, {"avx512_fp16", "amx_fp16"}
 _ARM_BF16, _ARM_FP16 = {"bf16"}, {"asimdhp"}
 
@@ -82,8 +96,19 @@ def cpu_description(flags: set[str] | None = None) -> str:
     """The CPU in a few words for every measured figure: model, widest vector ISA, whether bf16 is
     native, and an instruction-set cap in force (e.g. ``AMD EPYC 7B12 (AVX2; bf16 emulated)``)."""
     flags = cpu_flags() if flags is None else flags
-    isa = ("AVX-512 + AMX" if "amx_tile" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
-           else "SVE" if "sve" in flags else "NEON" if "asimd" in flags else "baseline")
+    isa = (
+        "AVX-512 + AMX"
+        if "amx_tile" in flags
+        else "AVX-512"
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else "SVE"
+        if "sve" in flags
+        else "NEON"
+        if "asimd" in flags
+        else "baseline"
+    )
     bf16 = "bf16 native" if cpu_native("bf16", flags)[0] else "bf16 emulated"
     cap = _isa_cap("bf16") if flags & _X86_BF16 else None
     return f"{cpu_model()} ({isa}; {bf16}{f', capped by {cap}' if cap else ''})"
@@ -155,8 +180,9 @@ def _device_kind(accelerator) -> str:
     return "cpu"
 
 
-def resolve_training_precision(requested, accelerator="auto", flags: set[str] | None = None,
-                               cuda_bf16: bool | None = None) -> PrecisionChoice:
+def resolve_training_precision(
+    requested, accelerator="auto", flags: set[str] | None = None, cuda_bf16: bool | None = None
+) -> PrecisionChoice:
     """The Lightning precision for ``requested`` (``"auto"`` or any of Lightning's values) on
     ``accelerator`` (as given to the Trainer). See the module's doc for the rule. ``flags`` (CPU) and
     ``cuda_bf16`` (whether the GPU computes bf16 natively) default to the machine's; tests set them."""
@@ -168,13 +194,17 @@ def resolve_training_precision(requested, accelerator="auto", flags: set[str] | 
         if cuda_bf16 is None:
             cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
             name = torch.cuda.get_device_name()
-        native = {"bf16": (cuda_bf16, f"{name} {'computes' if cuda_bf16 else 'does not compute'} bf16 natively"),
-                  "fp16": (True, f"{name} computes fp16 natively")}
+        native = {
+            "bf16": (cuda_bf16, f"{name} {'computes' if cuda_bf16 else 'does not compute'} bf16 natively"),
+            "fp16": (True, f"{name} computes fp16 natively"),
+        }
     elif device == "cpu":
         native = {"bf16": cpu_native("bf16", flags), "fp16": cpu_native("fp16", flags)}
     else:
-        native = {"bf16": (False, "mixed precision on MPS is not verified here"),
-                  "fp16": (False, "mixed precision on MPS is not verified here")}
+        native = {
+            "bf16": (False, "mixed precision on MPS is not verified here"),
+            "fp16": (False, "mixed precision on MPS is not verified here"),
+        }
     where = {"cuda": "the GPU", "cpu": "the CPU", "mps": "MPS"}[device]
     if str(requested) == "auto":
         if native["bf16"][0]:
@@ -185,8 +215,14 @@ def resolve_training_precision(requested, accelerator="auto", flags: set[str] | 
     for dtype, names in _LOW.items():
         if requested in names:
             ok, why = native[dtype]
-            warning = None if ok else (f"trainer.precision {requested} on {where}: {why}; this run will be much "
-                                       f"slower than with precision: auto")
+            warning = (
+                None
+                if ok
+                else (
+                    f"trainer.precision {requested} on {where}: {why}; this run will be much "
+                    f"slower than with precision: auto"
+                )
+            )
             return PrecisionChoice(str(requested), str(requested), where, why, warning)
     return PrecisionChoice(str(requested), str(requested), where, "full precision")
 

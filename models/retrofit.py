@@ -20,6 +20,7 @@ function: this tool keeps its options (:data:`models.config.FUNCTION_OPTIONS`, `
 statistics and front end, and says so; ``train.py --model.init_from`` refuses a recipe or a data
 folder (``cmvn.json``, ``features.json``) that differs from them, naming the difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,17 @@ def check_plan(base: ConformerCTC, reuse: str) -> ConformerCTC:
     """An (untrained) model of ``base``'s size with plan ``reuse``, after checking that the plan
     fits the baseline."""
     if any(p.reuses for p in base.plans):
-        raise ValueError(f"the checkpoint is a reuse model ({base.reuse}); retrofit starts from a baseline whose every "
-                         f"layer computes its own maps")
+        raise ValueError(
+            f"the checkpoint is a reuse model ({base.reuse}); retrofit starts from a baseline whose every "
+            f"layer computes its own maps"
+        )
     new = ConformerCTC(base.vocab_size, base.model_config.replace(reuse=reuse))
     for layer, (p, h) in enumerate(zip(new.plans, base.num_heads)):
         if p.num_heads != h:
-            raise ValueError(f"plan {reuse!r} gives layer {layer} {p.num_heads} heads; the baseline's layer {layer} "
-                             f"has {h} (a group's heads must be its first layer's)")
+            raise ValueError(
+                f"plan {reuse!r} gives layer {layer} {p.num_heads} heads; the baseline's layer {layer} "
+                f"has {h} (a group's heads must be its first layer's)"
+            )
     return new
 
 
@@ -96,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         base, tokenizer, hp = load_model(a.ckpt)
         new = retrofit(base, a.reuse, a.seed)
         save_model_checkpoint(a.out, new, tokenizer, {**hp, "retrofit_from": hp["checkpoints"][-1]})
-    print(f"{hp['reuse']} -> {new.reuse}: {sum(p.numel() for p in base.parameters()):,} -> "
-          f"{sum(p.numel() for p in new.parameters()):,} parameters; wrote {Path(a.out)} (the baseline's "
-          f"was_gamma {new.model_config.was_gamma}, CMVN statistics and front end kept)")
+    print(
+        f"{hp['reuse']} -> {new.reuse}: {sum(p.numel() for p in base.parameters()):,} -> "
+        f"{sum(p.numel() for p in new.parameters()):,} parameters; wrote {Path(a.out)} (the baseline's "
+        f"was_gamma {new.model_config.was_gamma}, CMVN statistics and front end kept)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ A plan string splits the encoder's layers into consecutive groups::
 times; terms are joined with ``+``. The first layer of a group computes its attention maps; the
 others reuse them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,10 @@ def parse_reuse_config(text: str, num_layers: int, d_model: int | None = None) -
             raise ValueError(f"empty group in reuse configuration {text!r}: '+' must join terms like '4(H4)'")
         m = _TERM.fullmatch(term)
         if m is None:
-            raise ValueError(f"cannot parse {term!r} in reuse configuration {text!r}; "
-                             "expected N(Hk) or N(Hk)xM, e.g. '4(H8)' or '1(H4)x16'")
+            raise ValueError(
+                f"cannot parse {term!r} in reuse configuration {text!r}; "
+                "expected N(Hk) or N(Hk)xM, e.g. '4(H8)' or '1(H4)x16'"
+            )
         size, heads, repeat = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
         if size < 1:
             raise ValueError(f"group {term!r} in {text!r} has no layers; N in N(Hk) must be >= 1")

@@ -4,6 +4,7 @@ convolution subsampling, Gulati et al., 2020, section 2, in ESPnet's layouts).
 The layouts and their geometry (frames out for frames in, receptive field, the fewest frames in)
 are the table of :mod:`data.framing`; this module holds the layers (ESPnet's parameter names).
 """
+
 from __future__ import annotations
 
 import torch

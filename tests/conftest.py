@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated mini corpus and its preparation, built once per session."""
+
 from __future__ import annotations
 
 import os

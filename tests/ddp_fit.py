@@ -10,6 +10,7 @@ gets the instrumentation:
   step, skipped steps, the utterance ids of every validation pass) and ``DIR/rank<r>.pt`` (its
   final parameters), so that the test can compare the replicas.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,20 @@ class Instrument(L.Callback):
     def on_train_end(self, trainer, module):
         r = trainer.global_rank
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"rank{r}.json").write_text(json.dumps({
-            "rank": r, "world_size": trainer.world_size, "global_step": trainer.global_step,
-            "skipped_steps": module.skipped_steps, "validated": self.validated,
-            "val_wer": float(trainer.callback_metrics["val_wer"]) if "val_wer" in trainer.callback_metrics else None}))
+        (self.out / f"rank{r}.json").write_text(
+            json.dumps(
+                {
+                    "rank": r,
+                    "world_size": trainer.world_size,
+                    "global_step": trainer.global_step,
+                    "skipped_steps": module.skipped_steps,
+                    "validated": self.validated,
+                    "val_wer": float(trainer.callback_metrics["val_wer"])
+                    if "val_wer" in trainer.callback_metrics
+                    else None,
+                }
+            )
+        )
         # parameters only: BatchNorm's running statistics are updated per rank after DDP broadcast
         # rank 0's at the start of the last forward (``broadcast_buffers``), so they differ by design
         torch.save({k: v.detach().cpu() for k, v in module.named_parameters()}, self.out / f"rank{r}.pt")

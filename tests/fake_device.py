@@ -18,6 +18,7 @@ its non-CPU path. Not intercepted: ``torch.tensor(data, device=...)``, which bui
 Python dispatch off and so gives a plain ``meta`` tensor without values (any read of it fails
 loudly); code under test uses ``torch.full`` / ``.to(device)`` instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,15 @@ class OnDevice(torch.Tensor):
     @staticmethod
     def __new__(cls, inner: torch.Tensor):
         with torch.inference_mode(inner.is_inference()):  # an inference tensor iff its values are one
-            t = torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(),
-                                                    storage_offset=inner.storage_offset(), dtype=inner.dtype,
-                                                    device=DEVICE, requires_grad=inner.requires_grad)
+            t = torch.Tensor._make_wrapper_subclass(
+                cls,
+                inner.shape,
+                strides=inner.stride(),
+                storage_offset=inner.storage_offset(),
+                dtype=inner.dtype,
+                device=DEVICE,
+                requires_grad=inner.requires_grad,
+            )
         t.inner = inner
         return t
 
@@ -48,8 +55,12 @@ class OnDevice(torch.Tensor):
 
 
 # advanced indexing accepts CPU index tensors on CUDA too (``x[:, [1, 2]]`` builds them on the CPU)
-_CPU_INDICES_ALLOWED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
-                        torch.ops.aten._index_put_impl_.default}
+_CPU_INDICES_ALLOWED = {
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten._index_put_impl_.default,
+}
 
 
 def _is_other(device) -> bool:
@@ -81,8 +92,10 @@ class OtherDevice(TorchDispatchMode):
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         on_device = [a for a in tensors if isinstance(a, OnDevice)]
         unwrap = lambda a: a.inner if isinstance(a, OnDevice) else a  # noqa: E731
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout) \
-                and "device" in kwargs:
+        if (
+            func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.device, torch.ops.aten.to.dtype_layout)
+            and "device" in kwargs
+        ):
             target = kwargs["device"]
             out = func(unwrap(args[0]), *args[1:], **{**kwargs, "device": torch.device("cpu")})
             if _is_other(target):
@@ -92,16 +105,27 @@ class OtherDevice(TorchDispatchMode):
                 self.host_reads.append("copy to host")
             return out
         if any(a.device.type == DEVICE.type and not isinstance(a, OnDevice) for a in tensors):
-            raise RuntimeError(f"{func}: a plain {DEVICE.type} tensor without values reached an operation (made by "
-                               f"torch.tensor(..., device=) or a Python scalar assigned into a device tensor); "
-                               f"build it with torch.full or on the CPU and move it")
-        if on_device and func not in _CPU_INDICES_ALLOWED and any(not isinstance(a, OnDevice) and a.dim() > 0
-                                                                  for a in tensors):
+            raise RuntimeError(
+                f"{func}: a plain {DEVICE.type} tensor without values reached an operation (made by "
+                f"torch.tensor(..., device=) or a Python scalar assigned into a device tensor); "
+                f"build it with torch.full or on the CPU and move it"
+            )
+        if (
+            on_device
+            and func not in _CPU_INDICES_ALLOWED
+            and any(not isinstance(a, OnDevice) and a.dim() > 0 for a in tensors)
+        ):
             devices = sorted({str(a.device) for a in tensors})
-            raise RuntimeError(f"{func}: Expected all tensors to be on the same device, but found at least two "
-                               f"devices, {' and '.join(devices)}!")
-        if on_device and func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                                  torch.ops.aten.item.default, torch.ops.aten.equal.default):
+            raise RuntimeError(
+                f"{func}: Expected all tensors to be on the same device, but found at least two "
+                f"devices, {' and '.join(devices)}!"
+            )
+        if on_device and func in (
+            torch.ops.aten._local_scalar_dense.default,
+            torch.ops.aten.is_nonzero.default,
+            torch.ops.aten.item.default,
+            torch.ops.aten.equal.default,
+        ):
             self.host_reads.append(str(func))
         factory = _is_other(kwargs.get("device"))
         args, kwargs = tree_map(unwrap, (args, kwargs))
@@ -109,6 +133,7 @@ class OtherDevice(TorchDispatchMode):
             kwargs["device"] = torch.device("cpu")
         out = func(*args, **kwargs)
         if on_device or factory:
-            return tree_map(lambda o: OnDevice(o) if isinstance(o, torch.Tensor) and not isinstance(o, OnDevice) else o,
-                            out)
+            return tree_map(
+                lambda o: OnDevice(o) if isinstance(o, torch.Tensor) and not isinstance(o, OnDevice) else o, out
+            )
         return out

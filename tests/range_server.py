@@ -1,4 +1,5 @@
 """A local HTTP server over a folder, with Range requests, for the download tests (no network)."""
+
 from __future__ import annotations
 
 import http.server

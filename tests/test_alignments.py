@@ -1,22 +1,45 @@
 """TextGrid reading, the 36+1 label collapse, and the centre rule at 10 ms and 40 ms."""
+
 from __future__ import annotations
 
 import pytest
 
-from data.alignments import (LABEL_NAMES, NUM_LABELS, PHONE_CLASSES, SILENCE, AlignmentError, frame_labels,
-                             phone_class, read_textgrid, write_textgrid)
+from data.alignments import (
+    LABEL_NAMES,
+    NUM_LABELS,
+    PHONE_CLASSES,
+    SILENCE,
+    AlignmentError,
+    frame_labels,
+    phone_class,
+    read_textgrid,
+    write_textgrid,
+)
 
 
 def test_class_order_matches_spec():
-    assert PHONE_CLASSES == ("AA AE AW AY AH EH ER EY IY IH O UH UW L R M N NG B D DH G K P T F CH SH TH S Z V "
-                             "JH W Y HH").split()
+    assert (
+        PHONE_CLASSES
+        == ("AA AE AW AY AH EH ER EY IY IH O UH UW L R M N NG B D DH G K P T F CH SH TH S Z V JH W Y HH").split()
+    )
     assert NUM_LABELS == 37 and SILENCE == 36 and LABEL_NAMES[36] == "sil"
 
 
-@pytest.mark.parametrize("label,expected", [
-    ("AA1", "AA"), ("AO0", "AA"), ("AO", "AA"), ("OW1", "O"), ("OY2", "O"), ("SH", "SH"), ("ZH", "SH"),
-    ("HH", "HH"), ("ER0", "ER"), ("iy1", "IY"),
-])
+@pytest.mark.parametrize(
+    "label,expected",
+    [
+        ("AA1", "AA"),
+        ("AO0", "AA"),
+        ("AO", "AA"),
+        ("OW1", "O"),
+        ("OY2", "O"),
+        ("SH", "SH"),
+        ("ZH", "SH"),
+        ("HH", "HH"),
+        ("ER0", "ER"),
+        ("iy1", "IY"),
+    ],
+)
 def test_collapse(label, expected):
     assert PHONE_CLASSES[phone_class(label)] == expected
 
@@ -66,8 +89,11 @@ def _write(tmp_path, phones, words=None, duration=1.0):
 
 
 def test_textgrid_round_trip_and_word_frames(tmp_path):
-    path = _write(tmp_path, [(0.1, 0.2, "HH"), (0.2, 0.3, "AH0"), (0.3, 0.4, "L"), (0.4, 0.5, "OW1")],
-                  [(0.1, 0.3, "HEL"), (0.3, 0.5, "LO")])
+    path = _write(
+        tmp_path,
+        [(0.1, 0.2, "HH"), (0.2, 0.3, "AH0"), (0.3, 0.4, "L"), (0.4, 0.5, "OW1")],
+        [(0.1, 0.3, "HEL"), (0.3, 0.5, "LO")],
+    )
     ali = read_textgrid(path)
     assert [p for _, _, p in ali.phones] == ["HH", "AH0", "L", "OW1"]
     assert ali.duration == pytest.approx(1.0)

@@ -1,5 +1,6 @@
 """Analysis metrics: analytic cases, plain-loop references, silence handling, NaN where undefined,
 head classification, value zeroing, coverage, and the corpus report end to end."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ def rand_maps(H, T, seed=0, sharp=2.0):
 
 # --- CAD ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("T", [2, 3, 10, 57])
 def test_cad_identity_and_uniform(T):
     assert cad(torch.eye(T)).item() == pytest.approx(1.0)
@@ -36,7 +38,10 @@ def test_cad_equals_the_integral_definition():
     rs = np.linspace(0, 1, 20001)
     ref = []
     for h in range(3):
-        D = [sum(A[h, i, j].item() for i in range(T) for j in range(T) if abs(i - j) <= r * (T - 1)) / T for r in rs[::500]]
+        D = [
+            sum(A[h, i, j].item() for i in range(T) for j in range(T) if abs(i - j) <= r * (T - 1)) / T
+            for r in rs[::500]
+        ]
         # D is a step function of r: integrate exactly on its breakpoints
         exact = 0.0
         for k in range(T):  # |i-j| = k enters when r >= k/(T-1)
@@ -50,6 +55,7 @@ def test_cad_equals_the_integral_definition():
 
 # --- silence -----------------------------------------------------------------------------------
 
+
 def test_drop_silence_removes_rows_columns_and_renormalises():
     A = rand_maps(2, 6, seed=1)
     labels = torch.tensor([36, 3, 5, -1, 3, 7])
@@ -62,6 +68,7 @@ def test_drop_silence_removes_rows_columns_and_renormalises():
 
 
 # --- PAR ---------------------------------------------------------------------------------------
+
 
 def par_loop(A, labels, C):
     """Plain loops over PAR (Shim, Choi, Sung, ICLR 2022, Eqs. 4-6), after dropping silence."""
@@ -165,6 +172,7 @@ def test_coverage():
 
 # --- head scores ---------------------------------------------------------------------------------
 
+
 def test_head_scores_equal_loops():
     A = rand_maps(3, 7, seed=2)
     G, V, D = head_scores(A)
@@ -213,12 +221,14 @@ def test_prm_uniform_is_zero_and_matches_definition():
 
 # --- context mixing ------------------------------------------------------------------------------
 
+
 def _tiny_model(reuse="1(H2)+1(H2)"):
     from models import ConformerCTC
 
     torch.manual_seed(0)
-    return ConformerCTC(9, input_dim=20, d_model=16, num_layers=2, ffn_dim=32, kernel_size=3, reuse=reuse,
-                        subsampling_channels=4).eval()
+    return ConformerCTC(
+        9, input_dim=20, d_model=16, num_layers=2, ffn_dim=32, kernel_size=3, reuse=reuse, subsampling_channels=4
+    ).eval()
 
 
 @pytest.mark.parametrize("reuse", ["1(H2)x2", "2(H2)"])
@@ -250,8 +260,11 @@ def test_attention_norm_equals_loop():
         for gj, J in enumerate(groups):
             vals = []
             for q in I:
-                f = sum(A[h, q, k] * (v[k, h] @ sa.linear_out.weight[:, h * sa.d_v:(h + 1) * sa.d_v].t())
-                        for h in range(sa.num_heads) for k in J)
+                f = sum(
+                    A[h, q, k] * (v[k, h] @ sa.linear_out.weight[:, h * sa.d_v : (h + 1) * sa.d_v].t())
+                    for h in range(sa.num_heads)
+                    for k in J
+                )
                 vals.append(f.norm())
             assert got[gi, gj].item() == pytest.approx(torch.stack(vals).mean().item(), rel=1e-4)
 
@@ -281,6 +294,7 @@ def test_value_zeroing_of_unattended_group_scores_zero(monkeypatch):
 
 
 # --- probes, runner, report --------------------------------------------------------------------
+
 
 def test_probe_learns_separable_labels():
     from analysis.probe import FrameCache, probe_accuracy, train_probes
@@ -337,8 +351,21 @@ def checkpoint(prepared, tmp_path_factory):
 def test_report_end_to_end(checkpoint, prepared, tmp_path):
     from analysis.__main__ import main
 
-    main(["report", "--ckpt", str(checkpoint), "--manifest", "mini-train", "--out", str(tmp_path / "r"),
-          "--probe-epochs", "2", "--probe-train", "mini-dev"])
+    main(
+        [
+            "report",
+            "--ckpt",
+            str(checkpoint),
+            "--manifest",
+            "mini-train",
+            "--out",
+            str(tmp_path / "r"),
+            "--probe-epochs",
+            "2",
+            "--probe-train",
+            "mini-dev",
+        ]
+    )
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     for fig in ("cad", "par", "coverage", "heads", "prm", "probe", "ablation", "mixing"):
         assert (tmp_path / "r" / r["figures"][fig].split("/")[-1]).stat().st_size > 1000, fig
@@ -354,10 +381,32 @@ def test_report_end_to_end(checkpoint, prepared, tmp_path):
 def test_reference_from_checkpoint_equals_reference_from_saved_par(checkpoint, prepared, tmp_path):
     from analysis.__main__ import main
 
-    main(["par", "--ckpt", str(checkpoint), "--manifest", "mini-dev", "--out", str(tmp_path / "a"),
-          "--reference", str(checkpoint)])
-    main(["par", "--ckpt", str(checkpoint), "--manifest", "mini-dev", "--out", str(tmp_path / "b"),
-          "--reference", str(tmp_path / "a" / "par.json")])
+    main(
+        [
+            "par",
+            "--ckpt",
+            str(checkpoint),
+            "--manifest",
+            "mini-dev",
+            "--out",
+            str(tmp_path / "a"),
+            "--reference",
+            str(checkpoint),
+        ]
+    )
+    main(
+        [
+            "par",
+            "--ckpt",
+            str(checkpoint),
+            "--manifest",
+            "mini-dev",
+            "--out",
+            str(tmp_path / "b"),
+            "--reference",
+            str(tmp_path / "a" / "par.json"),
+        ]
+    )
     a = json.loads((tmp_path / "a" / "report.json").read_text())["par"]
     b = json.loads((tmp_path / "b" / "report.json").read_text())["par"]
     assert a["coverage_accumulated"] == pytest.approx(b["coverage_accumulated"], abs=1e-9)
@@ -366,18 +415,42 @@ def test_reference_from_checkpoint_equals_reference_from_saved_par(checkpoint, p
     assert a["coverage_accumulated"][0] == pytest.approx(1.0)
     with pytest.raises(SystemExit, match="not a saved PAR file"):
         (tmp_path / "bad.json").write_text("{}")
-        main(["par", "--ckpt", str(checkpoint), "--manifest", "mini-dev", "--out", str(tmp_path / "c"),
-              "--reference", str(tmp_path / "bad.json")])
+        main(
+            [
+                "par",
+                "--ckpt",
+                str(checkpoint),
+                "--manifest",
+                "mini-dev",
+                "--out",
+                str(tmp_path / "c"),
+                "--reference",
+                str(tmp_path / "bad.json"),
+            ]
+        )
 
 
 def test_report_bad_inputs(checkpoint, prepared, tmp_path):
     from analysis.__main__ import main
     from data.manifest import read_manifest, write_manifest
 
-    entries = [{k: v for k, v in e.items() if k != "alignment"} for e in read_manifest(prepared / "manifests" / "mini-dev.jsonl")]
+    entries = [
+        {k: v for k, v in e.items() if k != "alignment"}
+        for e in read_manifest(prepared / "manifests" / "mini-dev.jsonl")
+    ]
     write_manifest(tmp_path / "noali.jsonl", entries)
     with pytest.raises(SystemExit, match="no utterance has an alignment"):
-        main(["cad", "--ckpt", str(checkpoint), "--manifest", str(tmp_path / "noali.jsonl"), "--out", str(tmp_path / "o")])
+        main(
+            [
+                "cad",
+                "--ckpt",
+                str(checkpoint),
+                "--manifest",
+                str(tmp_path / "noali.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(SystemExit, match="not a checkpoint of train.py"):
         main(["cad", "--ckpt", str(tmp_path / "other.ckpt"), "--manifest", "mini-dev", "--out", str(tmp_path / "o")])
@@ -386,12 +459,23 @@ def test_report_bad_inputs(checkpoint, prepared, tmp_path):
     mixed[0] = {k: v for k, v in mixed[0].items() if k != "alignment"}
     write_manifest(tmp_path / "mixed.jsonl", mixed)
     with pytest.warns(UserWarning, match="1 of .* have no alignment"):
-        main(["cad", "--ckpt", str(checkpoint), "--manifest", str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "m")])
+        main(
+            [
+                "cad",
+                "--ckpt",
+                str(checkpoint),
+                "--manifest",
+                str(tmp_path / "mixed.jsonl"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
     r = json.loads((tmp_path / "m" / "report.json").read_text())
     assert r["alignment_counts"]["skipped_no_alignment"] == 1
 
 
 # --- the report's word frames follow the model's own front end ------------------------------------
+
 
 def _front_end_checkpoint(prepared, path, input_layer):
     """A 2-layer model with the ``input_layer`` front end (the 6x / 8x layouts of converted ESPnet
@@ -405,8 +489,14 @@ def _front_end_checkpoint(prepared, path, input_layer):
     small = dict(d_model=32, ffn_dim=64, kernel_size=5, subsampling_channels=8, input_layer=input_layer)
     model = ConformerCTC(tok.vocab_size, num_layers=2, reuse="1(H2)x2", **small)
     cmvn = GlobalCMVN.load(prepared / "cmvn.json")
-    hp = {"reuse": model.reuse, "num_layers": 2, **small, "checkpoints": [str(path)],
-          "tokenizer_path": str(prepared / "bpe.model"), "cmvn": {"mean": cmvn.mean, "std": cmvn.std}}
+    hp = {
+        "reuse": model.reuse,
+        "num_layers": 2,
+        **small,
+        "checkpoints": [str(path)],
+        "tokenizer_path": str(prepared / "bpe.model"),
+        "cmvn": {"mean": cmvn.mean, "std": cmvn.std},
+    }
     save_model_checkpoint(path, model.eval(), tok, hp)
     return model
 
@@ -440,8 +530,14 @@ def test_report_word_frames_of_a_6x_and_an_8x_front_end(prepared, tmp_path, inpu
         entries.append({**base, "id": uid, "duration": duration, "num_frames": N, "alignment": str(grid)})
     write_manifest(tmp_path / "words.jsonl", entries)
     for uid, ok in (("inside", True), ("late", False)):
-        report = Report(str(tmp_path / "m.ckpt"), str(tmp_path / "words.jsonl"), str(tmp_path / uid), utterance=uid,
-                        data_dir=str(prepared), progress=False)
+        report = Report(
+            str(tmp_path / "m.ckpt"),
+            str(tmp_path / "words.jsonl"),
+            str(tmp_path / uid),
+            utterance=uid,
+            data_dir=str(prepared),
+            progress=False,
+        )
         if ok:
             assert report._check_mixing_utterance()["id"] == uid
         else:

@@ -1,6 +1,7 @@
 """Attention maps in TensorBoard while training (training/attention_maps.py): a 2-step fit through
 train.py's CLI writes one image pair and one CAD scalar per computing layer at each validation,
 equal to analysis.cad's on the same map; with the option off nothing is computed."""
+
 from __future__ import annotations
 
 import io
@@ -46,11 +47,33 @@ class EncodeSpy:
 def _cli_fit(prepared, root: Path, *extra: str) -> None:
     """train.py's CLI in this process: the mini recipe, a 3-layer model, 2 steps validated after each."""
     model = [a for k, v in TINY.items() for a in (f"--model.{k}", str(v))]
-    train.main(["fit", "--config", str(ROOT / "recipes/mini/base.yaml"), "--data.data_dir", str(prepared),
-                "--data.num_workers", "0", "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2",
-                "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                "--trainer.val_check_interval", "1", "--trainer.precision", "32-true",
-                "--trainer.enable_progress_bar", "false", *model, *extra])
+    train.main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "recipes/mini/base.yaml"),
+            "--data.data_dir",
+            str(prepared),
+            "--data.num_workers",
+            "0",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.val_check_interval",
+            "1",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.enable_progress_bar",
+            "false",
+            *model,
+            *extra,
+        ]
+    )
 
 
 def _events(root: Path) -> EventAccumulator:
@@ -72,8 +95,12 @@ def test_event_file_holds_maps_and_cad_of_each_computing_layer(fitted):
     acc = _events(root)
     tags = acc.Tags()
     images = sorted(t for t in tags["images"] if t.startswith("attention/"))
-    assert images == ["attention/layer01/heads", "attention/layer01/mean", "attention/layer03/heads",
-                      "attention/layer03/mean"]  # layer 2 reuses layer 1's map: none of its own
+    assert images == [
+        "attention/layer01/heads",
+        "attention/layer01/mean",
+        "attention/layer03/heads",
+        "attention/layer03/mean",
+    ]  # layer 2 reuses layer 1's map: none of its own
     assert sorted(t for t in tags["scalars"] if t.startswith("cad/")) == ["cad/layer01", "cad/layer03"]
     for tag in images:
         assert [e.step for e in acc.Images(tag)] == [1, 2]  # one per validation
@@ -125,9 +152,18 @@ def test_without_tensorboard_logger_one_warning_and_no_forward(prepared, tmp_pat
     spy = EncodeSpy(monkeypatch)
     dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0)
     module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_train_batches=1, limit_val_batches=1,
-                        logger=CSVLogger(str(tmp_path)), callbacks=[AttentionMaps()], enable_progress_bar=False,
-                        enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=CSVLogger(str(tmp_path)),
+        callbacks=[AttentionMaps()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, dm)
@@ -140,8 +176,9 @@ def test_only_rank_zero_computes(prepared):
     """A non-zero rank neither looks for a logger nor computes (the bare model would otherwise run)."""
     cb = AttentionMaps()
     model = SimpleNamespace(model=None)  # any forward would fail on it
-    rank1 = SimpleNamespace(is_global_zero=False, loggers=[object()], sanity_checking=False,
-                            state=SimpleNamespace(fn="fit"))
+    rank1 = SimpleNamespace(
+        is_global_zero=False, loggers=[object()], sanity_checking=False, state=SimpleNamespace(fn="fit")
+    )
     cb.setup(rank1, model, "fit")
     cb.on_validation_epoch_end(rank1, model)
     assert cb.logger is None and cb.item is None

@@ -1,5 +1,6 @@
 """common.cli: the one ``error:`` line and its exit status, the traceback switch, the device
 default and the shared arguments; and a command that honours ``ASR_TRACEBACK`` end to end."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,27 @@ def no_traceback(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.parametrize("error", [FileNotFoundError("x.ckpt does not exist"), ValueError("--beam-size: bad"),
-                                   ImportError("no module named kenlm")])
+@pytest.mark.parametrize(
+    "error",
+    [FileNotFoundError("x.ckpt does not exist"), ValueError("--beam-size: bad"), ImportError("no module named kenlm")],
+)
 def test_a_user_error_is_one_line_and_status_1(error, no_traceback, capsys):
     with pytest.raises(SystemExit) as e, cli.user_errors():
         raise error
     assert e.value.code == f"error: {error}"
     assert "\n" not in e.value.code
     # sys.exit with a string prints it on stderr and exits with status 1
-    r = subprocess.run([sys.executable, "-c", "from common.cli import user_errors\nwith user_errors():\n"
-                        "    raise ValueError('bad --out')"], cwd=ROOT, capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if k not in cli.TRACEBACK_VARIABLES})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from common.cli import user_errors\nwith user_errors():\n    raise ValueError('bad --out')",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in cli.TRACEBACK_VARIABLES},
+    )
     assert (r.returncode, r.stderr, r.stdout) == (1, "error: bad --out\n", "")
 
 
@@ -81,8 +92,17 @@ def test_a_command_honours_asr_traceback(tmp_path):
     """``python -m models.retrofit`` on a missing checkpoint: one ``error:`` line by default; the
     exception and its traceback with ASR_TRACEBACK=1."""
     missing = tmp_path / "missing.ckpt"
-    argv = [sys.executable, "-m", "models.retrofit", "--ckpt", str(missing), "--reuse", "2(H4)x2",
-            "--out", str(tmp_path / "o.ckpt")]
+    argv = [
+        sys.executable,
+        "-m",
+        "models.retrofit",
+        "--ckpt",
+        str(missing),
+        "--reuse",
+        "2(H4)x2",
+        "--out",
+        str(tmp_path / "o.ckpt"),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in cli.TRACEBACK_VARIABLES}
     plain = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr, plain.stderr
@@ -100,7 +120,12 @@ def test_every_command_goes_through_common_cli():
     sources = [ROOT / f"{c}.py" for c in ("train", "evaluate", "transcribe")]
     sources += [p for pkg in ("common", "data", "models", "training", "analysis") for p in (ROOT / pkg).rglob("*.py")]
     pattern = re.compile(r"""(sys\.exit|SystemExit)\(f?["']error|environ.*TRACEBACK""")
-    bad = [f"{p.relative_to(ROOT)}:{n}" for p in sources if p != ROOT / "common" / "cli.py"
-           for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sources
+        if p != ROOT / "common" / "cli.py"
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, "own error lines or traceback switches (use common.cli):\n" + "\n".join(bad)
     assert len(sources) > 50

@@ -1,4 +1,5 @@
 """Batches: frame bound, bucketing, padding with lengths, labels, DDP sharding, bad utterances."""
+
 from __future__ import annotations
 
 import pytest
@@ -96,8 +97,11 @@ def test_missing_audio_refused_up_front(prepared, tmp_path):
     entries = read_manifest(prepared / "manifests" / "mini-dev.jsonl")
     entries[1] = {**entries[1], "audio": str(tmp_path / "gone.flac")}
     write_manifest(tmp_path / "m.jsonl", entries)
-    with pytest.raises(FileNotFoundError, match=rf"m.jsonl: audio of 1 of {len(entries)} utterances is missing, "
-                                                rf"e.g. {entries[1]['id']}: .*gone.flac"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"m.jsonl: audio of 1 of {len(entries)} utterances is missing, "
+        rf"e.g. {entries[1]['id']}: .*gone.flac",
+    ):
         ManifestDataset([tmp_path / "m.jsonl"])
 
 

@@ -2,6 +2,7 @@
 model on another device than the data (``fake_device.OtherDevice``). Data-side tensors (features,
 CMVN, labels) must stay on the CPU and batches must be moved explicitly; mixing raises as on CUDA.
 Results must equal the CPU run's exactly."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import json
 import lightning as L
 import pytest
 import torch
+from fake_device import OnDevice, OtherDevice
+from test_train import TINY, _fit
 
 import evaluate
 import train
 from analysis.report import Report
 from data.datamodule import ASRDataModule
-from fake_device import OnDevice, OtherDevice
-from test_train import TINY, _fit
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,9 @@ def test_analysis_on_another_device_equals_cpu(prepared, ckpt, tmp_path):
     steps = ["cad", "par", "probe", "mixing"]
     cpu = Report(str(ckpt), "mini-test", str(tmp_path / "cpu"), probe_epochs=2, progress=False).run(steps)
     with OtherDevice() as dev:
-        other = Report(str(ckpt), "mini-test", str(tmp_path / "dev"), probe_epochs=2, progress=False,
-                       device=str(dev.device)).run(steps)
+        other = Report(
+            str(ckpt), "mini-test", str(tmp_path / "dev"), probe_epochs=2, progress=False, device=str(dev.device)
+        ).run(steps)
     assert dev.moves_to_device > 0
     assert other["cad"] == cpu["cad"]
     assert other["par"]["coverage_per_layer"] == cpu["par"]["coverage_per_layer"]
@@ -72,8 +74,9 @@ def test_training_step_on_another_device(prepared):
     dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
     L.seed_everything(0)
     module = train.CTCModule(str(prepared / "bpe.model"), **TINY)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
     module.trainer = trainer
     module.log = lambda *a, **k: None
     loader = dm.train_dataloader()

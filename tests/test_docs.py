@@ -6,6 +6,7 @@ punctuation dropped, spaces as hyphens, ``-1``, ``-2`` ... for repeated headings
 command table must list every entry point found in the code: each top-level script and module with a
 ``__main__`` guard, each package with a ``__main__.py``, and every subcommand of ``python -m analysis``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,12 @@ HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
 def doc_files() -> list[Path]:
-    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md")),
-             *sorted((ROOT / "recipes").glob("*/RESULTS.md"))]
+    files = [
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "recipes").glob("*/RESULTS.md")),
+    ]
     return [f for f in files if f.exists()]
 
 
@@ -54,8 +59,9 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [t for t in LINK.findall(prose(path.read_text(encoding="utf-8")))
-            if not re.match(r"[a-z][a-z0-9+.-]*:", t)]  # http:, https:, mailto: ...
+    return [
+        t for t in LINK.findall(prose(path.read_text(encoding="utf-8"))) if not re.match(r"[a-z][a-z0-9+.-]*:", t)
+    ]  # http:, https:, mailto: ...
 
 
 def test_slug_follows_github():

@@ -1,6 +1,7 @@
 """ONNX export (models/export.py): ONNX Runtime equals PyTorch at several lengths and on a padded
 batch for a baseline, a reuse plan and a plan whose groups differ in heads; the graph keeps the
 reuse (the reuse layers read their computing layer's softmax); the CLI writes a usable folder."""
+
 from __future__ import annotations
 
 import json
@@ -69,9 +70,12 @@ def test_session_after_the_global_pool(exported):
     import sys
 
     plan, model, path, _ = exported
-    code = ("import sys; from models.onnx_runtime import compare, session, shared_thread_pool; "
-            f"from tests.test_export import tiny_model; shared_thread_pool(1); r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
-            "print(max(x['max_abs_diff'] for x in r))")
+    code = (
+        "import sys; from models.onnx_runtime import compare, session, shared_thread_pool; "
+        "from tests.test_export import tiny_model; shared_thread_pool(1); "
+        f"r = compare(tiny_model({plan!r}), session({str(path)!r}, threads=1)); "
+        "print(max(x['max_abs_diff'] for x in r))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.split()[-1]) <= ATOL
@@ -154,8 +158,13 @@ def test_export_tokens_table_decodes_a_model_in_another_order(prepared, tmp_path
     model = ConformerCTC(tok.vocab_size, reuse="1(H4)x2", **{**TINY, "num_layers": 2}).eval()
     with torch.no_grad():
         model.head.bias[0] = -10.0  # never blank: a long hypothesis
-    hp = {"reuse": model.reuse, **{**TINY, "num_layers": 2}, "tokenizer_path": str(prepared / "bpe.model"),
-          "checkpoints": ["shuffled"], "cmvn": None}
+    hp = {
+        "reuse": model.reuse,
+        **{**TINY, "num_layers": 2},
+        "tokenizer_path": str(prepared / "bpe.model"),
+        "checkpoints": ["shuffled"],
+        "cmvn": None,
+    }
     save_model_checkpoint(tmp_path / "shuffled.ckpt", model, tok, hp)
     main(["--ckpt", str(tmp_path / "shuffled.ckpt"), "--out", str(tmp_path / "onnx"), "--no-check"])
     out = tmp_path / "onnx"
@@ -168,7 +177,8 @@ def test_export_tokens_table_decodes_a_model_in_another_order(prepared, tmp_path
     ids = greedy_decode(torch.from_numpy(log_probs), torch.from_numpy(n))[0]
     assert len(ids) > 5
     by_rule = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).decode_pieces(
-        [table[i] for i in ids if table[i] not in ("<blank>", "<sos/eos>")])
+        [table[i] for i in ids if table[i] not in ("<blank>", "<sos/eos>")]
+    )
     assert by_rule == tok.decode(ids)
     assert Tokenizer.open(out / "tokenizer.model").decode(ids) == tok.decode(ids)  # tokens.txt beside it
 
@@ -179,15 +189,27 @@ def test_evaluate_with_onnxruntime_engine_equals_torch(checkpoint, prepared, tmp
     as the torch engine."""
     import evaluate
 
-    common = ["--ckpt", str(checkpoint), "--sets", "mini-test", "--data-dir", str(prepared), "--beam-size", "4",
-              "--device", "cpu"]
+    common = [
+        "--ckpt",
+        str(checkpoint),
+        "--sets",
+        "mini-test",
+        "--data-dir",
+        str(prepared),
+        "--beam-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     evaluate.main([*common, "--out", str(tmp_path / "torch")])
     evaluate.main([*common, "--engine", "onnxruntime", "--out", str(tmp_path / "ort")])
     res = {e: json.loads((tmp_path / e / "results.json").read_text()) for e in ("torch", "ort")}
     assert res["ort"]["engine"] == "onnxruntime" and res["torch"]["engine"] == "torch"
     for dec in ("greedy", "beam"):
         assert res["ort"]["sets"]["mini-test"][dec]["wer"] == res["torch"]["sets"]["mini-test"][dec]["wer"]
-    assert (tmp_path / "ort" / "mini-test.hyp.tsv").read_text() == (tmp_path / "torch" / "mini-test.hyp.tsv").read_text()
+    assert (tmp_path / "ort" / "mini-test.hyp.tsv").read_text() == (
+        tmp_path / "torch" / "mini-test.hyp.tsv"
+    ).read_text()
     assert res["ort"]["onnx_check"] and all(r["max_abs_diff"] <= ATOL for r in res["ort"]["onnx_check"])
     with pytest.raises(SystemExit, match="holds results of --engine torch; give another --out"):
         evaluate.main([*common, "--engine", "onnxruntime", "--no-beam", "--out", str(tmp_path / "torch")])

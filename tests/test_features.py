@@ -1,4 +1,5 @@
 """fbank shapes, CMVN statistics, SpecAugment bounds."""
+
 from __future__ import annotations
 
 import math

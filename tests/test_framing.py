@@ -1,13 +1,26 @@
 """The framing table (data.framing): frames out for frames in, its inverse, receptive fields,
 the minimum frames and the label framing, checked against the front-end modules themselves."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from data.framing import (ENCODER_SHIFT, ENCODER_WINDOW, INPUT_LAYERS, MIN_FRAMES, LabelFraming, encoder_frames,
-                          frame_times, input_frames, receptive_field, subsampled_count, subsampled_lengths,
-                          subsampling_factor, too_short)
+from data.framing import (
+    ENCODER_SHIFT,
+    ENCODER_WINDOW,
+    INPUT_LAYERS,
+    MIN_FRAMES,
+    LabelFraming,
+    encoder_frames,
+    frame_times,
+    input_frames,
+    receptive_field,
+    subsampled_count,
+    subsampled_lengths,
+    subsampling_factor,
+    too_short,
+)
 from models.subsampling import Conv2dSubsampling
 
 #: the layouts' numbers, written out by hand: (factor, receptive field)
@@ -32,8 +45,9 @@ def test_input_frames_of_the_default_front_end_and_bad_input():
     assert [input_frames(T) for T in (1, 2, 64)] == [4 * T + 3 for T in (1, 2, 64)]
     with pytest.raises(ValueError, match="encoder_frames must be >= 0"):
         input_frames(-1)
-    with pytest.raises(ValueError, match="input_layer 'conv2d5' is not supported; expected one of conv2d, conv2d6, "
-                                         "conv2d8"):
+    with pytest.raises(
+        ValueError, match="input_layer 'conv2d5' is not supported; expected one of conv2d, conv2d6, conv2d8"
+    ):
         input_frames(3, "conv2d5")
 
 
@@ -68,15 +82,29 @@ def test_framing_of_a_front_end_equals_the_model_inputs_framing(input_layer):
     from models.checkpoint import model_inputs
     from models.ctc import ConformerCTC
 
-    model = ConformerCTC(5, d_model=32, num_layers=1, ffn_dim=32, kernel_size=3, reuse="1(H2)x1",
-                         subsampling_channels=32, input_layer=input_layer, input_dim=80)
-    hp = {"features": {"type": "espnet", "config": {"fs": 16000, "n_fft": 512, "hop_length": 128}},
-          "cmvn": {"mean": torch.zeros(80), "std": torch.ones(80)}, "checkpoints": ["x"]}
+    model = ConformerCTC(
+        5,
+        d_model=32,
+        num_layers=1,
+        ffn_dim=32,
+        kernel_size=3,
+        reuse="1(H2)x1",
+        subsampling_channels=32,
+        input_layer=input_layer,
+        input_dim=80,
+    )
+    hp = {
+        "features": {"type": "espnet", "config": {"fs": 16000, "n_fft": 512, "hop_length": 128}},
+        "cmvn": {"mean": torch.zeros(80), "std": torch.ones(80)},
+        "checkpoints": ["x"],
+    }
     _, featurizer, theirs = model_inputs(model, hp)
-    ours = LabelFraming.of_front_end(input_layer, featurizer.hop_length / featurizer.fs, featurizer.first_centre,
-                                     featurizer.frame_ms)
+    ours = LabelFraming.of_front_end(
+        input_layer, featurizer.hop_length / featurizer.fs, featurizer.first_centre, featurizer.frame_ms
+    )
     assert (ours.shift, ours.window, ours.min_frames, ours.frame_ms) == pytest.approx(
-        (theirs.shift, theirs.window, theirs.min_frames, theirs.frame_ms))
+        (theirs.shift, theirs.window, theirs.min_frames, theirs.frame_ms)
+    )
     assert [ours.count(n) for n in range(120)] == [theirs.count(n) for n in range(120)]
     factor, field = EXPECTED[input_layer]
     assert frame_times(input_layer, 0.008, 0.0) == pytest.approx((factor * 0.008, (field - 1) * 0.008))

@@ -1,5 +1,6 @@
 """Hugging Face wav2vec2 / HuBERT / Whisper through transformers' own classes (analysis/hf.py):
 tiny random models written with ``save_pretrained`` and loaded back through the adapter."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,12 @@ def test_maps_equal_output_attentions_and_frames(hf_folders, hf_wave, name):
     assert up.model.config._attn_implementation == "eager"
     assert (up.num_layers, up.frame_shift) == (2, 0.02)
     ref = _reference_maps(up, hf_wave)
-    enc = up.encode(torch.stack([hf_wave, torch.nn.functional.pad(hf_wave[:9000], (0, 7000))])[..., None],
-                    torch.tensor([16000, 9000]), return_attentions=True, return_hidden_states=True)
+    enc = up.encode(
+        torch.stack([hf_wave, torch.nn.functional.pad(hf_wave[:9000], (0, 7000))])[..., None],
+        torch.tensor([16000, 9000]),
+        return_attentions=True,
+        return_hidden_states=True,
+    )
     if name == "whisper":
         T = 50  # frames centred in 1 s of audio, 20 ms apart; the window holds 1500
         assert ref[0].shape[-1] == 1500 and enc.lengths.tolist() == [50, math.ceil(9000 / 320)]
@@ -86,7 +91,7 @@ def _manual_encoder_layer(up, layer, x, v_keep):
     q = attn.q_proj(h).unflatten(-1, (H, d)).transpose(0, 1)
     k = attn.k_proj(h).unflatten(-1, (H, d)).transpose(0, 1)
     v = (attn.v_proj(h) * v_keep[:, None]).unflatten(-1, (H, d)).transpose(0, 1)
-    a = torch.softmax(q @ k.transpose(1, 2) * d ** -0.5, -1)
+    a = torch.softmax(q @ k.transpose(1, 2) * d**-0.5, -1)
     y = x + attn.out_proj((a @ v).transpose(0, 1).flatten(1))
     if up.family == "whisper":
         return y + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(y))))
@@ -131,8 +136,9 @@ def test_mixing_scores_encoder(hf_folders, hf_wave):
     r = hf_context_mixing(up, hf_wave, words)
     assert set(r) == {"encoder"}
     enc = r["encoder"]
-    assert {k: tuple(v.shape) for k, v in enc.items()} == {m: (2, 3, 3) for m in ("attention", "attention_norm",
-                                                                                      "value_zeroing")}
+    assert {k: tuple(v.shape) for k, v in enc.items()} == {
+        m: (2, 3, 3) for m in ("attention", "attention_norm", "value_zeroing")
+    }
     assert torch.allclose(enc["value_zeroing"].sum(-1), torch.ones(2, 3), atol=1e-5)
     maps = _reference_maps(up, hf_wave)
     for l in range(2):
@@ -150,7 +156,7 @@ def _manual_decoder_layer(layer, x, enc, self_keep, cross_keep, final):
         q = attn.q_proj(q_in).unflatten(-1, (H, d)).transpose(0, 1)
         k = attn.k_proj(kv_in).unflatten(-1, (H, d)).transpose(0, 1)
         v = (attn.v_proj(kv_in) * keep[:, None]).unflatten(-1, (H, d)).transpose(0, 1)
-        s = q @ k.transpose(1, 2) * d ** -0.5
+        s = q @ k.transpose(1, 2) * d**-0.5
         if causal:
             s = s.masked_fill(torch.ones_like(s[0], dtype=torch.bool).triu(1), -float("inf"))
         return attn.out_proj((torch.softmax(s, -1) @ v).transpose(0, 1).flatten(1))
@@ -165,9 +171,9 @@ def test_whisper_decoder_and_cross(hf_folders, hf_wave):
     up = HFUpstream(hf_folders["whisper"])
     ids = up.greedy_ids(hf_wave, max_new_tokens=6)
     prompt = up.prompt_ids()
-    assert ids[:len(prompt)] == prompt and len(ids) <= len(prompt) + 6
+    assert ids[: len(prompt)] == prompt and len(ids) <= len(prompt) + 6
     ref = up.reference_ids("the cat")
-    assert ref[:len(prompt)] == prompt and ref[-1] == up.config.eos_token_id
+    assert ref[: len(prompt)] == prompt and ref[-1] == up.config.eos_token_id
     words = [[0, 1, 2, 3], [5, 6, 7], [9, 10, 11, 12]]
     r = hf_context_mixing(up, hf_wave, words, ids)
     N = len(ids)
@@ -189,11 +195,28 @@ def test_whisper_decoder_and_cross(hf_folders, hf_wave):
         with torch.no_grad():
             base = _manual_decoder_layer(layer, x, enc[0], ones_n, ones_s, final)
             assert torch.allclose(base, hidden[l][0], atol=1e-8)
-            d_self = torch.stack([1 - torch.nn.functional.cosine_similarity(
-                _manual_decoder_layer(layer, x, enc[0], 1 - torch.eye(N, dtype=torch.float64)[j], ones_s, final),
-                base, dim=-1) for j in range(N)])  # (source token, receiving token)
-            d_cross = torch.stack([1 - torch.nn.functional.cosine_similarity(
-                _manual_decoder_layer(layer, x, enc[0], ones_n, 1 - gm[g], final), base, dim=-1) for g in range(3)])
+            d_self = torch.stack(
+                [
+                    1
+                    - torch.nn.functional.cosine_similarity(
+                        _manual_decoder_layer(
+                            layer, x, enc[0], 1 - torch.eye(N, dtype=torch.float64)[j], ones_s, final
+                        ),
+                        base,
+                        dim=-1,
+                    )
+                    for j in range(N)
+                ]
+            )  # (source token, receiving token)
+            d_cross = torch.stack(
+                [
+                    1
+                    - torch.nn.functional.cosine_similarity(
+                        _manual_decoder_layer(layer, x, enc[0], ones_n, 1 - gm[g], final), base, dim=-1
+                    )
+                    for g in range(3)
+                ]
+            )
         want_self = d_self.clamp_min(0).t()
         want_self = want_self / want_self.sum(1, keepdim=True)
         want_cross = d_cross.clamp_min(0).t()
@@ -203,8 +226,9 @@ def test_whisper_decoder_and_cross(hf_folders, hf_wave):
         a = cmaps[l][0].mean(0)
         assert torch.allclose(out["cross"]["attention"][l].double(), (a @ gm.t()) / gm.sum(1), atol=1e-6)
         # zeroing nothing gives distance 0
-        nothing = value_zeroing_distances(layer, calls[l], layer.encoder_attn.v_proj,
-                                          torch.ones(1, enc.shape[1], dtype=torch.float64), final)
+        nothing = value_zeroing_distances(
+            layer, calls[l], layer.encoder_attn.v_proj, torch.ones(1, enc.shape[1], dtype=torch.float64), final
+        )
         assert (nothing == 0).all()
 
 
@@ -214,7 +238,9 @@ def test_bad_folders(tmp_path, hf_folders, hf_wave):
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         HFUpstream(tmp_path / "absent")
     bert = tmp_path / "bert"
-    tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
+    tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        bert
+    )
     with pytest.raises(ValueError, match="model type 'bert'.*not supported"):
         HFUpstream(bert)
     wavlm = tmp_path / "wavlm"
@@ -249,9 +275,24 @@ def test_report_end_to_end(prepared, hf_folders, tmp_path, name):
 
     out = tmp_path / "r"
     saliency = ["--saliency", "--masks", "8"] if name == "post" else []  # report --saliency (tests/test_saliency_hf.py)
-    main(["report", "--upstream", "hf", "--upstream-ckpt", str(hf_folders[name]), "--manifest",
-          str(prepared / "manifests" / "mini-train.jsonl"), "--out", str(out), "--probe-epochs", "1", "--limit", "4",
-          *saliency])
+    main(
+        [
+            "report",
+            "--upstream",
+            "hf",
+            "--upstream-ckpt",
+            str(hf_folders[name]),
+            "--manifest",
+            str(prepared / "manifests" / "mini-train.jsonl"),
+            "--out",
+            str(out),
+            "--probe-epochs",
+            "1",
+            "--limit",
+            "4",
+            *saliency,
+        ]
+    )
     r = json.loads((out / "report.json").read_text())
     figures = ["cad", "par", "coverage", "heads", "prm", "probe", "ablation", "mixing"]
     if saliency:
@@ -289,14 +330,36 @@ def test_report_errors_before_work(prepared, hf_folders, tmp_path):
     long = tmp_path / "long.jsonl"
     write_manifest(long, [{**entries[0], "duration": 31.0}, *entries[1:]])
     with pytest.raises(SystemExit, match=f"utterance {entries[0]['id']}: 31.00 s is longer than the model's 30 s"):
-        main(["report", "--upstream", "hf", "--upstream-ckpt", str(hf_folders["whisper"]), "--manifest", str(long),
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "report",
+                "--upstream",
+                "hf",
+                "--upstream-ckpt",
+                str(hf_folders["whisper"]),
+                "--manifest",
+                str(long),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert not (tmp_path / "o" / "report.json").exists()
     with pytest.raises(SystemExit, match="needs --upstream-ckpt"):
         main(["report", "--upstream", "hf", "--manifest", str(long), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="not a Hugging Face model folder"):
-        main(["report", "--upstream", "hf", "--upstream-ckpt", str(tmp_path), "--manifest", str(long),
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                "report",
+                "--upstream",
+                "hf",
+                "--upstream-ckpt",
+                str(tmp_path),
+                "--manifest",
+                str(long),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     # an utterance whose TextGrid holds one word
     from praatio import textgrid
 
@@ -312,6 +375,19 @@ def test_report_errors_before_work(prepared, hf_folders, tmp_path):
     single = tmp_path / "single.jsonl"
     write_manifest(single, [{**e, "alignment": str(tmp_path / "one.TextGrid")}])
     with pytest.raises(SystemExit, match="fewer than two aligned words"):
-        main(["mixing", "--upstream", "hf", "--upstream-ckpt", str(hf_folders["post"]), "--manifest", str(single),
-              "--utterance", e["id"], "--out", str(tmp_path / "o2")])
+        main(
+            [
+                "mixing",
+                "--upstream",
+                "hf",
+                "--upstream-ckpt",
+                str(hf_folders["post"]),
+                "--manifest",
+                str(single),
+                "--utterance",
+                e["id"],
+                "--out",
+                str(tmp_path / "o2"),
+            ]
+        )
     assert not (tmp_path / "o2" / "report.json").exists()

@@ -1,4 +1,5 @@
 """The latency benchmark end to end at tiny sizes: well-formed JSON, inference mode, errors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,30 @@ from analysis.latency import bench as bench_module
 from analysis.latency import engines
 from models.flops import count_flops
 
-TINY = ["--d-model", "32", "--num-layers", "4", "--ffn-dim", "64", "--kernel-size", "5", "--lengths", "16", "32",
-        "--warmup", "1", "--runs", "3", "--train-length", "16", "--train-batch", "2", "--train-runs", "2", "--quiet"]
+TINY = [
+    "--d-model",
+    "32",
+    "--num-layers",
+    "4",
+    "--ffn-dim",
+    "64",
+    "--kernel-size",
+    "5",
+    "--lengths",
+    "16",
+    "32",
+    "--warmup",
+    "1",
+    "--runs",
+    "3",
+    "--train-length",
+    "16",
+    "--train-batch",
+    "2",
+    "--train-runs",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -39,12 +62,26 @@ def test_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
         return real(checked, device, warmup, runs)
 
     monkeypatch.setattr(bench_module, "measure", spy)
-    out = latency.main(["--reuse", "1(H4)x4", "2(H4)x2", *TINY, "--json", str(tmp_path / "r.json"),
-                        "--png", str(tmp_path / "r.png")])
+    out = latency.main(
+        ["--reuse", "1(H4)x4", "2(H4)x2", *TINY, "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")]
+    )
     data = json.loads((tmp_path / "r.json").read_text())
     assert data == json.loads(json.dumps(out))
-    for key in ("device", "device_type", "torch", "dtype", "threads", "batch_size", "lengths", "inference", "training",
-                "malloc", "runs", "rounds", "warmup"):
+    for key in (
+        "device",
+        "device_type",
+        "torch",
+        "dtype",
+        "threads",
+        "batch_size",
+        "lengths",
+        "inference",
+        "training",
+        "malloc",
+        "runs",
+        "rounds",
+        "warmup",
+    ):
         assert key in data, key
     assert data["torch"] == torch.__version__ and data["dtype"] == "fp32" and data["threads"] >= 1
     assert data["malloc"].startswith("steady") or data["malloc"] == "default (not glibc)"
@@ -122,8 +159,9 @@ def test_runs_interleaved_over_configurations(monkeypatch):
     i = args.index("--lengths")
     del args[i + 2]  # one length: 16
     args[args.index("--runs") + 1] = "5"
-    out = latency.main(["--reuse", "1(H4)x4", "2(H4)x2", "--no-materialised", *args, "--train-runs", "0",
-                        "--rounds", "2"])
+    out = latency.main(
+        ["--reuse", "1(H4)x4", "2(H4)x2", "--no-materialised", *args, "--train-runs", "0", "--rounds", "2"]
+    )
     timed = [(fn, runs) for fn, warmup, runs in calls if runs]
     fns = [fn for fn, _ in timed[:3]]
     assert len(set(fns)) == 3  # the two configurations and the peer
@@ -131,16 +169,41 @@ def test_runs_interleaved_over_configurations(monkeypatch):
     assert all(e["by_length"]["16"]["runs"] == 5 for e in out["inference"])
 
 
-SMALL = ["--d-model", "32", "--num-layers", "2", "--ffn-dim", "64", "--kernel-size", "3", "--lengths", "16", "32",
-         "--runs", "2", "--warmup", "1", "--train-runs", "0", "--rounds", "1", "--quiet"]
+SMALL = [
+    "--d-model",
+    "32",
+    "--num-layers",
+    "2",
+    "--ffn-dim",
+    "64",
+    "--kernel-size",
+    "3",
+    "--lengths",
+    "16",
+    "32",
+    "--runs",
+    "2",
+    "--warmup",
+    "1",
+    "--train-runs",
+    "0",
+    "--rounds",
+    "1",
+    "--quiet",
+]
 
 
 class HostReads(TorchDispatchMode):
     """Counts the operators that read a tensor's value back to the host (a scalar, a truth value, an
     equality, or a data-dependent shape), which a CUDA stream capture does not allow."""
 
-    READS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.is_nonzero,
-             torch.ops.aten.equal, torch.ops.aten.nonzero}
+    READS = {
+        torch.ops.aten._local_scalar_dense,
+        torch.ops.aten.item,
+        torch.ops.aten.is_nonzero,
+        torch.ops.aten.equal,
+        torch.ops.aten.nonzero,
+    }
 
     def __init__(self):
         super().__init__()
@@ -183,8 +246,10 @@ def test_captured_callables_read_nothing_back(frontend, monkeypatch):
     bench = latency.Bench(a)
     model, peer = bench.model("1(H4)x2").eval(), bench.peer().eval()
     with torch.inference_mode():
-        fns = {kind: bench.forward_fn(kind, module, 16)
-               for kind, module in (("fused", model), ("materialised", model), ("peer", peer))}
+        fns = {
+            kind: bench.forward_fn(kind, module, 16)
+            for kind, module in (("fused", model), ("materialised", model), ("peer", peer))
+        }
         for fn in fns.values():
             fn()  # as wrap() does before capturing: input-independent caches are built
         # the probe sees host reads where there are some: torchaudio's own forward, our input checks
@@ -234,8 +299,19 @@ def fresh_dynamo():
     counters.clear()
 
 
-COMPILED = ["--reuse", "1(H4)x2", "2(H4)x1", *SMALL, "--lengths", "16", "24", "32", "--compile",
-            "--compile-backend", "eager"]
+COMPILED = [
+    "--reuse",
+    "1(H4)x2",
+    "2(H4)x1",
+    *SMALL,
+    "--lengths",
+    "16",
+    "24",
+    "32",
+    "--compile",
+    "--compile-backend",
+    "eager",
+]
 # 4 rows x 3 lengths; our 3 rows' lambdas share a code object: 9 entries on it, over dynamo's default limit of 8
 
 
@@ -278,7 +354,18 @@ def test_compile_with_frontend_compiles_whole_graphs(fresh_dynamo):
     """With the front end, our rows (through ``ConformerCTC.encode``, whose input checks read values)
     and the peer compile to one graph each: no graph break."""
     counters = fresh_dynamo
-    latency.main(["--reuse", "1(H4)x2", *SMALL, "--lengths", "16", "--include-frontend", "--compile",
-                  "--compile-backend", "eager"])
+    latency.main(
+        [
+            "--reuse",
+            "1(H4)x2",
+            *SMALL,
+            "--lengths",
+            "16",
+            "--include-frontend",
+            "--compile",
+            "--compile-backend",
+            "eager",
+        ]
+    )
     assert counters["frames"]["ok"] == counters["frames"]["total"] == counters["stats"]["unique_graphs"] == 3
     assert not counters["graph_break"]

@@ -1,6 +1,7 @@
 """The latency benchmark's engines, precisions and peers at tiny sizes: ONNX Runtime rows time the
 function the torch rows time, bf16 by cast weights or autocast, and the ESPnet peer is checked
 equal to our baseline before it is timed."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,30 @@ from analysis import latency
 from analysis.latency import bench as bench_module
 from analysis.latency import benchmark
 
-SMALL = ["--d-model", "32", "--num-layers", "2", "--ffn-dim", "64", "--kernel-size", "3", "--lengths", "16", "32",
-         "--runs", "2", "--warmup", "1", "--train-runs", "0", "--rounds", "1", "--quiet", "--threads", "1"]
+SMALL = [
+    "--d-model",
+    "32",
+    "--num-layers",
+    "2",
+    "--ffn-dim",
+    "64",
+    "--kernel-size",
+    "3",
+    "--lengths",
+    "16",
+    "32",
+    "--runs",
+    "2",
+    "--warmup",
+    "1",
+    "--train-runs",
+    "0",
+    "--rounds",
+    "1",
+    "--quiet",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +99,9 @@ def test_bf16_modes(mode, monkeypatch):
 
     handle = torch.nn.modules.module.register_module_forward_hook(linear_output)
     try:
-        out = latency.main(["--reuse", "1(H4)x2", "2(H4)x1", *SMALL, "--dtype", "bf16", "--precision-mode", mode,
-                            "--include-frontend"])
+        out = latency.main(
+            ["--reuse", "1(H4)x2", "2(H4)x1", *SMALL, "--dtype", "bf16", "--precision-mode", mode, "--include-frontend"]
+        )
     finally:
         handle.remove()
     assert out["dtype"] == "bf16" and out["precision_mode"] == mode
@@ -109,8 +133,13 @@ def test_espnet_peer_equals_ours_before_timing(monkeypatch):
     monkeypatch.setattr(benchmark, "check_peer", lambda *a, **k: order.append("check") or real_check(*a, **k))
     monkeypatch.setattr(bench_module, "measure", lambda *a, **k: order.append("measure") or real_measure(*a, **k))
     out = latency.main(["--reuse", "1(H4)x2", "2(H4)x1", *SMALL, "--include-frontend", "--peer", "espnet"])
-    assert [e["config"] for e in out["inference"]] == ["1(H4)x2", "1(H4)x2+materialised", "2(H4)x1", "torchaudio",
-                                                       "espnet"]
+    assert [e["config"] for e in out["inference"]] == [
+        "1(H4)x2",
+        "1(H4)x2+materialised",
+        "2(H4)x1",
+        "torchaudio",
+        "espnet",
+    ]
     assert order[0] == "check" and order.count("check") == 1
     assert out["peer_check"]["espnet"]["max_abs_diff"] <= latency.PEER_ATOL
     assert set(out["speedup_over_peer"]) == {"torchaudio", "espnet"}
@@ -139,18 +168,33 @@ def test_espnet_peer_that_differs_is_not_timed(monkeypatch):
 
 
 @pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed (pip install '.[onnx]')")
-@pytest.mark.parametrize("plan,computing,chunk", [
-    ("1(H4)x2", 2, lambda T: max(64, -(-T // 4))),  # fused path: CPU query chunks of T / 4
-    ("2(H4)x1", 1, lambda T: max(32, -(-T // 8))),  # a map read by a reuse layer: materialised, chunks of T / 8
-])
+@pytest.mark.parametrize(
+    "plan,computing,chunk",
+    [
+        ("1(H4)x2", 2, lambda T: max(64, -(-T // 4))),  # fused path: CPU query chunks of T / 4
+        ("2(H4)x1", 1, lambda T: max(32, -(-T // 8))),  # a map read by a reuse layer: materialised, chunks of T / 8
+    ],
+)
 def test_onnxruntime_rows_count_the_graphs_full_positional_scores(plan, computing, chunk):
     """An ONNX row's GFLOP is what the exported graph computes: all ``T x (2T - 1)`` positional
     scores per computing layer in one chunk, where eager PyTorch on CPU takes the query rows in
     chunks of ``c`` (``c (T + c - 1)`` scores each) from 256 frames, and the positions' projection
     at every call."""
     T, d = 512, 32
-    args = ["--d-model", str(d), "--num-layers", "2", "--ffn-dim", "64", "--kernel-size", "3", "--runs", "1",
-            "--threads", "1"]
+    args = [
+        "--d-model",
+        str(d),
+        "--num-layers",
+        "2",
+        "--ffn-dim",
+        "64",
+        "--kernel-size",
+        "3",
+        "--runs",
+        "1",
+        "--threads",
+        "1",
+    ]
     eager_bench = latency.Bench(latency.parse_config(args))
     onnx_bench = latency.Bench(latency.parse_config([*args, "--engine", "onnxruntime"]))
     model = onnx_bench.model(plan).eval()

@@ -15,6 +15,7 @@
 
 Imports inside functions count as imports; ``if TYPE_CHECKING:`` blocks do not (annotations only).
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the layers, lowest first; a module may import its own layer and those below
-LAYERS = {"common": 0, "data": 1, "models": 2, "training": 3, "analysis": 3, "train": 4, "evaluate": 4,
-          "transcribe": 4}
+LAYERS = {"common": 0, "data": 1, "models": 2, "training": 3, "analysis": 3, "train": 4, "evaluate": 4, "transcribe": 4}
 PACKAGES = ("common", "data", "models", "training", "analysis")
 COMMANDS = ("train", "evaluate", "transcribe")
 #: analysis modules training may import: metrics it logs during training
@@ -79,7 +79,7 @@ def imports(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
             targets += [f"{base}.{a.name}" for a in node.names] + [base]
     found = set()
@@ -112,8 +112,9 @@ def test_imports_follow_the_layers():
             if own == "training" and target in TRAINING_MAY_USE:
                 continue
             bad.append(f"{name} imports {target} ({own} may not import {other})")
-    assert not bad, "imports against the layers common -> data -> models -> {training, analysis, commands}:\n" \
-                    + "\n".join(bad)
+    assert not bad, (
+        "imports against the layers common -> data -> models -> {training, analysis, commands}:\n" + "\n".join(bad)
+    )
 
 
 def test_no_library_module_imports_a_command():
@@ -125,8 +126,9 @@ def test_no_library_module_imports_a_command():
             own_cli = is_package(name) and target == f"{name}.cli"
             if is_command(target) and not own_cli:
                 bad.append(f"{name} imports the command module {target}")
-    assert not bad, "library modules importing command modules (move what they share into a library module):\n" \
-                    + "\n".join(bad)
+    assert not bad, (
+        "library modules importing command modules (move what they share into a library module):\n" + "\n".join(bad)
+    )
 
 
 def test_modules_are_small():
@@ -150,19 +152,27 @@ def long_functions(path: Path) -> list[str]:
 
 def test_functions_are_short_or_say_why():
     bad = [f for path in MODULES.values() for f in long_functions(path)]
-    assert not bad, (f"functions over {MAX_FUNCTION_LINES} lines without '{LONG_MARKER} ...' in their docstring:\n"
-                     + "\n".join(bad))
+    assert not bad, (
+        f"functions over {MAX_FUNCTION_LINES} lines without '{LONG_MARKER} ...' in their docstring:\n" + "\n".join(bad)
+    )
 
 
 def test_the_checks_can_fail(tmp_path, monkeypatch):
     """Each rule flags a module written to break it."""
     long_body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES + 1))
     f = tmp_path / "long.py"
-    f.write_text(f"def f():\n    '''Short.'''\n{long_body}\n\ndef g():\n    '''{LONG_MARKER} it must.'''\n{long_body}\n")
+    f.write_text(
+        f"def f():\n    '''Short.'''\n{long_body}\n\ndef g():\n    '''{LONG_MARKER} it must.'''\n{long_body}\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert [s.split(" ")[1] for s in long_functions(f)] == ["f"]
-    fake = {"data.bad": tmp_path / "bad.py", "models.ctc": tmp_path / "ctc.py", "evaluate": tmp_path / "evaluate.py",
-            "data.uses_cli": tmp_path / "uses_cli.py", "common.cli": tmp_path / "cli.py"}
+    fake = {
+        "data.bad": tmp_path / "bad.py",
+        "models.ctc": tmp_path / "ctc.py",
+        "evaluate": tmp_path / "evaluate.py",
+        "data.uses_cli": tmp_path / "uses_cli.py",
+        "common.cli": tmp_path / "cli.py",
+    }
     (tmp_path / "bad.py").write_text("def f():\n    from models.ctc import ConformerCTC\n")
     (tmp_path / "uses_cli.py").write_text("import evaluate\nfrom common import cli\n")
     for p in ("ctc.py", "evaluate.py", "cli.py"):
@@ -184,7 +194,7 @@ def test_readme_layout_names_every_module():
     import re
 
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("## Layout"):text.index("## Documentation")]
+    table = text[text.index("## Layout") : text.index("## Documentation")]
     bad = []
     for package in (*PACKAGES, "analysis/latency"):
         row = next((line for line in table.splitlines() if line.startswith(f"| `{package}/` |")), None)

@@ -2,6 +2,7 @@
 acoustically tied words the way it prefers and is the lexicon beam at weight 0; our ARPA writer
 (interpolated Kneser-Ney) against an independent recomputation; the openslr downloader's checksum
 and resume logic against a local server; evaluate.py's ``lm`` decoder, its sweep and bad inputs."""
+
 from __future__ import annotations
 
 import gzip
@@ -15,8 +16,8 @@ import torch
 
 from data import lm as data_lm
 from data import sentences
-from data.librispeech import sha256sum
 from data.lexicon import write_lexicon
+from data.librispeech import sha256sum
 from data.tokenizer import Tokenizer
 from models.decoding import BeamSearch, check_lm, load_kenlm, parse_weight
 from tests.range_server import RangeServer
@@ -30,8 +31,12 @@ def tok(tmp_path_factory) -> Tokenizer:
 def _tied_words(tok):
     """Two vocabulary words spelled with as many pieces, differing in every piece."""
     spell = {w.upper(): tok.encode(w.upper()) for w in sentences.VOCABULARY}
-    return next((a, b) for a in spell for b in spell
-                if a < b and len(spell[a]) == len(spell[b]) >= 2 and all(x != y for x, y in zip(spell[a], spell[b])))
+    return next(
+        (a, b)
+        for a in spell
+        for b in spell
+        if a < b and len(spell[a]) == len(spell[b]) >= 2 and all(x != y for x, y in zip(spell[a], spell[b]))
+    )
 
 
 def _emissions(tok, words, favour: dict[str, str] | None = None, p: float = 0.52):
@@ -55,12 +60,15 @@ def _emissions(tok, words, favour: dict[str, str] | None = None, p: float = 0.52
 def _unigram_arpa(path: Path, logprobs: dict[str, float]) -> Path:
     """An ARPA LM of these word unigrams (and one bigram: KenLM reads bigram models and up)."""
     lines = [f"{lp}\t{w}" for w, lp in {"<unk>": -3.0, "</s>": -0.5, **logprobs}.items()]
-    path.write_text("\\data\\\nngram 1=%d\nngram 2=1\n\n\\1-grams:\n-99\t<s>\t0\n%s\n\n\\2-grams:\n-0.1\t<s> </s>\n\n"
-                    "\\end\\\n" % (len(lines) + 1, "\n".join(lines)))
+    path.write_text(
+        "\\data\\\nngram 1={}\nngram 2=1\n\n\\1-grams:\n-99\t<s>\t0\n{}\n\n\\2-grams:\n-0.1\t<s> </s>\n\n"
+        "\\end\\\n".format(len(lines) + 1, "\n".join(lines))
+    )
     return path
 
 
 # --- LM beam search ---------------------------------------------------------------------------
+
 
 def test_lm_moves_a_tied_decision_its_way_and_weight_zero_is_the_lexicon_beam(tok, tmp_path):
     w1, w2 = _tied_words(tok)
@@ -103,18 +111,26 @@ def test_weight_zero_equals_lexicon_beam_on_noisy_sentences(tok, tmp_path):
     assert hyps["lm0"] == hyps["plain"]  # weight 0: the lexicon beam's hypotheses, every one
     assert hyps["lm1"] != hyps["plain"]
     assert jiwer.wer(refs, hyps["lm1"]) < jiwer.wer(refs, hyps["plain"])  # the grammar's LM helps
-    assert lm1.settings() == {"beam_size": 8, "lexicon": str(lexicon), "lm": str(arpa), "lm_format": "arpa",
-                              "lm_order": 3, "lm_weight": 1.0, "word_score": 0.5}
+    assert lm1.settings() == {
+        "beam_size": 8,
+        "lexicon": str(lexicon),
+        "lm": str(arpa),
+        "lm_format": "arpa",
+        "lm_order": 3,
+        "lm_weight": 1.0,
+        "word_score": 0.5,
+    }
 
 
 # --- our ARPA writer ----------------------------------------------------------------------------
+
 
 def _read_arpa(path: Path) -> tuple[dict, dict]:
     """(log10 prob, log10 back-off) per n-gram tuple, parsed here independently of data.lm."""
     prob, bow, order = {}, {}, 0
     for line in path.read_text().splitlines():
         if line.startswith("\\") and line.endswith("-grams:"):
-            order = int(line[1:line.index("-")])
+            order = int(line[1 : line.index("-")])
         elif order and line.strip() and not line.startswith("\\"):
             f = line.split("\t")
             g = tuple(f[1].split())
@@ -138,7 +154,7 @@ def _arpa_p(prob, bow, w, h):
 def _kn_reference(corpus: list[str], order: int):
     """Interpolated Kneser-Ney straight from its definition, by brute-force counting."""
     padded = [["<s>", *s.split(), "</s>"] for s in corpus]
-    grams = Counter(tuple(t[i:i + n]) for t in padded for n in range(1, order + 1) for i in range(len(t) - n + 1))
+    grams = Counter(tuple(t[i : i + n]) for t in padded for n in range(1, order + 1) for i in range(len(t) - n + 1))
     vocab = sorted({w for t in padded for w in t} - {"<s>"} | {"<unk>"})
 
     def a(g):
@@ -154,7 +170,7 @@ def _kn_reference(corpus: list[str], order: int):
     D = [None] + [discount(n) for n in range(1, order + 1)]
 
     def p(w, h):
-        h = tuple(h)[-(order - 1):] if order > 1 else ()
+        h = tuple(h)[-(order - 1) :] if order > 1 else ()
         n = len(h) + 1
         counts = {x: a(h + (x,)) for x in vocab}
         total = sum(counts.values())
@@ -218,6 +234,7 @@ def test_arpa_of_training_transcripts_cli(prepared, tmp_path):
 
 # --- the openslr downloader -------------------------------------------------------------------------
 
+
 def test_download_lm_checksums_resume_gunzip_and_bpe_lexicon(tmp_path, tok, monkeypatch):
     srv = tmp_path / "srv"
     srv.mkdir()
@@ -237,7 +254,9 @@ def test_download_lm_checksums_resume_gunzip_and_bpe_lexicon(tmp_path, tok, monk
         assert out["3-gram.pruned.3e-7.arpa.gz"] == dest / "3-gram.pruned.3e-7.arpa"
         assert (dest / "3-gram.pruned.3e-7.arpa").read_bytes() == arpa_text  # gunzipped for flashlight
         # no published sum: recorded on first download, checked afterwards
-        assert (dest / "3-gram.pruned.3e-7.arpa.gz.sha256").read_text().split()[0] == sha256sum(srv / "3-gram.pruned.3e-7.arpa.gz")
+        assert (dest / "3-gram.pruned.3e-7.arpa.gz.sha256").read_text().split()[0] == sha256sum(
+            srv / "3-gram.pruned.3e-7.arpa.gz"
+        )
         lex = (dest / data_lm.BPE_LEXICON).read_text().splitlines()
         assert [l.split()[0] for l in lex] == ["MAN", "OLD", "THE"]
         assert all(tok.decode(tok.encode(l.split()[0])) == l.split()[0] for l in lex)
@@ -262,6 +281,7 @@ def test_download_lm_checksums_resume_gunzip_and_bpe_lexicon(tmp_path, tok, monk
 
 # --- bad inputs ------------------------------------------------------------------------------------
 
+
 def test_bad_lm_files_and_weights_get_one_clear_message(tok, tmp_path):
     lexicon = tmp_path / "lex.txt"
     write_lexicon(["THE", "OLD", "MAN"], tok, lexicon)
@@ -273,7 +293,10 @@ def test_bad_lm_files_and_weights_get_one_clear_message(tok, tmp_path):
         "short.arpa": (good.read_bytes().replace(b"ngram 1=6", b"ngram 1=9"), "declares 9 unigrams, the file holds 6"),
         "bad-line.arpa": (good.read_bytes().replace(b"-1\tOLD", b"x\tOLD"), "bad-line.arpa:10: malformed unigram line"),
         "lower.arpa": (good.read_bytes().lower(), "differ in case"),
-        "other-words.arpa": (_unigram_arpa(tmp_path / "x", {"CAT": -1, "SAT": -1}).read_bytes(), "lacks 3 of the 3 words"),
+        "other-words.arpa": (
+            _unigram_arpa(tmp_path / "x", {"CAT": -1, "SAT": -1}).read_bytes(),
+            "lacks 3 of the 3 words",
+        ),
         "binary.bin": (b"\x93\xff\x00garbage" * 10, "not UTF-8"),
     }
     for name, (content, message) in cases.items():
@@ -302,6 +325,7 @@ def test_bad_lm_files_and_weights_get_one_clear_message(tok, tmp_path):
 
 # --- evaluate.py --lm ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lm_setup(prepared, tmp_path_factory):
     from test_train import _fit
@@ -316,13 +340,35 @@ def test_evaluate_lm_decoder_and_weight_zero(lm_setup, tmp_path):
     import evaluate
 
     ckpt, arpa = lm_setup
-    evaluate.main(["--ckpt", str(ckpt), "--sets", "mini-test", "--lm", str(arpa), "--lm-weight", "0",
-                   "--beam-size", "4", "--out", str(tmp_path / "e"), "--device", "cpu"])
+    evaluate.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--sets",
+            "mini-test",
+            "--lm",
+            str(arpa),
+            "--lm-weight",
+            "0",
+            "--beam-size",
+            "4",
+            "--out",
+            str(tmp_path / "e"),
+            "--device",
+            "cpu",
+        ]
+    )
     res = json.loads((tmp_path / "e" / "results.json").read_text())["sets"]["mini-test"]
     assert {"greedy", "beam", "lm"} <= set(res)
     lm = res["lm"]
-    assert (lm["lm"], lm["lm_weight"], lm["word_score"], lm["beam_size"], lm["lm_format"], lm["lm_order"]) == \
-        (str(arpa), 0.0, 0.0, 4, "arpa", 3)
+    assert (lm["lm"], lm["lm_weight"], lm["word_score"], lm["beam_size"], lm["lm_format"], lm["lm_order"]) == (
+        str(arpa),
+        0.0,
+        0.0,
+        4,
+        "arpa",
+        3,
+    )
     assert lm["lexicon"] == res["decoder"]["lexicon"] == str(tmp_path / "e" / "lexicon.txt")  # --lexicon train
     assert res["decoder"]["lm"]["lm_weight"] == 0.0
     rows = [l.split("\t") for l in (tmp_path / "e" / "mini-test.hyp.tsv").read_text().splitlines()]
@@ -335,9 +381,30 @@ def test_evaluate_lm_sweep_tunes_on_the_first_set(lm_setup, tmp_path, capsys):
     import evaluate
 
     ckpt, arpa = lm_setup
-    evaluate.main(["--ckpt", str(ckpt), "--sets", "mini-dev", "mini-test", "--lm", str(arpa), "--lm-weight", "0", "2",
-                   "--word-score", "0", "1", "--beam-size", "4", "--no-beam", "--out", str(tmp_path / "e"),
-                   "--device", "cpu"])
+    evaluate.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--sets",
+            "mini-dev",
+            "mini-test",
+            "--lm",
+            str(arpa),
+            "--lm-weight",
+            "0",
+            "2",
+            "--word-score",
+            "0",
+            "1",
+            "--beam-size",
+            "4",
+            "--no-beam",
+            "--out",
+            str(tmp_path / "e"),
+            "--device",
+            "cpu",
+        ]
+    )
     sets = json.loads((tmp_path / "e" / "results.json").read_text())["sets"]
     sweep = sets["mini-dev"]["lm_sweep"]
     assert [(r["lm_weight"], r["word_score"]) for r in sweep] == [(0, 0), (0, 1), (2, 0), (2, 1)]
@@ -345,7 +412,10 @@ def test_evaluate_lm_sweep_tunes_on_the_first_set(lm_setup, tmp_path, capsys):
     assert sets["mini-dev"]["lm"]["wer"] == best["wer"] and sets["mini-dev"]["lm"]["tuned_on"] == "mini-dev"
     test = sets["mini-test"]["lm"]
     assert "lm_sweep" not in sets["mini-test"] and test["tuned_on"] == "mini-dev"
-    assert (test["lm_weight"], test["word_score"]) == (sets["mini-dev"]["lm"]["lm_weight"], sets["mini-dev"]["lm"]["word_score"])
+    assert (test["lm_weight"], test["word_score"]) == (
+        sets["mini-dev"]["lm"]["lm_weight"],
+        sets["mini-dev"]["lm"]["word_score"],
+    )
     assert "beam" not in sets["mini-test"]
     assert "<- chosen" in capsys.readouterr().out
 
@@ -355,10 +425,12 @@ def test_evaluate_bad_lm_arguments_exit_with_one_line(lm_setup, tmp_path):
 
     ckpt, arpa = lm_setup
     common = ["--ckpt", str(ckpt), "--sets", "mini-test", "--out", str(tmp_path / "e"), "--device", "cpu"]
-    for extra, message in ((["--lm", str(tmp_path / "none.arpa")], "error: LM .*none.arpa does not exist"),
-                           (["--lm", str(arpa), "--lm-weight", "heavy"], "error: --lm-weight 'heavy' is not a number"),
-                           (["--lm", str(arpa), "--word-score", "1", "x"], "error: --word-score 'x' is not a number"),
-                           (["--lm-weight", "1"], "error: --lm-weight and --word-score need --lm")):
+    for extra, message in (
+        (["--lm", str(tmp_path / "none.arpa")], "error: LM .*none.arpa does not exist"),
+        (["--lm", str(arpa), "--lm-weight", "heavy"], "error: --lm-weight 'heavy' is not a number"),
+        (["--lm", str(arpa), "--word-score", "1", "x"], "error: --word-score 'x' is not a number"),
+        (["--lm-weight", "1"], "error: --lm-weight and --word-score need --lm"),
+    ):
         with pytest.raises(SystemExit, match=message) as e:
             evaluate.main(common + extra)
         assert "\n" not in str(e.value.code)

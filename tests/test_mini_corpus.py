@@ -1,4 +1,5 @@
 """The embedded mini corpus: LibriSpeech layout, MFA-style TextGrids, determinism, held-out text."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """ConformerCTC over a matrix of small models and reuse plans (forward and backward)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,13 @@ import pytest
 import torch
 
 from models import ConformerCTC
-from models.attention import (MultiHeadSelfAttention, RelPositionalEncoding, clear_position_caches, rel_shift,
-                              weak_attention_suppression)
+from models.attention import (
+    MultiHeadSelfAttention,
+    RelPositionalEncoding,
+    clear_position_caches,
+    rel_shift,
+    weak_attention_suppression,
+)
 from models.summary import PAPER_MILLIONS, count
 
 CONFIGS = ["1(H4)x4", "2(H4)x2", "4(H2)", "2(H8)+2(H4)", "1(H2)+3(H4)", "1(H4)+2(H4)+1(H2)"]
@@ -18,8 +24,9 @@ DIMS = [32, 64]
 def make(reuse="2(H4)x2", d=32, **kw):
     torch.manual_seed(0)
     kw.setdefault("num_layers", 4)
-    return ConformerCTC(11, input_dim=20, d_model=d, ffn_dim=2 * d, kernel_size=5, reuse=reuse,
-                        subsampling_channels=8, **kw)
+    return ConformerCTC(
+        11, input_dim=20, d_model=d, ffn_dim=2 * d, kernel_size=5, reuse=reuse, subsampling_channels=8, **kw
+    )
 
 
 def batch(lengths=(60, 45, 33), dim=20, seed=1):
@@ -39,8 +46,9 @@ def test_forward_backward_and_ownership(reuse, d):
     assert log_probs.shape == (3, out_lens.max(), 11) and log_probs.dtype == torch.float32
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(()), atol=1e-5)
     assert out_lens.tolist() == [((n - 1) // 2 - 1) // 2 for n in lens.tolist()]
-    loss = torch.nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.randint(1, 11, (3, 4)), out_lens,
-                                        torch.tensor([4, 3, 2]))
+    loss = torch.nn.functional.ctc_loss(
+        log_probs.transpose(0, 1), torch.randint(1, 11, (3, 4)), out_lens, torch.tensor([4, 3, 2])
+    )
     loss.backward()
     for plan, layer in zip(model.plans, model.encoder.layers):
         attn = layer.self_attn
@@ -136,7 +144,7 @@ def test_padding_invariance(reuse):
     x, lens = batch((60, 45, 33))
     padded, plens = model(x, lens)
     for b in range(3):
-        alone, alens = model(x[b: b + 1, : lens[b]], lens[b: b + 1])
+        alone, alens = model(x[b : b + 1, : lens[b]], lens[b : b + 1])
         n = alens.item()
         assert plens[b] == n
         assert torch.allclose(padded[b, :n], alone[0], atol=1e-5)
@@ -158,7 +166,9 @@ def test_head_mask_changes_output_and_full_mask_removes_attention():
         with torch.no_grad():
             model.encoder.layers[layer].self_attn.linear_out.bias.zero_()
         masked, _ = model(x, lens, head_mask={layer: [0, 1, 2, 3]})
-        handle = model.encoder.layers[layer].self_attn.register_forward_hook(lambda m, i, o: (torch.zeros_like(o[0]), o[1]))
+        handle = model.encoder.layers[layer].self_attn.register_forward_hook(
+            lambda m, i, o: (torch.zeros_like(o[0]), o[1])
+        )
         removed, _ = model(x, lens)
         handle.remove()
         assert torch.allclose(masked, removed, atol=1e-6)
@@ -292,7 +302,6 @@ def test_position_projection_cached_in_inference_only():
     assert computing.linear_pos.weight.grad.abs().sum() > 0
 
 
-
 def _tiny_encoder_inputs():
     """A 2-layer d=32 model in eval mode (one computing, one reuse layer) and encoder inputs."""
     model = make("2(H4)", num_layers=2).eval()
@@ -388,7 +397,7 @@ def test_position_cache_keyed_on_autocast(autocast_first):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_bf16 = _uncached(model, feats, mask)
     computing, outs = model.encoder.layers[0].self_attn, {}
-    for autocast in ([True, False] if autocast_first else [False, True]):
+    for autocast in [True, False] if autocast_first else [False, True]:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outs[autocast] = model.encoder(feats, mask)[0]
         assert computing._position_cache[2].dtype == (torch.bfloat16 if autocast else torch.float32)
@@ -413,9 +422,12 @@ def test_score_inputs_in_query_dtype():
         got = attn._score_inputs(x, pos_emb)
         assert [t.dtype for t in got] == [torch.float32] * 4
         q = attn._heads(attn.linear_q(x), attn.d_k)
-        expected = (q + attn.pos_bias_u[None, :, None, :],
-                    (q + attn.pos_bias_v[None, :, None, :]) / math.sqrt(attn.d_k),
-                    attn._heads(attn.linear_k(x), attn.d_k), attn._heads(attn.linear_pos(pos_emb), attn.d_k))
+        expected = (
+            q + attn.pos_bias_u[None, :, None, :],
+            (q + attn.pos_bias_v[None, :, None, :]) / math.sqrt(attn.d_k),
+            attn._heads(attn.linear_k(x), attn.d_k),
+            attn._heads(attn.linear_pos(pos_emb), attn.d_k),
+        )
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
 
@@ -438,7 +450,9 @@ def test_weak_attention_suppression():
     model = make("2(H4)x2", was_gamma=0.5).eval()
     x, lens = batch()
     enc = model.encode(x, lens, return_attentions=True)
-    assert (enc.attentions[0] == 0).sum() > (make("2(H4)x2").eval().encode(x, lens, return_attentions=True).attentions[0] == 0).sum()
+    assert (enc.attentions[0] == 0).sum() > (
+        make("2(H4)x2").eval().encode(x, lens, return_attentions=True).attentions[0] == 0
+    ).sum()
 
 
 def test_uniform_map_when_scores_vanish():
@@ -483,8 +497,16 @@ def test_one_model_configuration():
     for f in dataclasses.fields(ModelConfig):
         assert params[f.name].default == f.default and params[f.name].kind is inspect.Parameter.KEYWORD_ONLY
     assert [p for p in params if p in MODEL_KEYS] == list(MODEL_KEYS)
-    cfg = ModelConfig(reuse="1(H2)+1(H2)", d_model=16, num_layers=2, ffn_dim=32, kernel_size=3, input_dim=20,
-                      subsampling_channels=4, was_gamma=0.5)
+    cfg = ModelConfig(
+        reuse="1(H2)+1(H2)",
+        d_model=16,
+        num_layers=2,
+        ffn_dim=32,
+        kernel_size=3,
+        input_dim=20,
+        subsampling_channels=4,
+        was_gamma=0.5,
+    )
     a, b = ConformerCTC(9, cfg), ConformerCTC(9, **cfg.options())
     assert a.model_config == b.model_config == cfg.replace(reuse="1(H2)x2") and a.reuse == "1(H2)x2"
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}

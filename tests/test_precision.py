@@ -2,6 +2,7 @@
 device and CPU flag set, the instruction-set caps, train.py's record of the choice), and inference in
 reduced precision: bf16 evaluation end to end, both bf16 modes close to fp32, fp16 refused where the
 CPU cannot run it."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,15 @@ import pytest
 import torch
 
 import evaluate
-from models import ConformerCTC
-from models import precision
-from models.precision import (InferencePrecision, cpu_flags, inference_precision, precision_problem,
-                              precision_warning, resolve_training_precision)
+from models import ConformerCTC, precision
+from models.precision import (
+    InferencePrecision,
+    cpu_flags,
+    inference_precision,
+    precision_problem,
+    precision_warning,
+    resolve_training_precision,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX2 = {"fpu", "sse2", "avx", "avx2", "fma", "f16c"}  # an ordinary AVX2 x86 CPU (AMD EPYC Zen 2 / 3)
@@ -34,9 +40,18 @@ def no_isa_cap(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.mark.parametrize("flags, expected", [(ZEN4, "bf16-mixed"), (SPR, "bf16-mixed"), (AVX2, "32-true"),
-                                             (ARM_BF16, "bf16-mixed"), (ARM_OLD, "32-true"), (set(), "32-true")],
-                         ids=["zen4", "amx", "avx2", "arm-bf16", "arm-old", "unknown"])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (ZEN4, "bf16-mixed"),
+        (SPR, "bf16-mixed"),
+        (AVX2, "32-true"),
+        (ARM_BF16, "bf16-mixed"),
+        (ARM_OLD, "32-true"),
+        (set(), "32-true"),
+    ],
+    ids=["zen4", "amx", "avx2", "arm-bf16", "arm-old", "unknown"],
+)
 def test_auto_on_each_cpu(flags, expected, no_isa_cap):
     choice = resolve_training_precision("auto", "cpu", flags=flags)
     assert (choice.precision, choice.requested, choice.warning) == (expected, "auto", None)
@@ -64,10 +79,20 @@ def test_accelerator_auto_follows_lightning(monkeypatch, no_isa_cap):
     assert resolve_training_precision("auto", "auto", flags=ZEN4).precision == "32-true"
 
 
-@pytest.mark.parametrize("requested, flags, warned", [
-    ("bf16-mixed", AVX2, True), ("bf16-true", ARM_OLD, True), ("bf16-mixed", ZEN4, False),
-    ("16-mixed", ZEN4, True), ("16-mixed", SPR, False), ("16-true", ARM_BF16, False),
-    ("32-true", AVX2, False), ("64-true", AVX2, False), (32, AVX2, False)])
+@pytest.mark.parametrize(
+    "requested, flags, warned",
+    [
+        ("bf16-mixed", AVX2, True),
+        ("bf16-true", ARM_OLD, True),
+        ("bf16-mixed", ZEN4, False),
+        ("16-mixed", ZEN4, True),
+        ("16-mixed", SPR, False),
+        ("16-true", ARM_BF16, False),
+        ("32-true", AVX2, False),
+        ("64-true", AVX2, False),
+        (32, AVX2, False),
+    ],
+)
 def test_explicit_precision_kept_and_warned_where_emulated(requested, flags, warned, no_isa_cap):
     choice = resolve_training_precision(requested, "cpu", flags=flags)
     assert choice.precision == str(requested) and choice.requested == str(requested)
@@ -81,11 +106,19 @@ def test_explicit_bf16_on_a_gpu_without_it_is_warned(no_isa_cap):
     assert resolve_training_precision("16-mixed", "gpu", cuda_bf16=False).warning is None
 
 
-@pytest.mark.parametrize("env, native", [
-    ({"ATEN_CPU_CAPABILITY": "avx2"}, False), ({"ATEN_CPU_CAPABILITY": "default"}, False),
-    ({"ATEN_CPU_CAPABILITY": "avx512"}, True), ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
-    ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, False), ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),
-    ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True), (SIMULATED_AVX2, False)])
+@pytest.mark.parametrize(
+    "env, native",
+    [
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, False),
+        ({"ATEN_CPU_CAPABILITY": "default"}, False),
+        ({"ATEN_CPU_CAPABILITY": "avx512"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, False),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+        (SIMULATED_AVX2, False),
+    ],
+)
 def test_instruction_set_caps_make_a_bf16_cpu_an_avx2_one(env, native, monkeypatch, no_isa_cap):
     """PyTorch's and oneDNN's caps keep the kernels from the bf16 instructions (measured: bf16 then
     runs emulated, slower than fp32, and rounds as on an AVX2 CPU), so the resolver treats the CPU as
@@ -122,16 +155,55 @@ def test_inference_precision_problems_and_warnings(no_isa_cap):
     assert "unknown precision" in precision_problem("int8", "cpu")
 
 
-TINY_CLI = ["--model.d_model", "32", "--model.ffn_dim", "64", "--model.kernel_size", "5", "--model.num_layers", "2",
-            "--model.reuse", "1(H2)x2", "--model.subsampling_channels", "8", "--data.max_frames", "2500",
-            "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+TINY_CLI = [
+    "--model.d_model",
+    "32",
+    "--model.ffn_dim",
+    "64",
+    "--model.kernel_size",
+    "5",
+    "--model.num_layers",
+    "2",
+    "--model.reuse",
+    "1(H2)x2",
+    "--model.subsampling_channels",
+    "8",
+    "--data.max_frames",
+    "2500",
+    "--data.num_workers",
+    "0",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def _fit_cli(prepared, root, extra=(), env=None):
-    r = subprocess.run([sys.executable, "train.py", "fit", "--config", "recipes/mini/base.yaml", *TINY_CLI,
-                        "--data.data_dir", str(prepared), "--trainer.default_root_dir", str(root), *extra],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "fit",
+            "--config",
+            "recipes/mini/base.yaml",
+            *TINY_CLI,
+            "--data.data_dir",
+            str(prepared),
+            "--trainer.default_root_dir",
+            str(root),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r, torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
@@ -142,8 +214,13 @@ def test_train_resolves_auto_says_why_and_records_it(prepared, tmp_path):
     r, ckpt = _fit_cli(prepared, tmp_path)
     expected = resolve_training_precision("auto", "cpu")  # this process has the subprocess's environment
     assert expected.describe() in r.stderr and "warning: trainer.precision" not in r.stderr
-    assert ckpt["precision"] == {"precision": expected.precision, "requested": "auto", "device": "the CPU",
-                                 "reason": expected.reason, "warning": None}
+    assert ckpt["precision"] == {
+        "precision": expected.precision,
+        "requested": "auto",
+        "device": "the CPU",
+        "reason": expected.reason,
+        "warning": None,
+    }
     hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert f"precision/precision: {expected.precision}" in hparams and "precision/reason:" in hparams
     assert "training: 2 steps planned (1 epochs of 2 batches)" in r.stdout
@@ -175,8 +252,9 @@ def test_bf16_evaluation_end_to_end(prepared, checkpoint, tmp_path):
     """``evaluate.py --dtype bf16`` decodes and scores a set; its default output folder is its own
     (``last-bf16``), so bf16 results never merge into fp32's; the greedy outputs are fp32's almost
     everywhere."""
-    evaluate.main(["--ckpt", str(checkpoint), "--sets", "mini-test", "--out", str(tmp_path / "fp32"),
-                   "--beam-size", "4"])
+    evaluate.main(
+        ["--ckpt", str(checkpoint), "--sets", "mini-test", "--out", str(tmp_path / "fp32"), "--beam-size", "4"]
+    )
     evaluate.main(["--ckpt", str(checkpoint), "--sets", "mini-test", "--dtype", "bf16", "--beam-size", "4"])
     bf16_dir = checkpoint.parent.parent / "eval" / "last-bf16"
     bf16 = json.loads((bf16_dir / "results.json").read_text())
@@ -211,8 +289,9 @@ def test_bf16_log_probs_close_to_fp32(checkpoint, prepared):
 
 
 def test_fp32_is_the_model_itself_and_modes_are_checked():
-    model = ConformerCTC(9, d_model=16, num_layers=2, ffn_dim=32, kernel_size=3, reuse="1(H2)x2",
-                         subsampling_channels=4)
+    model = ConformerCTC(
+        9, d_model=16, num_layers=2, ffn_dim=32, kernel_size=3, reuse="1(H2)x2", subsampling_channels=4
+    )
     assert inference_precision(model, "fp32", "cpu") is model
     wrapped = inference_precision(model, "bf16", "cpu")
     assert isinstance(wrapped, InferencePrecision) and next(model.parameters()).dtype == torch.bfloat16
@@ -225,8 +304,20 @@ def test_fp16_on_cpu_refused_clearly(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: ZEN4)
     assert "fp16 on the CPU" in precision_problem("fp16", "cpu")
     with pytest.raises(SystemExit, match="fp16 on the CPU.*no fp16 matrix instructions"):
-        evaluate.main(["--ckpt", str(checkpoint), "--sets", "mini-test", "--dtype", "fp16", "--device", "cpu",
-                       "--out", str(tmp_path / "e")])
+        evaluate.main(
+            [
+                "--ckpt",
+                str(checkpoint),
+                "--sets",
+                "mini-test",
+                "--dtype",
+                "fp16",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
     assert not (tmp_path / "e").exists()  # refused before any work
 
 

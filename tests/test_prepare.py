@@ -1,4 +1,5 @@
 """LibriSpeech scanning and preparation: manifests, BPE, CMVN, alignments, and every bad input."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,14 @@ def test_manifest_round_trip(mini_corpus, prepared):
             assert e["speaker"] == e["id"].split("-")[0] and e["chapter"] == e["id"].split("-")[1]
             assert e["num_frames"] == 1 + (info.frames - 400) // 160
             assert e["alignment"].endswith(f"{e['id']}.TextGrid")
-            trans = mini_corpus / "LibriSpeech" / subset / e["speaker"] / e["chapter"] / f"{e['speaker']}-{e['chapter']}.trans.txt"
+            trans = (
+                mini_corpus
+                / "LibriSpeech"
+                / subset
+                / e["speaker"]
+                / e["chapter"]
+                / f"{e['speaker']}-{e['chapter']}.trans.txt"
+            )
             assert f"{e['id']} {e['text']}" in trans.read_text().splitlines()
     report = json.loads((prepared / "report.json").read_text())
     assert report["skipped"] == 0 and report["train_subsets"] == ["mini-train"]
@@ -49,7 +57,9 @@ def test_cmvn_normalises_training_features(prepared):
     from data.features import GlobalCMVN, fbank, load_audio
 
     cmvn = GlobalCMVN.load(prepared / "cmvn.json")
-    feats = torch.cat([fbank(load_audio(e["audio"])) for e in read_manifest(prepared / "manifests" / "mini-train.jsonl")])
+    feats = torch.cat(
+        [fbank(load_audio(e["audio"])) for e in read_manifest(prepared / "manifests" / "mini-train.jsonl")]
+    )
     normed = cmvn(feats)
     assert normed.mean(0).abs().max() < 1e-3
     assert (normed.std(0) - 1).abs().max() < 1e-2
@@ -76,15 +86,22 @@ def test_bad_inputs_reported_skipped_and_counted(mini_corpus, tmp_path):
     trans.write_text("\n".join(lines) + "\n")
     # 5: TextGrid shorter than the audio; 6: a phone label outside ARPAbet
     spk = ids[3].split("-")[0]
-    write_textgrid(root / "alignments" / "mini-train" / spk / f"{ids[3]}.TextGrid", [(0.1, 0.2, "A")], [(0.1, 0.2, "AH0")], 0.3)
-    write_textgrid(root / "alignments" / "mini-train" / spk / f"{ids[4]}.TextGrid", [(0.1, 0.2, "A")], [(0.1, 0.2, "XY1")], 60.0)
+    write_textgrid(
+        root / "alignments" / "mini-train" / spk / f"{ids[3]}.TextGrid", [(0.1, 0.2, "A")], [(0.1, 0.2, "AH0")], 0.3
+    )
+    write_textgrid(
+        root / "alignments" / "mini-train" / spk / f"{ids[4]}.TextGrid", [(0.1, 0.2, "A")], [(0.1, 0.2, "XY1")], 60.0
+    )
 
     report = prepare(root, tmp_path / "out", alignments=root / "alignments", vocab_size=64, progress=False)
     problems = report["problems"]
     assert report["skipped"] == 6, problems
     expect = [
-        (f"{ids[0]}.flac", "cannot read audio"), ("", f"no audio file {ids[1]}.flac"), (f"{trans}:3", f"empty transcript for {ids[2]}"),
-        (f"{spare}.flac", "audio with no transcript line"), (f"{ids[3]}.TextGrid", "TextGrid covers 0.300 s but the audio lasts"),
+        (f"{ids[0]}.flac", "cannot read audio"),
+        ("", f"no audio file {ids[1]}.flac"),
+        (f"{trans}:3", f"empty transcript for {ids[2]}"),
+        (f"{spare}.flac", "audio with no transcript line"),
+        (f"{ids[3]}.TextGrid", "TextGrid covers 0.300 s but the audio lasts"),
         (f"{ids[4]}.TextGrid:", "'XY1' is not ARPAbet"),
     ]
     for where, what in expect:
@@ -142,6 +159,7 @@ def test_no_training_subset(mini_corpus, tmp_path):
 
 # --- download helper, against local URLs only ------------------------------------------------
 
+
 def _tarball(tmp_path, subset="dev-clean"):
     import tarfile
 
@@ -159,7 +177,9 @@ def _tarball(tmp_path, subset="dev-clean"):
 def test_download_file_url_checksum_and_extract(tmp_path):
     archive = _tarball(tmp_path)
     digest = librispeech.sha256sum(archive)
-    out = librispeech.download("dev-clean", tmp_path / "dl", base_url=archive.parent.as_uri(), sha256=digest, progress=False)
+    out = librispeech.download(
+        "dev-clean", tmp_path / "dl", base_url=archive.parent.as_uri(), sha256=digest, progress=False
+    )
     assert (out / "1" / "2" / "1-2-0000.flac").is_file()
     assert librispeech.list_subsets(tmp_path / "dl") == ["dev-clean"]
     with pytest.raises(ValueError, match="checksum mismatch"):
@@ -178,8 +198,9 @@ def test_download_resumes_with_range(tmp_path):
     dest.parent.mkdir()
     dest.with_name("dev-clean.tar.gz.part").write_bytes(data[:100])
     with RangeServer(archive.parent) as server:
-        librispeech.download_file(f"{server.url}/{archive.name}", dest, sha256=librispeech.sha256sum(archive),
-                                  progress=False)
+        librispeech.download_file(
+            f"{server.url}/{archive.name}", dest, sha256=librispeech.sha256sum(archive), progress=False
+        )
     seen = [rng for _, rng in server.seen]
     assert seen == ["bytes=100-"]
     assert dest.read_bytes() == data

@@ -1,6 +1,7 @@
 """No silent wrong numbers, no run lost to one bad utterance (issue 13): text normalisation,
 too-short utterances, tokenizer replacement, cut schedules, results that are kept, audio checked
 at preparation, early argument checks, one-line errors, and the small things."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_train import TINY, _fit
 
 import evaluate
-from training.callbacks import default_callbacks
-from training.cli import AtomicCheckpointIO, tokenizer_of
-from training.module import CTCModule
 from data.manifest import read_manifest, write_manifest
 from data.prepare import prepare
 from data.text import normalise, unsupported
 from data.tokenizer import Tokenizer
-from test_train import TINY, StopAt, _fit
+from training.callbacks import default_callbacks
+from training.cli import AtomicCheckpointIO, tokenizer_of
+from training.module import CTCModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +47,19 @@ def _trans_files(root: Path, subset: str) -> list[Path]:
 
 
 # --- 1. text normalisation -----------------------------------------------------------------------
-@pytest.mark.parametrize("raw, expected", [
-    ("Hello, world!", "HELLO WORLD"), ("don't  STOP", "DON'T STOP"), ("'quoted' words", "QUOTED WORDS"),
-    ("café au lait", "CAFE AU LAIT"), ("twenty-one", "TWENTY ONE"), ("it\u2019s", "IT'S"), ("  A \t b ", "A B"),
-    ("ROOM 7", "ROOM 7"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Hello, world!", "HELLO WORLD"),
+        ("don't  STOP", "DON'T STOP"),
+        ("'quoted' words", "QUOTED WORDS"),
+        ("café au lait", "CAFE AU LAIT"),
+        ("twenty-one", "TWENTY ONE"),
+        ("it\u2019s", "IT'S"),
+        ("  A \t b ", "A B"),
+        ("ROOM 7", "ROOM 7"),
+    ],
+)
 def test_normalise_rule(raw, expected):
     assert normalise(raw) == expected and normalise(expected) == expected
     assert unsupported(normalise(raw)) == ("7" if "7" in raw else "")
@@ -61,8 +70,18 @@ def test_lower_case_punctuated_references_score_like_their_normalised_twin(prepa
     messy = [{**e, "text": e["text"].lower().replace(" ", ", ", 1) + "."} for e in entries]
     write_manifest(tmp_path / "clean.jsonl", entries)
     write_manifest(tmp_path / "messy.jsonl", messy)
-    evaluate.main(["--ckpt", str(ckpt), "--sets", str(tmp_path / "clean.jsonl"), str(tmp_path / "messy.jsonl"),
-                   "--no-beam", "--out", str(tmp_path / "e")])
+    evaluate.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--sets",
+            str(tmp_path / "clean.jsonl"),
+            str(tmp_path / "messy.jsonl"),
+            "--no-beam",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
     sets = json.loads((tmp_path / "e" / "results.json").read_text())["sets"]
     drop = lambda r: {k: v for k, v in r.items() if k != "rtf"}  # noqa: E731
     assert drop(sets["messy"]["greedy"]) == drop(sets["clean"]["greedy"])
@@ -118,13 +137,14 @@ def test_training_and_evaluation_survive_a_three_frame_utterance(prepared, ckpt,
     from data.datamodule import ASRDataModule
 
     with pytest.warns(UserWarning, match="1 utterances are too short"):
-        dm = ASRDataModule(str(prepared), [str(tmp_path / "train.jsonl")], ["mini-dev"], max_frames=2500,
-                           num_workers=0)
+        dm = ASRDataModule(str(prepared), [str(tmp_path / "train.jsonl")], ["mini-dev"], max_frames=2500, num_workers=0)
         ds = dm.dataset([str(tmp_path / "train.jsonl")], train=True)
     assert "9-9-9" in ds.skipped and len(ds) == 12
     test = read_manifest(prepared / "manifests" / "mini-test.jsonl")
     write_manifest(tmp_path / "test.jsonl", test + [_short_entry(tmp_path)])
-    evaluate.main(["--ckpt", str(ckpt), "--sets", str(tmp_path / "test.jsonl"), "--no-beam", "--out", str(tmp_path / "e")])
+    evaluate.main(
+        ["--ckpt", str(ckpt), "--sets", str(tmp_path / "test.jsonl"), "--no-beam", "--out", str(tmp_path / "e")]
+    )
     res = json.loads((tmp_path / "e" / "results.json").read_text())["sets"]["test"]
     assert res["greedy"]["utterances"] == len(test)
     assert res["skipped"] == [{"id": "9-9-9", "reason": "too short: 3 frames of 10 ms, the model needs >= 7"}]
@@ -164,8 +184,9 @@ def test_an_interrupted_preparation_is_refused(prepared, tmp_path):
 
 # --- 4. a schedule cut by max_time -----------------------------------------------------------------
 def test_cut_schedule_is_reported_saved_and_never_named_an_epoch(prepared, tmp_path, capsys):
-    from models.checkpoint import checkpoint_paths
     from test_train import Recorder
+
+    from models.checkpoint import checkpoint_paths
 
     full = Recorder()
     _fit(prepared, tmp_path / "full", max_epochs=3, limit=4, recorder=full)
@@ -192,9 +213,18 @@ def test_max_time_names_itself(prepared, tmp_path, capsys):
     L.seed_everything(0)
     dm = ASRDataModule(str(prepared), ["mini-train"], ["mini-dev"], max_frames=2500, num_workers=0)
     module = CTCModule(str(prepared / "bpe.model"), **TINY)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, max_time={"seconds": 0.001}, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=default_callbacks(2),
-                        default_root_dir=str(tmp_path), limit_val_batches=1, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        max_time={"seconds": 0.001},
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=default_callbacks(2),
+        default_root_dir=str(tmp_path),
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, dm)
     assert "TRAINING CUT SHORT by max_time: step 1 of" in capsys.readouterr().err
 
@@ -288,17 +318,56 @@ def test_bad_inputs_exit_with_one_line(mini_corpus, prepared, ckpt, tmp_path):
     truncated.write_bytes(ckpt.read_bytes()[:5000])
     for bad in (text, empty, truncated):
         _one_error_line(_run(["evaluate.py", "--ckpt", str(bad), "--sets", "mini-test"]), bad)
-    r = _run(["-m", "analysis", "par", "--ckpt", str(ckpt), "--manifest", "mini-test", "--out", str(tmp_path / "a"),
-              "--reference", str(text)])
+    r = _run(
+        [
+            "-m",
+            "analysis",
+            "par",
+            "--ckpt",
+            str(ckpt),
+            "--manifest",
+            "mini-test",
+            "--out",
+            str(tmp_path / "a"),
+            "--reference",
+            str(text),
+        ]
+    )
     _one_error_line(r, text)
     assert "attention" not in r.stderr  # refused before the attention pass
-    _one_error_line(_run(["-m", "analysis", "report", "--upstream", "tera", "--upstream-ckpt", str(text), "--manifest",
-                          str(prepared / "manifests" / "mini-test.jsonl"), "--out", str(tmp_path / "a")]), text)
-    _one_error_line(_run(["-m", "data.prepare", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]),
-                    tmp_path / "nowhere")
+    _one_error_line(
+        _run(
+            [
+                "-m",
+                "analysis",
+                "report",
+                "--upstream",
+                "tera",
+                "--upstream-ckpt",
+                str(text),
+                "--manifest",
+                str(prepared / "manifests" / "mini-test.jsonl"),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        ),
+        text,
+    )
+    _one_error_line(
+        _run(["-m", "data.prepare", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]),
+        tmp_path / "nowhere",
+    )
     _one_error_line(_run(["-m", "data.prepare", "--root", str(mini_corpus), "--out", str(text / "sub")]), text)
-    base = ["train.py", "fit", "--config", "recipes/mini/base.yaml", "--trainer.max_steps", "1",
-            "--trainer.default_root_dir", str(tmp_path / "t")]
+    base = [
+        "train.py",
+        "fit",
+        "--config",
+        "recipes/mini/base.yaml",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "t"),
+    ]
     _one_error_line(_run(base + ["--data.data_dir", str(tmp_path / "missing")]), tmp_path / "missing")
     moved = tmp_path / "moved"
     shutil.copytree(prepared, moved)

@@ -1,18 +1,19 @@
 """Retrofit (models/retrofit.py): a baseline converted to a reuse plan computes the baseline's
 zero-shot reuse, its new value half learns, and the checkpoint works everywhere."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from test_train import TINY, Recorder, _fit, trained_checkpoint
 
 import evaluate
-from training.module import CTCModule
 from models import ConformerCTC
 from models.retrofit import main as retrofit_main
 from models.retrofit import retrofit, zero_shot_sources
-from test_train import TINY, Recorder, _fit, trained_checkpoint
+from training.module import CTCModule
 
 SMALL = dict(d_model=32, ffn_dim=64, kernel_size=5, subsampling_channels=8)
 
@@ -28,10 +29,16 @@ def _trained_like(plan: str, layers: int) -> ConformerCTC:
     return model.eval()
 
 
-@pytest.mark.parametrize("base_plan, plan", [
-    ("1(H4)x4", "2(H4)x2"), ("1(H4)x4", "3(H4)+1(H4)"), ("1(H4)x4", "4(H4)"),
-    ("1(H8)x2+1(H4)x2", "2(H8)+2(H4)"), ("1(H2)x6", "1(H2)+3(H2)+2(H2)"),
-])
+@pytest.mark.parametrize(
+    "base_plan, plan",
+    [
+        ("1(H4)x4", "2(H4)x2"),
+        ("1(H4)x4", "3(H4)+1(H4)"),
+        ("1(H4)x4", "4(H4)"),
+        ("1(H8)x2+1(H4)x2", "2(H8)+2(H4)"),
+        ("1(H2)x6", "1(H2)+3(H2)+2(H2)"),
+    ],
+)
 def test_converted_model_is_the_baselines_zero_shot_reuse(base_plan, plan):
     layers = sum(int(t.split("(")[0]) * (int(t.split("x")[1]) if "x" in t else 1) for t in base_plan.split("+"))
     base = _trained_like(base_plan, layers)
@@ -106,8 +113,15 @@ def test_fit_from_a_baseline_and_resume(prepared, baseline, tmp_path):
     _fit(prepared, tmp_path / "full", max_epochs=2, limit=3, recorder=full, **kw)
     _fit(prepared, tmp_path / "cut", max_epochs=2, limit=3, stop_at=4, **kw)
     resumed = Recorder()
-    _fit(prepared, tmp_path / "cut", max_epochs=2, limit=3, recorder=resumed,
-         ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"), **kw)
+    _fit(
+        prepared,
+        tmp_path / "cut",
+        max_epochs=2,
+        limit=3,
+        recorder=resumed,
+        ckpt_path=str(tmp_path / "cut" / "checkpoints" / "last.ckpt"),
+        **kw,
+    )
     assert resumed.losses == pytest.approx(full.losses[4:], abs=1e-5)
 
 
@@ -115,8 +129,10 @@ def test_init_from_mismatches_are_refused(prepared, baseline, tmp_path):
     from data.tokenizer import Tokenizer
 
     with pytest.raises(ValueError, match="not this recipe's size .*d_model 32 vs 48"):
-        CTCModule(str(prepared / "bpe.model"), **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "d_model": 48,
-                                                          "init_from": str(baseline)})
+        CTCModule(
+            str(prepared / "bpe.model"),
+            **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "d_model": 48, "init_from": str(baseline)},
+        )
     other = Tokenizer.train(["SOME OTHER TEXT", "MORE WORDS HERE"], tmp_path / "other", vocab_size=30)
     with pytest.raises(ValueError, match="trained with another tokenizer"):
         CTCModule(other.path, **{**TINY, "reuse": "2(H2)x2", "num_layers": 4, "init_from": str(baseline)})
@@ -138,9 +154,16 @@ def _base_checkpoint(prepared, path, was_gamma=None, cmvn_shift=0.0, features=No
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     cmvn = GlobalCMVN.load(prepared / "cmvn.json")
-    hp = {"reuse": model.reuse, "num_layers": 4, "was_gamma": was_gamma, **SMALL, "checkpoints": [str(path)],
-          "tokenizer_path": str(prepared / "bpe.model"),
-          "cmvn": {"mean": cmvn.mean + cmvn_shift, "std": cmvn.std.clone()}, "features": features}
+    hp = {
+        "reuse": model.reuse,
+        "num_layers": 4,
+        "was_gamma": was_gamma,
+        **SMALL,
+        "checkpoints": [str(path)],
+        "tokenizer_path": str(prepared / "bpe.model"),
+        "cmvn": {"mean": cmvn.mean + cmvn_shift, "std": cmvn.std.clone()},
+        "features": features,
+    }
     save_model_checkpoint(path, model.eval(), tok, hp)
     return path
 
@@ -164,22 +187,30 @@ def test_init_from_starts_from_the_zero_shot_reuse(prepared, tmp_path):
     ours_batch, theirs_batch = collate([ours_ds[0], ours_ds[1]]), collate([theirs_ds[0], theirs_ds[1]])
     with torch.no_grad():
         got, _ = module.model(ours_batch["features"], ours_batch["feature_lengths"])
-        want, _ = base(theirs_batch["features"], theirs_batch["feature_lengths"],
-                       map_sources=zero_shot_sources("2(H2)x2", 4))
+        want, _ = base(
+            theirs_batch["features"], theirs_batch["feature_lengths"], map_sources=zero_shot_sources("2(H2)x2", 4)
+        )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"was_gamma": 0.5}, r"was_gamma 0.5 vs None"),
-    ({"cmvn_shift": 0.3}, r"CMVN statistics differ from .*cmvn.json"),
-    ({"features": {"type": "espnet", "config": {"fs": 16000}, "min_frames": 7}},
-     r"front end \(features 'espnet'\) differs from .*the data folder's \(fbank\)"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"was_gamma": 0.5}, r"was_gamma 0.5 vs None"),
+        ({"cmvn_shift": 0.3}, r"CMVN statistics differ from .*cmvn.json"),
+        (
+            {"features": {"type": "espnet", "config": {"fs": 16000}, "min_frames": 7}},
+            r"front end \(features 'espnet'\) differs from .*the data folder's \(fbank\)",
+        ),
+    ],
+)
 def test_init_from_refuses_what_changes_the_function(prepared, tmp_path, change, message):
     """A recipe that would not start from the checkpoint's function is refused by train.py, naming
     the difference: another was_gamma (the retrofit tool keeps the checkpoint's), CMVN statistics
     or front end of the data folder other than the checkpoint's."""
     ckpt = _base_checkpoint(prepared, tmp_path / "base.ckpt", **change)
     with pytest.raises(ValueError, match=f"--model.init_from {ckpt}: .*{message}"):
-        CTCModule(str(prepared / "bpe.model"), **{**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4,
-                                                          "init_from": str(ckpt)})
+        CTCModule(
+            str(prepared / "bpe.model"),
+            **{**TINY, **SMALL, "reuse": "2(H2)x2", "num_layers": 4, "init_from": str(ckpt)},
+        )

@@ -1,6 +1,7 @@
 """Attention against saliency: a constructed frame-local model with identity attention, integrated
 gradients' completeness, seeded perturbations, plain-loop references of the pooling / rollout /
 correlation, the deletion test on a small trained model, bad arguments, and the command end to end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,8 @@ from analysis.saliency import (
     top_frames,
 )
 from analysis.saliency_model import Capture, CTCSaliency, Token, ctc_emissions
-from models.ctc import ConformerCTC
 from data.framing import receptive_field, subsampled_count, subsampling_factor
+from models.ctc import ConformerCTC
 
 
 class FrameLocal:
@@ -63,11 +64,13 @@ class FrameLocal:
 
 def _tiny_model(seed=0, reuse="1(H2)+1(H2)"):
     torch.manual_seed(seed)
-    return ConformerCTC(17, input_dim=20, d_model=32, num_layers=2, ffn_dim=64, kernel_size=5, reuse=reuse,
-                        subsampling_channels=8).eval()
+    return ConformerCTC(
+        17, input_dim=20, d_model=32, num_layers=2, ffn_dim=64, kernel_size=5, reuse=reuse, subsampling_channels=8
+    ).eval()
 
 
 # --- the constructed frame-local model --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["ixg", "ig", "perturbation"])
 def test_frame_local_model_saliency_sits_on_the_token_frame(method):
@@ -99,6 +102,7 @@ def test_frame_local_model_saliency_sits_on_the_token_frame(method):
 
 
 # --- methods -----------------------------------------------------------------------------------------
+
 
 def test_integrated_gradients_completeness():
     sm = CTCSaliency(_tiny_model())
@@ -138,7 +142,9 @@ def test_pooling_rollout_pearson_and_deletion_against_loops():
     s = torch.randn(3, 30, 4, dtype=torch.float64)
     w = frame_windows(6, 30, 4, 7).double()
     pooled = pool_to_frames(s, w)
-    ref = [[np.mean([s[n, t].sum().item() for t in range(4 * m, min(30, 4 * m + 7))]) for m in range(6)] for n in range(3)]
+    ref = [
+        [np.mean([s[n, t].sum().item() for t in range(4 * m, min(30, 4 * m + 7))]) for m in range(6)] for n in range(3)
+    ]
     assert np.allclose(pooled.numpy(), ref)
     g = torch.Generator().manual_seed(4)
     maps = [torch.softmax(torch.randn(2, 5, 5, generator=g, dtype=torch.float64), -1) for _ in range(3)]
@@ -189,6 +195,7 @@ def test_bad_settings():
 
 # --- a small trained model, and the command --------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def checkpoint(prepared, tmp_path_factory):
     """A random-weight checkpoint of ours (tiny-model size, 3 layers, the last reusing layer 2's map)
@@ -199,16 +206,27 @@ def checkpoint(prepared, tmp_path_factory):
     from models.checkpoint import save_model_checkpoint
 
     tok = Tokenizer(prepared / "bpe.model")
-    size = {"d_model": 32, "num_layers": 3, "ffn_dim": 64, "kernel_size": 5, "subsampling_channels": 8,
-            "bn_momentum": 0.1}
+    size = {
+        "d_model": 32,
+        "num_layers": 3,
+        "ffn_dim": 64,
+        "kernel_size": 5,
+        "subsampling_channels": 8,
+        "bn_momentum": 0.1,
+    }
     torch.manual_seed(5)
     model = ConformerCTC(tok.vocab_size, reuse="1(H2)+2(H2)", **size).eval()
     with torch.no_grad():
         model.head.bias[0] += 0.8
     cmvn = GlobalCMVN.load(prepared / "cmvn.json")
     path = tmp_path_factory.mktemp("sal") / "random.ckpt"
-    hp = {"reuse": model.reuse, **size, "checkpoints": [str(path)], "tokenizer_path": str(prepared / "bpe.model"),
-          "cmvn": {"mean": cmvn.mean, "std": cmvn.std}}
+    hp = {
+        "reuse": model.reuse,
+        **size,
+        "checkpoints": [str(path)],
+        "tokenizer_path": str(prepared / "bpe.model"),
+        "cmvn": {"mean": cmvn.mean, "std": cmvn.std},
+    }
     save_model_checkpoint(path, model, tok, hp)
     return path
 
@@ -223,8 +241,23 @@ def test_saliency_command_end_to_end(checkpoint, prepared, tmp_path, capsys):
     entries.insert(1, {**entries[0], "id": "bad-utt", "audio": str(bad), "alignment": None})
     write_manifest(tmp_path / "m.jsonl", entries)
     with pytest.warns(UserWarning, match="bad-utt"):
-        main(["saliency", "--ckpt", str(checkpoint), "--manifest", str(tmp_path / "m.jsonl"), "--out",
-              str(tmp_path / "o"), "--limit", "7", "--masks", "64", "--seed", "3"])
+        main(
+            [
+                "saliency",
+                "--ckpt",
+                str(checkpoint),
+                "--manifest",
+                str(tmp_path / "m.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--limit",
+                "7",
+                "--masks",
+                "64",
+                "--seed",
+                "3",
+            ]
+        )
     r = json.loads((tmp_path / "o" / "saliency.json").read_text())
     assert {"settings", "tokens", "correlation", "deletion"} <= set(r)
     assert r["tokens"] > 0 and r["utterances"]["scored"] >= 1
@@ -258,4 +291,14 @@ def test_saliency_command_bad_arguments(checkpoint, prepared, tmp_path):
     with pytest.raises(SystemExit, match="--ig-steps"):
         main([*base, "--method", "ig", "--ig-steps", "0"])
     with pytest.raises(SystemExit, match="manifest .* does not exist"):
-        main(["saliency", "--ckpt", str(checkpoint), "--manifest", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")])
+        main(
+            [
+                "saliency",
+                "--ckpt",
+                str(checkpoint),
+                "--manifest",
+                str(tmp_path / "none.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

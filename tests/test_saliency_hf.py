@@ -2,6 +2,7 @@
 models of tests/hf_models.py: Whisper's cross-attention rows are the model's ``output_attentions``,
 the CTC rows / states are the model's, integrated gradients are complete, the waveform-segment gains
 equal the waveform's own attributions, and the command runs end to end."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,7 @@ def test_whisper_rows_are_the_models_cross_attentions(short_whisper, hf_wave):
     tokens = sm.tokens(x)
     ids = up.greedy_ids(w)
     prompt = up.prompt_ids()
-    assert [t.id for t in tokens] == [i for i in ids[len(prompt):] if i != up.config.eos_token_id] and tokens
+    assert [t.id for t in tokens] == [i for i in ids[len(prompt) :] if i != up.config.eos_token_id] and tokens
     assert all(t.frame is None for t in tokens)
     with torch.enable_grad():
         cap = sm.capture(x, tokens)
@@ -81,7 +82,9 @@ def test_whisper_integrated_gradients_complete_from_silence(short_whisper, hf_wa
     pos = torch.arange(len(up.prompt_ids()) - 1, len(up.prompt_ids()) - 1 + len(tokens))
     tid = torch.tensor([t.id for t in tokens])
     with torch.no_grad():
-        lp = lambda m: torch.log_softmax(up.model(input_features=m, decoder_input_ids=ids, use_cache=False).logits[0], -1)
+        lp = lambda m: torch.log_softmax(
+            up.model(input_features=m, decoder_input_ids=ids, use_cache=False).logits[0], -1
+        )
         diff = lp(mel)[pos, tid] - lp(silent)[pos, tid]
     assert torch.allclose(attr.sum((1, 2)), diff, rtol=0.02, atol=1e-7)
     assert delta.abs().max() <= 0.02 * diff.abs().max() + 1e-7
@@ -99,7 +102,7 @@ def test_ctc_rows_states_and_segment_framing(hf_folders, hf_wave):
     w = frame_windows(Tp, 200, sm.subsampling, sm.receptive_field)
     samples = torch.zeros(Tp, 16000)
     for m in range(Tp):
-        samples[m, 320 * m: 320 * m + 400] = 1
+        samples[m, 320 * m : 320 * m + 400] = 1
     assert torch.equal(w, samples.reshape(Tp, 200, 80).amax(-1))
     tokens = sm.tokens(x)
     with torch.no_grad():
@@ -158,24 +161,47 @@ def test_saliency_command_end_to_end(prepared, hf_folders, short_whisper, tmp_pa
 
     folder = short_whisper if name == "whisper" else hf_folders[name]
     out = tmp_path / "o"
-    main(["saliency", "--upstream", "hf", "--upstream-ckpt", str(folder), "--manifest", str(_manifest(prepared, tmp_path)),
-          "--out", str(out), "--masks", "8", "--seed", "2"])
+    main(
+        [
+            "saliency",
+            "--upstream",
+            "hf",
+            "--upstream-ckpt",
+            str(folder),
+            "--manifest",
+            str(_manifest(prepared, tmp_path)),
+            "--out",
+            str(out),
+            "--masks",
+            "8",
+            "--seed",
+            "2",
+        ]
+    )
     r = json.loads((out / "saliency.json").read_text())
     assert {"settings", "tokens", "utterances", "layers", "correlation", "deletion", "figures"} <= set(r)
     assert r["tokens"] > 0 and r["utterances"]["scored"] == 2 and r["utterances"]["skipped"] == []
     assert [d["computes"] for d in r["layers"]] == [True, True]
     for side in ("input", "encoder_output"):
         c = r["correlation"][side]
-        assert len(c["per_layer"]) == 2 and np.array(c["per_head"], dtype=float).shape == (2, 2 if name == "whisper" else 4)
+        assert len(c["per_layer"]) == 2 and np.array(c["per_head"], dtype=float).shape == (
+            2,
+            2 if name == "whisper" else 4,
+        )
         assert c["mean_over_layers"] is None or -1 <= c["mean_over_layers"] <= 1
     rollout = r["correlation"]["input"]["rollout"]
     assert rollout is None if name == "whisper" else len(rollout) == 2  # cross-attention does not chain
-    assert r["deletion"]["k"] == [5, 10, 20, 40] and all(len(r["deletion"][n]) == 4 for n in ("attention", "saliency", "random"))
+    assert r["deletion"]["k"] == [5, 10, 20, 40] and all(
+        len(r["deletion"][n]) == 4 for n in ("attention", "saliency", "random")
+    )
     s = r["settings"]
-    assert s["perturbation"]["seed"] == 2 and s["model"].startswith("WhisperForConditionalGeneration" if name == "whisper"
-                                                                     else "Wav2Vec2ForCTC")
+    assert s["perturbation"]["seed"] == 2 and s["model"].startswith(
+        "WhisperForConditionalGeneration" if name == "whisper" else "Wav2Vec2ForCTC"
+    )
     if name == "whisper":
-        assert (s["subsampling"], s["receptive_field"], s["frame_offset"]) == (2, 5, 2) and "cross-attention" in s["attention"]
+        assert (s["subsampling"], s["receptive_field"], s["frame_offset"]) == (2, 5, 2) and "cross-attention" in s[
+            "attention"
+        ]
     else:
         assert (s["subsampling"], s["receptive_field"], s["segment_samples"]) == (4, 5, 80)
     for fig in ("correlation", "utterance", "deletion"):
@@ -190,6 +216,18 @@ def test_model_without_tokens_refused_before_work(prepared, hf_folders, tmp_path
     tf.Wav2Vec2ForCTC.from_pretrained(hf_folders["post"]).wav2vec2.save_pretrained(base)
     tf.Wav2Vec2FeatureExtractor.from_pretrained(hf_folders["post"]).save_pretrained(base)
     with pytest.raises(SystemExit, match="Wav2Vec2Model has no CTC head"):
-        main(["report", "--upstream", "hf", "--upstream-ckpt", str(base), "--manifest",
-              str(_manifest(prepared, tmp_path)), "--out", str(tmp_path / "o"), "--saliency"])
+        main(
+            [
+                "report",
+                "--upstream",
+                "hf",
+                "--upstream-ckpt",
+                str(base),
+                "--manifest",
+                str(_manifest(prepared, tmp_path)),
+                "--out",
+                str(tmp_path / "o"),
+                "--saliency",
+            ]
+        )
     assert not (tmp_path / "o" / "report.json").exists()

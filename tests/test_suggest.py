@@ -1,4 +1,5 @@
 """Zero-shot reuse in the capture API and ``python -m analysis suggest-reuse``."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,18 @@ import math
 
 import pytest
 import torch
-
-from analysis.suggest import (LayerSimilarity, candidate_groups, js_divergence, pareto_front, partitions, plan_string,
-                              suggest, zero_shot)
-from models import ConformerCTC
 from test_train import _fit, trained_checkpoint
+
+from analysis.suggest import (
+    LayerSimilarity,
+    candidate_groups,
+    js_divergence,
+    pareto_front,
+    partitions,
+    plan_string,
+    suggest,
+)
+from models import ConformerCTC
 
 SMALL = dict(d_model=32, ffn_dim=64, kernel_size=5, subsampling_channels=8)
 
@@ -53,13 +61,16 @@ def test_zero_shot_layer_applies_the_earlier_map_to_its_own_values():
     assert torch.allclose(out, full.output, atol=1e-6)
 
 
-@pytest.mark.parametrize("assignment, message", [
-    ({1: 2}, "layer 1 cannot take the map of the later layer 2"),
-    ({5: 0}, "names layer 5; the encoder has layers 0..3"),
-    ({2: -1}, "layer 2 takes the map of layer -1, outside 0..3"),
-    ({1: 0}, "layer 1 has 4 heads, layer 0 has 2"),
-    ([0, 1, 2], "gives 3 sources; the encoder has 4 layers"),
-])
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ({1: 2}, "layer 1 cannot take the map of the later layer 2"),
+        ({5: 0}, "names layer 5; the encoder has layers 0..3"),
+        ({2: -1}, "layer 2 takes the map of layer -1, outside 0..3"),
+        ({1: 0}, "layer 1 has 4 heads, layer 0 has 2"),
+        ([0, 1, 2], "gives 3 sources; the encoder has 4 layers"),
+    ],
+)
 def test_bad_assignments_are_refused(assignment, message):
     model = ConformerCTC(20, num_layers=4, reuse="1(H2)+1(H4)x3", **SMALL)
     x, n = _inputs()
@@ -85,11 +96,13 @@ def test_js_divergence_equals_a_plain_loop():
     for h in range(2):
         for i in range(5):
             m = [(a + b) / 2 for a, b in zip(p[h, i].tolist(), q[h, i].tolist())]
-            kl = lambda x: sum(a * math.log(a / c) for a, c in zip(x, m) if a > 0)  # noqa: E731
+            kl = lambda x, m=m: sum(a * math.log(a / c) for a, c in zip(x, m) if a > 0)  # noqa: E731
             assert float(got[h, i]) == pytest.approx(0.5 * kl(p[h, i].tolist()) + 0.5 * kl(q[h, i].tolist()), abs=1e-12)
     assert torch.allclose(js_divergence(p, p), torch.zeros(2, 5, dtype=torch.float64))
     one_hot = torch.eye(4)
-    assert torch.allclose(js_divergence(one_hot, one_hot.roll(1, 0)), torch.full((4,), math.log(2), dtype=torch.float64))
+    assert torch.allclose(
+        js_divergence(one_hot, one_hot.roll(1, 0)), torch.full((4,), math.log(2), dtype=torch.float64)
+    )
 
 
 def test_partitions_plans_and_pareto():
@@ -135,16 +148,29 @@ def test_suggest_finds_constructed_groups(prepared, tmp_path):
 
     tok = Tokenizer(prepared / "bpe.model")
     model = _constructed_baseline(tok.vocab_size)
-    hp = {"reuse": model.reuse, "num_layers": 4, "dropout": 0.1, "attention_dropout": 0.1, "bn_momentum": 0.1,
-          "tokenizer_path": str(prepared / "bpe.model"), "checkpoints": ["constructed"],
-          "cmvn": {"mean": model_cmvn({"cmvn": None, "checkpoints": ["x"]}, prepared).mean,
-                   "std": model_cmvn({"cmvn": None, "checkpoints": ["x"]}, prepared).std}, **SMALL}
+    hp = {
+        "reuse": model.reuse,
+        "num_layers": 4,
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "bn_momentum": 0.1,
+        "tokenizer_path": str(prepared / "bpe.model"),
+        "checkpoints": ["constructed"],
+        "cmvn": {
+            "mean": model_cmvn({"cmvn": None, "checkpoints": ["x"]}, prepared).mean,
+            "std": model_cmvn({"cmvn": None, "checkpoints": ["x"]}, prepared).std,
+        },
+        **SMALL,
+    }
     ckpt = tmp_path / "constructed.ckpt"
     save_model_checkpoint(ckpt, model, tok, hp)
     # references = the baseline's own hypotheses: its WER is 0, and only what changes its output counts
     entries = read_manifest(prepared / "manifests" / "mini-dev.jsonl")
-    ds = ManifestDataset([prepared / "manifests" / "mini-dev.jsonl"], tokenizer=None,
-                         cmvn=model_cmvn({"cmvn": hp["cmvn"], "checkpoints": ["x"]}))
+    ds = ManifestDataset(
+        [prepared / "manifests" / "mini-dev.jsonl"],
+        tokenizer=None,
+        cmvn=model_cmvn({"cmvn": hp["cmvn"], "checkpoints": ["x"]}),
+    )
     hyps = {}
     with torch.no_grad():
         for batch in ordered_loader(ds, 20000):
@@ -212,17 +238,34 @@ def test_bad_arguments(prepared, three_layer, tmp_path):
     reuse_root = tmp_path / "reuse"
     _fit(prepared, reuse_root, max_epochs=1, limit=1, reuse="2(H2)", num_layers=2)
     with pytest.raises(SystemExit, match="a reuse model"):
-        main(["suggest-reuse", "--ckpt", str(reuse_root / "checkpoints" / "last.ckpt"), "--manifest", "mini-dev",
-              "--out", str(tmp_path / "s")])
+        main(
+            [
+                "suggest-reuse",
+                "--ckpt",
+                str(reuse_root / "checkpoints" / "last.ckpt"),
+                "--manifest",
+                "mini-dev",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
 
 
 def test_demo_picks_the_best_plan_with_k_groups(tmp_path):
     from analysis.demo import best_plan
 
     path = tmp_path / "suggest.json"
-    path.write_text(json.dumps({"candidates": [{"num_groups": 3, "reuse": "2(H4)+1(H4)x2"},
-                                               {"num_groups": 2, "reuse": "3(H4)+1(H4)"},
-                                               {"num_groups": 2, "reuse": "2(H4)x2"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "candidates": [
+                    {"num_groups": 3, "reuse": "2(H4)+1(H4)x2"},
+                    {"num_groups": 2, "reuse": "3(H4)+1(H4)"},
+                    {"num_groups": 2, "reuse": "2(H4)x2"},
+                ]
+            }
+        )
+    )
     assert best_plan(path, 2) == "3(H4)+1(H4)" and best_plan(path, 3) == "2(H4)+1(H4)x2"
     assert best_plan(path, 4) == "2(H4)+1(H4)x2"  # none with 4: the best with the most groups below
     with pytest.raises(ValueError, match="no candidate plan with 1 groups or fewer"):
@@ -271,18 +314,32 @@ def test_demo_table_names_the_training_precision_and_its_reason(tmp_path, capsys
 
     from analysis.demo import table
 
-    choice = {"precision": "32-true", "requested": "auto", "device": "the CPU", "warning": None,
-              "reason": "this CPU has no bf16 matrix instructions (...), so PyTorch emulates bf16"}
-    latency = {"device": "AMD EPYC (AVX2; bf16 emulated)", "dtype": "fp32", "threads": 2, "runs": 5, "rounds": 2,
-               "inference": []}
+    choice = {
+        "precision": "32-true",
+        "requested": "auto",
+        "device": "the CPU",
+        "warning": None,
+        "reason": "this CPU has no bf16 matrix instructions (...), so PyTorch emulates bf16",
+    }
+    latency = {
+        "device": "AMD EPYC (AVX2; bf16 emulated)",
+        "dtype": "fp32",
+        "threads": 2,
+        "runs": 5,
+        "rounds": 2,
+        "inference": [],
+    }
     for name, plan, steps in (("train", "1(H4)x4", 895), ("retrofit", "3(H4)+1(H4)", 179)):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
-        torch.save({"state_dict": {"model.w": torch.zeros(10, 3)}, "global_step": steps, "precision": choice},
-                   tmp_path / name / "checkpoints" / "last.ckpt")
+        torch.save(
+            {"state_dict": {"model.w": torch.zeros(10, 3)}, "global_step": steps, "precision": choice},
+            tmp_path / name / "checkpoints" / "last.ckpt",
+        )
         eval_dir = tmp_path / ("eval" if name == "train" else "eval_retrofit")
         eval_dir.mkdir()
-        eval_dir.joinpath("results.json").write_text(json.dumps({"reuse": plan, "sets": {"mini-test": {
-            "greedy": {"wer": 4.0}, "beam": {"wer": 3.5}}}}))
+        eval_dir.joinpath("results.json").write_text(
+            json.dumps({"reuse": plan, "sets": {"mini-test": {"greedy": {"wer": 4.0}, "beam": {"wer": 3.5}}}})
+        )
         latency["inference"].append({"config": plan, "by_length": {"64": {"median_ms": 2.0, "speedup_vs_first": 1.0}}})
     (tmp_path / "latency.json").write_text(json.dumps(latency))
     (tmp_path / "stages.tsv").write_text("train baseline\t600\ntrain retrofit\t120\n")

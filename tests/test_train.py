@@ -1,5 +1,6 @@
 """Training and evaluation on a generated mini corpus: loss goes down, exact resumption, WER equals
 jiwer's, beam vs greedy, and each bad input's message."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,27 @@ import pytest
 import torch
 
 import evaluate
+from data.datamodule import ASRDataModule
 from models.checkpoint import checkpoint_paths, load_model
 from training.callbacks import default_callbacks
 from training.cli import AtomicCheckpointIO
 from training.module import CTCModule, lr_lambda
-from data.datamodule import ASRDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(reuse="1(H2)+1(H2)", d_model=32, num_layers=2, ffn_dim=64, kernel_size=5, subsampling_channels=8,
-            bn_momentum=0.1, dropout=0.1, lr=3e-3, warmup_steps=5, hold_steps=100, decay_steps=100)
+TINY = dict(
+    reuse="1(H2)+1(H2)",
+    d_model=32,
+    num_layers=2,
+    ffn_dim=64,
+    kernel_size=5,
+    subsampling_channels=8,
+    bn_momentum=0.1,
+    dropout=0.1,
+    lr=3e-3,
+    warmup_steps=5,
+    hold_steps=100,
+    decay_steps=100,
+)
 
 
 class Recorder(L.Callback):
@@ -48,17 +61,38 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4, stop_at=None, val_every=None,
-         recorder=None, train_sets=("mini-train",), **model_kw):
+def _fit(
+    prepared,
+    root,
+    max_epochs=None,
+    max_steps=-1,
+    ckpt_path=None,
+    limit=4,
+    stop_at=None,
+    val_every=None,
+    recorder=None,
+    train_sets=("mini-train",),
+    **model_kw,
+):
     L.seed_everything(0, workers=True)
     dm = ASRDataModule(str(prepared), list(train_sets), ["mini-dev"], max_frames=2500, num_workers=0, time_masks=2)
     module = CTCModule(str(prepared / "bpe.model"), **{**TINY, **model_kw})
     rec = recorder or Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=max_steps, limit_train_batches=limit,
-                        limit_val_batches=1, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=[rec, *default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
-                        default_root_dir=str(root), val_check_interval=val_every,
-                        use_distributed_sampler=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        limit_train_batches=limit,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[rec, *default_callbacks(2), *([StopAt(stop_at)] if stop_at else [])],
+        default_root_dir=str(root),
+        val_check_interval=val_every,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
     for cb in trainer.checkpoint_callbacks:
         cb.dirpath = str(root / "checkpoints")
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -66,8 +100,9 @@ def _fit(prepared, root, max_epochs=None, max_steps=-1, ckpt_path=None, limit=4,
     return rec.losses, module, trainer
 
 
-def trained_checkpoint(prepared, tmp_path_factory, name: str, max_epochs: int = 1, limit: int | None = 3,
-                       **model_kw) -> Path:
+def trained_checkpoint(
+    prepared, tmp_path_factory, name: str, max_epochs: int = 1, limit: int | None = 3, **model_kw
+) -> Path:
     """``last.ckpt`` of a tiny model trained on the mini corpus (``limit`` batches an epoch), for
     module fixtures; ``train_sets`` (default mini-train) and model options may be given."""
     root = tmp_path_factory.mktemp(name)
@@ -198,8 +233,12 @@ def test_gradient_check_reads_the_host_once(prepared):
             self.count = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-                        torch.ops.aten.item.default, torch.ops.aten.equal.default):
+            if func in (
+                torch.ops.aten._local_scalar_dense.default,
+                torch.ops.aten.is_nonzero.default,
+                torch.ops.aten.item.default,
+                torch.ops.aten.equal.default,
+            ):
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
@@ -221,8 +260,20 @@ def trained(prepared, tmp_path_factory):
 
 
 def test_evaluate_end_to_end_and_averaging(prepared, trained, tmp_path):
-    evaluate.main(["--ckpt", str(trained / "last.ckpt"), "--sets", "mini-test", "--out", str(tmp_path / "e"),
-                   "--beam-size", "4", "--lexicon", "train"])
+    evaluate.main(
+        [
+            "--ckpt",
+            str(trained / "last.ckpt"),
+            "--sets",
+            "mini-test",
+            "--out",
+            str(tmp_path / "e"),
+            "--beam-size",
+            "4",
+            "--lexicon",
+            "train",
+        ]
+    )
     import json
 
     report = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -232,7 +283,9 @@ def test_evaluate_end_to_end_and_averaging(prepared, trained, tmp_path):
     for dec in ("greedy", "beam"):
         r = report["sets"]["mini-test"][dec]
         assert {"wer", "cer", "substitutions", "deletions", "insertions", "words", "rtf"} <= set(r)
-        assert r["words"] == sum(len(l.split("\t")[1].split()) for l in (tmp_path / "e" / "mini-test.hyp.tsv").read_text().splitlines()[1:])
+        assert r["words"] == sum(
+            len(l.split("\t")[1].split()) for l in (tmp_path / "e" / "mini-test.hyp.tsv").read_text().splitlines()[1:]
+        )
     model, _, hp = load_model(trained, average=2)
     assert len(hp["checkpoints"]) == 2
     a, b = (load_model(p)[0].state_dict() for p in hp["checkpoints"])
@@ -270,15 +323,19 @@ def test_beam_and_greedy_agree_on_peaked_output(prepared):
 
 def test_lexicon_beam_search_picks_a_lexicon_word(prepared, tmp_path):
     from data import sentences
-    from data.tokenizer import Tokenizer
     from data.lexicon import write_lexicon
+    from data.tokenizer import Tokenizer
     from models.decoding import BeamSearch, greedy_decode
 
     tok = Tokenizer(prepared / "bpe.model")
     spell = {w.upper(): tok.encode(w.upper()) for w in sentences.VOCABULARY}
     # two words spelled with the same number of pieces, differing in every piece
-    w1, w2 = next((a, b) for a in spell for b in spell
-                  if a != b and len(spell[a]) == len(spell[b]) and all(x != y for x, y in zip(spell[a], spell[b])))
+    w1, w2 = next(
+        (a, b)
+        for a in spell
+        for b in spell
+        if a != b and len(spell[a]) == len(spell[b]) and all(x != y for x, y in zip(spell[a], spell[b]))
+    )
     frames = []
     for p1, p2 in zip(spell[w1], spell[w2]):
         frames += [(p2, p1), (p2, p1), (0, 0)]  # the out-of-lexicon word wins every frame, narrowly
@@ -322,8 +379,13 @@ def test_resume_with_another_tokenizer_refused(prepared, trained, tmp_path):
 
 
 def _cli(args, tmp_path):
-    return subprocess.run([sys.executable, "train.py", "fit", *args, "--trainer.default_root_dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "train.py", "fit", *args, "--trainer.default_root_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_recipe_errors_before_training(prepared, tmp_path):
@@ -340,10 +402,26 @@ def test_recipe_errors_before_training(prepared, tmp_path):
 
 
 def _cli_run(subcommand, args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), subcommand, "--config",
-                           str(ROOT / "recipes/mini/base.yaml"), "--trainer.max_time", "null",
-                           "--trainer.enable_progress_bar", "false", "--data.num_workers", "0", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            subcommand,
+            "--config",
+            str(ROOT / "recipes/mini/base.yaml"),
+            "--trainer.max_time",
+            "null",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.num_workers",
+            "0",
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _earlier_layout(ckpt: dict, embedded: bool = True) -> dict:
@@ -354,13 +432,17 @@ def _earlier_layout(ckpt: dict, embedded: bool = True) -> dict:
     ``tokenizer_sha256`` among the hyper-parameters, neither tokenizer nor statistics)."""
     old = {k: v for k, v in ckpt.items() if k != "data"}
     data = ckpt["data"]
-    old["hyper_parameters"] = {"tokenizer_path": str(Path(data["dir"]) / "bpe.model"), **ckpt["hyper_parameters"],
-                               "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    old["hyper_parameters"] = {
+        "tokenizer_path": str(Path(data["dir"]) / "bpe.model"),
+        **ckpt["hyper_parameters"],
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
     if embedded:
         old.update(tokenizer=data["tokenizer"], cmvn=data["cmvn"])
     else:
-        old["hyper_parameters"].update(vocab_size=data["tokenizer"]["vocab_size"],
-                                       tokenizer_sha256=data["tokenizer"]["sha256"])
+        old["hyper_parameters"].update(
+            vocab_size=data["tokenizer"]["vocab_size"], tokenizer_sha256=data["tokenizer"]["sha256"]
+        )
     return old
 
 
@@ -376,24 +458,69 @@ def test_checkpoints_of_the_earlier_layouts_load(prepared, tmp_path):
 
     tok = Tokenizer(prepared / "bpe.model")
     torch.manual_seed(0)
-    model = ConformerCTC(tok.vocab_size, reuse="1(H2)+1(H2)", d_model=32, num_layers=2, ffn_dim=64, kernel_size=5,
-                         subsampling_channels=8, bn_momentum=0.1)
+    model = ConformerCTC(
+        tok.vocab_size,
+        reuse="1(H2)+1(H2)",
+        d_model=32,
+        num_layers=2,
+        ffn_dim=64,
+        kernel_size=5,
+        subsampling_channels=8,
+        bn_momentum=0.1,
+    )
     cmvn = GlobalCMVN.load(prepared / "cmvn.json")
-    hp = {"tokenizer_path": str((prepared / "bpe.model").resolve()), "reuse": "1(H2)+1(H2)", "d_model": 32,
-          "num_layers": 2, "ffn_dim": 64, "kernel_size": 5, "dropout": 0.1, "attention_dropout": 0.1,
-          "was_gamma": None, "bn_momentum": 0.1, "subsampling_channels": 8, "input_dim": 80, "lr": 3e-3,
-          "weight_decay": 1e-5, "betas": (0.9, 0.99), "eps": 1e-8, "warmup_steps": 5, "hold_steps": 100,
-          "decay_steps": 100, "final_lr_scale": 0.01, "weight_noise": 0.0, "weight_noise_start": 0, "init_from": None,
-          "layer_norm_eps": 1e-5, "final_norm": False, "input_layer": "conv2d",
-          "_instantiator": "lightning.pytorch.cli.instantiate_module"}
+    hp = {
+        "tokenizer_path": str((prepared / "bpe.model").resolve()),
+        "reuse": "1(H2)+1(H2)",
+        "d_model": 32,
+        "num_layers": 2,
+        "ffn_dim": 64,
+        "kernel_size": 5,
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "was_gamma": None,
+        "bn_momentum": 0.1,
+        "subsampling_channels": 8,
+        "input_dim": 80,
+        "lr": 3e-3,
+        "weight_decay": 1e-5,
+        "betas": (0.9, 0.99),
+        "eps": 1e-8,
+        "warmup_steps": 5,
+        "hold_steps": 100,
+        "decay_steps": 100,
+        "final_lr_scale": 0.01,
+        "weight_noise": 0.0,
+        "weight_noise_start": 0,
+        "init_from": None,
+        "layer_norm_eps": 1e-5,
+        "final_norm": False,
+        "input_layer": "conv2d",
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
     weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-    top_level = {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.6.0", "state_dict": weights,
-                 "hyper_parameters": hp, "skipped_steps": 0, "precision": {"precision": "32-true"},
-                 "tokenizer": {"sha256": tok.digest, "vocab_size": tok.vocab_size,
-                               "model": (prepared / "bpe.model").read_bytes(), "name": "bpe.model"},
-                 "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()}}
-    before_embedding = {"epoch": 0, "global_step": 3, "state_dict": weights,
-                        "hyper_parameters": {**hp, "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.digest}}
+    top_level = {
+        "epoch": 0,
+        "global_step": 3,
+        "pytorch-lightning_version": "2.6.0",
+        "state_dict": weights,
+        "hyper_parameters": hp,
+        "skipped_steps": 0,
+        "precision": {"precision": "32-true"},
+        "tokenizer": {
+            "sha256": tok.digest,
+            "vocab_size": tok.vocab_size,
+            "model": (prepared / "bpe.model").read_bytes(),
+            "name": "bpe.model",
+        },
+        "cmvn": {"mean": cmvn.mean.clone(), "std": cmvn.std.clone()},
+    }
+    before_embedding = {
+        "epoch": 0,
+        "global_step": 3,
+        "state_dict": weights,
+        "hyper_parameters": {**hp, "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.digest},
+    }
     for name, ckpt in (("top-level", top_level), ("before-embedding", before_embedding)):
         torch.save(ckpt, tmp_path / f"{name}.ckpt")
         loaded, loaded_tok, info = load_model(tmp_path / f"{name}.ckpt")
@@ -436,8 +563,21 @@ def test_checkpoint_files_work_after_the_data_folder_moved(prepared, tmp_path, m
     for ckpt in (epoch0, ckpts / "top-level.ckpt", ckpts / "old-style.ckpt"):
         r = _cli_run("validate", [*data, "--ckpt_path", str(ckpt)], work)
         assert r.returncode == 0 and "val_wer" in r.stdout, r.stderr[-2000:]
-    r = _cli_run("fit", [*data, "--ckpt_path", str(epoch0), "--trainer.max_epochs", "2", "--trainer.limit_train_batches",
-                         "3", "--trainer.default_root_dir", str(tmp_path / "resumed")], work)
+    r = _cli_run(
+        "fit",
+        [
+            *data,
+            "--ckpt_path",
+            str(epoch0),
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path / "resumed"),
+        ],
+        work,
+    )
     assert r.returncode == 0 and "Restored all states" in r.stderr + r.stdout, r.stderr[-2000:]
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
 
@@ -480,8 +620,22 @@ def test_module_options_are_the_model_configuration_flat():
     assert {"tokenizer_path", "lr", "warmup_steps", "init_from"} <= set(params) and "model_options" not in params
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(CTCModule, "model")
-    cfg = parser.parse_args(["--model.tokenizer_path", "bpe.model", "--model.d_model", "96", "--model.was_gamma", "0.5",
-                             "--model.reuse", "2(H4)x2", "--model.num_layers", "4", "--model.lr", "0.1"])
+    cfg = parser.parse_args(
+        [
+            "--model.tokenizer_path",
+            "bpe.model",
+            "--model.d_model",
+            "96",
+            "--model.was_gamma",
+            "0.5",
+            "--model.reuse",
+            "2(H4)x2",
+            "--model.num_layers",
+            "4",
+            "--model.lr",
+            "0.1",
+        ]
+    )
     assert cfg.model.d_model == 96 and cfg.model.was_gamma == 0.5 and cfg.model.lr == 0.1
     assert [k for k in vars(cfg.model) if k in MODEL_KEYS] == list(MODEL_KEYS)
     with pytest.raises(Exception, match="d_model"):
@@ -495,10 +649,17 @@ def test_module_hyper_parameters_are_the_model_options_and_the_training_options(
 
     module = CTCModule(str(prepared / "bpe.model"), **{**TINY, "was_gamma": 0.5})
     assert module.model.model_config.was_gamma == 0.5 and module.model.d_model == TINY["d_model"]
-    assert dict(module.hparams) == {**module.model.model_config.options(), **{
-        k: v for k, v in TINY.items() if k in ("lr", "warmup_steps", "hold_steps", "decay_steps")},
-        "weight_decay": 1e-5, "betas": (0.9, 0.99), "eps": 1e-8, "final_lr_scale": 0.01, "weight_noise": 0.0,
-        "weight_noise_start": 0, "init_from": None}
+    assert dict(module.hparams) == {
+        **module.model.model_config.options(),
+        **{k: v for k, v in TINY.items() if k in ("lr", "warmup_steps", "hold_steps", "decay_steps")},
+        "weight_decay": 1e-5,
+        "betas": (0.9, 0.99),
+        "eps": 1e-8,
+        "final_lr_scale": 0.01,
+        "weight_noise": 0.0,
+        "weight_noise_start": 0,
+        "init_from": None,
+    }
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     record = CheckpointRecord.read(checkpoint)

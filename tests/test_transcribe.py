@@ -1,6 +1,7 @@
 """transcribe.py on the mini corpus: a long recording made of test utterances and silences, word
 timestamps against the TextGrids, other sample rates and channel counts, the output formats, and
 bad input."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,13 +14,13 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from test_train import trained_checkpoint
 
 import evaluate
 import transcribe
 from data.alignments import read_textgrid
 from data.features import load_audio, num_frames
 from data.manifest import read_manifest
-from test_train import trained_checkpoint
 
 SILENCE = 1.0  # seconds between utterances
 MAX_SEGMENT = 8.0
@@ -33,8 +34,9 @@ def ckpt(prepared, tmp_path_factory):
     """A tiny model trained on the test utterances themselves: it recognises most of their words, so
     that word times can be checked against the TextGrids (a tiny model trained on mini-train for
     seconds recognises none)."""
-    last = trained_checkpoint(prepared, tmp_path_factory, "transcribe", max_epochs=EPOCHS, limit=None,
-                              train_sets=["mini-test"], **MODEL)
+    last = trained_checkpoint(
+        prepared, tmp_path_factory, "transcribe", max_epochs=EPOCHS, limit=None, train_sets=["mini-test"], **MODEL
+    )
     return last.parent / f"epoch{EPOCHS - 1:03d}.ckpt"  # the last epoch's weights (last.ckpt: the last validation's)
 
 
@@ -86,8 +88,12 @@ def test_long_recording_segments_and_word_times(ckpt, utterances, long_recording
     pieces = tmp_path / "pieces"
     pieces.mkdir()
     for i, seg in enumerate(segments):
-        sf.write(pieces / f"{i:02d}.wav", wave[round(seg["start"] * 16000):round(seg["end"] * 16000)].numpy(), 16000,
-                 subtype="FLOAT")
+        sf.write(
+            pieces / f"{i:02d}.wav",
+            wave[round(seg["start"] * 16000) : round(seg["end"] * 16000)].numpy(),
+            16000,
+            subtype="FLOAT",
+        )
     alone, _ = run(capsys, "--ckpt", ckpt, pieces)
     alone = list(hypotheses(alone).values())
     assert [s["text"] for s in segments] == alone
@@ -98,8 +104,10 @@ def test_long_recording_segments_and_word_times(ckpt, utterances, long_recording
     assert [w for ws in words for _, _, w in ws] == " ".join(e["text"] for e in utterances).split()
     a = argparse.Namespace(ckpt=ckpt, tokenizer=None, data_dir=None, device="cpu", engine="torch", dtype="fp32")
     model, tokenizer, _, _, (cmvn, featurizer, framing) = evaluate.open_model(a)
-    by_frames = {framing.count(num_frames(round((s["end"] - s["start"]) * 16000))): tokenizer.encode(e["text"])
-                 for s, e in zip(segments, utterances)}
+    by_frames = {
+        framing.count(num_frames(round((s["end"] - s["start"]) * 16000))): tokenizer.encode(e["text"])
+        for s, e in zip(segments, utterances)
+    }
     assert len(by_frames) == len(segments)  # the segments' lengths tell them apart
 
     def oracle(log_probs, lengths):
@@ -110,10 +118,12 @@ def test_long_recording_segments_and_word_times(ckpt, utterances, long_recording
     assert [w["word"] for w in aligned["words"]] == [w for w, _, _ in reference]
     # a tiny model's CTC spikes drift from the words (measured: 48 of 52 midpoints inside their
     # interval within the tolerance, the worst 0.245 s outside it); the whole span is not checked
-    outside = [max(0.0, start - (h["start"] + h["end"]) / 2, (h["start"] + h["end"]) / 2 - end)
-               for (word, start, end), h in zip(reference, aligned["words"])]
+    outside = [
+        max(0.0, start - (h["start"] + h["end"]) / 2, (h["start"] + h["end"]) / 2 - end)
+        for (word, start, end), h in zip(reference, aligned["words"])
+    ]
     assert sum(d <= TOLERANCE for d in outside) >= 0.9 * len(outside) and max(outside) <= 2 * TOLERANCE, outside
-    for seg, ws in zip(segments, [aligned["words"][sum(map(len, words[:i])):][:len(w)] for i, w in enumerate(words)]):
+    for seg, ws in zip(segments, [aligned["words"][sum(map(len, words[:i])) :][: len(w)] for i, w in enumerate(words)]):
         assert all(seg["start"] <= w["start"] < w["end"] <= seg["end"] for w in ws)
 
 
@@ -139,7 +149,9 @@ def test_word_times_of_a_known_alignment(prepared):
     log_probs = torch.log_softmax(log_probs, -1)
     assert align_words(log_probs, ids, tok.symbols()) == spans
     framing = LabelFraming()
-    assert transcribe.frame_seconds(5, 6, framing) == pytest.approx((5 * 0.04 + 0.0425 - 0.02, 6 * 0.04 + 0.0425 + 0.02))
+    assert transcribe.frame_seconds(5, 6, framing) == pytest.approx(
+        (5 * 0.04 + 0.0425 - 0.02, 6 * 0.04 + 0.0425 + 0.02)
+    )
 
 
 def test_split_at_pauses_cuts_in_silence():
@@ -227,7 +239,9 @@ def test_bad_files_skipped_and_empty_folder_refused(ckpt, utterances, tmp_path, 
     sf.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
     out, err = run(capsys, "--ckpt", ckpt, folder)
     assert list(hypotheses(out)) == [str(good)]
-    assert re.search(r"error: .*broken\.flac: cannot read audio", err) and re.search(r"error: .*empty\.wav: .*no samples", err)
+    assert re.search(r"error: .*broken\.flac: cannot read audio", err) and re.search(
+        r"error: .*empty\.wav: .*no samples", err
+    )
     assert "transcribed 1 of 3 files" in err
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "notes.txt").write_text("no audio here")
@@ -247,10 +261,12 @@ def test_engines_decoders_and_bad_options(ckpt, utterances, tmp_path, capsys):
     assert hypotheses(ort_out) == hypotheses(torch_out) and any(hypotheses(torch_out).values())
     beam_out, _ = run(capsys, "--ckpt", ckpt, *files, "--decoder", "beam", "--beam-size", "4")
     assert list(hypotheses(beam_out)) == files
-    for extra, message in ((["--lm-weight", "1"], "error: --lm-weight and --word-score need --lm"),
-                           (["--max-segment", "0"], "error: --max-segment 0: must be at least 1 second"),
-                           (["--decoder", "greedy", "--lexicon", "x"], "error: --lexicon and --lm are beam searches"),
-                           (["--format", "srt"], "error: --format writes files: give --out")):
+    for extra, message in (
+        (["--lm-weight", "1"], "error: --lm-weight and --word-score need --lm"),
+        (["--max-segment", "0"], "error: --max-segment 0: must be at least 1 second"),
+        (["--decoder", "greedy", "--lexicon", "x"], "error: --lexicon and --lm are beam searches"),
+        (["--format", "srt"], "error: --format writes files: give --out"),
+    ):
         with pytest.raises(SystemExit, match=message) as e:
             transcribe.main(["--ckpt", str(ckpt), *files, *extra])
         assert "\n" not in str(e.value.code)

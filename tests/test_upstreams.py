@@ -1,4 +1,6 @@
-"""TERA / Mockingjay through s3prl's own classes, behind our capture interface (the analyses of Gopinath & Rodriguez, "Probing self-attention in self-supervised speech models for cross-linguistic differences")."""
+"""TERA / Mockingjay through s3prl's own classes, behind our capture interface (the analyses of Gopinath &
+Rodriguez, "Probing self-attention in self-supervised speech models for cross-linguistic differences")."""
+
 from __future__ import annotations
 
 import json
@@ -48,9 +50,17 @@ def test_maps_equal_s3prl_own_pipeline(tera_ckpt, wave):
     from s3prl.upstream.mockingjay.builder import PretrainedTransformer
     from s3prl.upstream.mockingjay.model import TransformerModel
 
-    options = {"ckpt_file": str(tera_ckpt), "load_pretrain": "True", "no_grad": "True", "dropout": "default",
-               "spec_aug": "False", "spec_aug_prev": "True", "output_hidden_states": "True", "select_layer": -1,
-               "permute_input": "False"}
+    options = {
+        "ckpt_file": str(tera_ckpt),
+        "load_pretrain": "True",
+        "no_grad": "True",
+        "dropout": "default",
+        "spec_aug": "False",
+        "spec_aug_prev": "True",
+        "output_hidden_states": "True",
+        "select_layer": -1,
+        "permute_input": "False",
+    }
     ref = PretrainedTransformer(options, inp_dim=-1)
     ref.eval()
     with torch.no_grad():
@@ -133,17 +143,43 @@ def test_report_on_upstream(prepared, tmp_path):
 
     states, _ = build_random_tera(num_layers=2, num_heads=4, hidden_size=64)
     torch.save(states, tmp_path / "small_tera.ckpt")
-    main(["report", "--upstream", "tera", "--upstream-ckpt", str(tmp_path / "small_tera.ckpt"),
-          "--manifest", str(prepared / "manifests" / "mini-train.jsonl"), "--out", str(tmp_path / "r"),
-          "--probe-epochs", "2"])
+    main(
+        [
+            "report",
+            "--upstream",
+            "tera",
+            "--upstream-ckpt",
+            str(tmp_path / "small_tera.ckpt"),
+            "--manifest",
+            str(prepared / "manifests" / "mini-train.jsonl"),
+            "--out",
+            str(tmp_path / "r"),
+            "--probe-epochs",
+            "2",
+        ]
+    )
     r = json.loads((tmp_path / "r" / "report.json").read_text())
     for fig in ("heads", "prm", "probe", "ablation", "cad", "par"):
         assert (tmp_path / "r" / r["figures"][fig].split("/")[-1]).stat().st_size > 1000, fig
     assert "mixing" not in r["figures"]
     assert len(r["probe"]["accuracy"]) == 3 and len(r["heads"]["category"]) == 2
-    assert len(r["ablation"]["steps"]["diagonal"] + r["ablation"]["steps"]["vertical"] + r["ablation"]["steps"]["global"]) == 8
+    assert (
+        len(r["ablation"]["steps"]["diagonal"] + r["ablation"]["steps"]["vertical"] + r["ablation"]["steps"]["global"])
+        == 8
+    )
     with pytest.raises(SystemExit, match="needs --upstream-ckpt"):
         main(["heads", "--upstream", "tera", "--manifest", "x.jsonl", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="not available for upstream"):
-        main(["mixing", "--upstream", "tera", "--upstream-ckpt", str(tmp_path / "small_tera.ckpt"),
-              "--manifest", str(prepared / "manifests" / "mini-dev.jsonl"), "--out", str(tmp_path / "o")])
+        main(
+            [
+                "mixing",
+                "--upstream",
+                "tera",
+                "--upstream-ckpt",
+                str(tmp_path / "small_tera.ckpt"),
+                "--manifest",
+                str(prepared / "manifests" / "mini-dev.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

@@ -23,6 +23,7 @@ callback is not created and nothing is computed. Only rank 0 computes and logs u
 the bare model, not the DDP wrapper: no collective, no gradient). Without a TensorBoard logger
 among the trainer's loggers it warns once and computes nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,9 +103,11 @@ class AttentionMaps(Callback):
         self.logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if self.logger is None:
             names = ", ".join(type(lg).__name__ for lg in trainer.loggers) or "none"
-            warnings.warn(f"attention_maps: no TensorBoard logger among the trainer's loggers ({names}): no "
-                          f"attention maps are computed or logged (set attention_maps: false to silence this)",
-                          stacklevel=2)
+            warnings.warn(
+                f"attention_maps: no TensorBoard logger among the trainer's loggers ({names}): no "
+                f"attention maps are computed or logged (set attention_maps: false to silence this)",
+                stacklevel=2,
+            )
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.logger is None or trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
@@ -119,7 +122,9 @@ class AttentionMaps(Callback):
         medians = layer_cad_medians(maps, layers)
         writer, step = self.logger.experiment, trainer.global_step
         frames = maps[0].shape[-1]
-        writer.add_text("attention/utterance", f"{self.item['id']} ({frames} encoder frames): {self.item['text']}", step)
+        writer.add_text(
+            "attention/utterance", f"{self.item['id']} ({frames} encoder frames): {self.item['text']}", step
+        )
         for layer in layers:
             a = maps[layer].numpy()
             name = f"layer{layer + 1:02d}"
@@ -141,7 +146,7 @@ class AttentionMaps(Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), (precision_plugin.val_step_context() if precision_plugin else nullcontext()):
+            with torch.no_grad(), precision_plugin.val_step_context() if precision_plugin else nullcontext():
                 enc = model.encode(feats, lengths, return_attentions=True)
         finally:
             model.train(was_training)

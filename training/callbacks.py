@@ -1,5 +1,6 @@
 """train.py's callbacks: ``last.ckpt`` at every validation, epoch checkpoints of complete epochs
 only, a checkpoint and a loud report where training stops inside an epoch, and progress lines."""
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,11 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     (:class:`StopCheckpoint` saves where the run stopped, resumable inside the epoch)."""
 
     def _save_last_if_not_saved(self, trainer, at_train_epoch_end: bool) -> None:
-        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
-                and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end):
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -71,14 +75,20 @@ class StopCheckpoint(Checkpoint):
         why = "max_time" if remaining is not None and remaining <= 0 else "a stop before the end"
         h = pl_module.hparams
         schedule = h.warmup_steps + h.hold_steps + h.decay_steps
-        where = (f"epoch {self.saved[1]} stopped after {self.saved[2]} of {trainer.num_training_batches} batches; "
-                 if self.saved else "")
+        where = (
+            f"epoch {self.saved[1]} stopped after {self.saved[2]} of {trainer.num_training_batches} batches; "
+            if self.saved
+            else ""
+        )
         saved = f"{self.saved[0]} holds step {step}; " if self.saved else ""
         if trainer.is_global_zero:
-            print(f"warning: TRAINING CUT SHORT by {why}: step {step} of {planned} planned "
-                  f"({100 * step / planned:.0f} %), {where}the LR schedule ({schedule} steps) reached step "
-                  f"{min(step, schedule)} (lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}). {saved}No "
-                  f"checkpoint names the incomplete epoch. Resume with --ckpt_path last.", file=sys.stderr)
+            print(
+                f"warning: TRAINING CUT SHORT by {why}: step {step} of {planned} planned "
+                f"({100 * step / planned:.0f} %), {where}the LR schedule ({schedule} steps) reached step "
+                f"{min(step, schedule)} (lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}). {saved}No "
+                f"checkpoint names the incomplete epoch. Resume with --ckpt_path last.",
+                file=sys.stderr,
+            )
 
 
 class ProgressLines(Callback):
@@ -96,9 +106,12 @@ class ProgressLines(Callback):
         self.start = time.monotonic()
         if self._active(trainer):
             planned = _planned_steps(trainer)
-            print(f"training: {planned if planned is not None else '?'} steps planned ({trainer.max_epochs} epochs of "
-                  f"{trainer.num_training_batches} batches), {sum(p.numel() for p in pl_module.parameters()) / 1e6:.2f}M "
-                  f"parameters, precision {trainer.precision}", flush=True)
+            print(
+                f"training: {planned if planned is not None else '?'} steps planned ({trainer.max_epochs} epochs of "
+                f"{trainer.num_training_batches} batches), {sum(p.numel() for p in pl_module.parameters()) / 1e6:.2f}M "
+                f"parameters, precision {trainer.precision}",
+                flush=True,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._active(trainer) and outputs is not None and not getattr(pl_module, "_skip_this_step", False):
@@ -136,12 +149,24 @@ def default_callbacks(keep_last: int = 5):
     lose little on an interruption) is one more callback in the recipe:
     ``trainer.callbacks: [{class_path: ModelCheckpoint, init_args: {every_n_train_steps: 1000}}]``."""
     return [
-        BestAndLastCheckpoint(filename="best-{epoch}-{step}-{val_wer:.2f}", monitor="val_wer", mode="min",
-                              save_top_k=1, save_last=True, auto_insert_metric_name=False),
+        BestAndLastCheckpoint(
+            filename="best-{epoch}-{step}-{val_wer:.2f}",
+            monitor="val_wer",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
         # epochNNN.ckpt once per epoch: a resumed run overwrites (no -v1), so averaging takes distinct epochs
-        CompleteEpochCheckpoint(filename="epoch{epoch:03d}", monitor="step", mode="max", save_top_k=keep_last,
-                                auto_insert_metric_name=False, save_on_train_epoch_end=True,
-                                enable_version_counter=False),
+        CompleteEpochCheckpoint(
+            filename="epoch{epoch:03d}",
+            monitor="step",
+            mode="max",
+            save_top_k=keep_last,
+            auto_insert_metric_name=False,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        ),
         StopCheckpoint(),
         ProgressLines(),
     ]

@@ -1,6 +1,7 @@
 """train.py's command line: Lightning's CLI over :class:`~training.module.CTCModule` and
 :class:`~data.datamodule.ASRDataModule`, with the trainer's precision resolved for the hardware,
 atomic checkpoint writes, and CSV / TensorBoard logs by default."""
+
 from __future__ import annotations
 
 import inspect
@@ -90,9 +91,13 @@ class ASRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.data_dir", "model.tokenizer_path", compute_fn=tokenizer_of)
-        parser.add_argument("--attention_maps", type=bool, default=True,
-                            help="at each validation, log one dev utterance's attention maps and per-layer CAD "
-                                 "to TensorBoard (training/attention_maps.py)")
+        parser.add_argument(
+            "--attention_maps",
+            type=bool,
+            default=True,
+            help="at each validation, log one dev utterance's attention maps and per-layer CAD "
+            "to TensorBoard (training/attention_maps.py)",
+        )
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path FILE``: the model is built with the checkpoint's hyper-parameters (what
@@ -115,17 +120,20 @@ class ASRCLI(LightningCLI):
             raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
         init = set(inspect.signature(CTCModule).parameters) - {"tokenizer_path", "init_from"}
         hparams = CheckpointRecord.read(ckpt, f"--ckpt_path {ckpt_path}").hyper_parameters()
-        self.config = self.parser.parse_object({self.config.subcommand: {"model": {
-            k: v for k, v in hparams.items() if k in init}}}, self.config)
+        self.config = self.parser.parse_object(
+            {self.config.subcommand: {"model": {k: v for k, v in hparams.items() if k in init}}}, self.config
+        )
 
 
 def main(args=None):
     torch.set_float32_matmul_precision("high")
     with user_errors():  # bad data, paths, checkpoints: one line naming what is at fault
         ASRCLI(
-            CTCModule, ASRDataModule, trainer_class=ASRTrainer, seed_everything_default=0,
+            CTCModule,
+            ASRDataModule,
+            trainer_class=ASRTrainer,
+            seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": default_callbacks(), "use_distributed_sampler": False},
             args=args,
         )
-

@@ -1,4 +1,5 @@
 """The Lightning module of Conformer-CTC training (:class:`CTCModule`) and its learning-rate schedule."""
+
 from __future__ import annotations
 
 import os
@@ -47,11 +48,23 @@ class CTCModule(L.LightningModule):
     """
 
     @takes_model_options
-    def __init__(self, tokenizer_path: str, *, lr: float = 1.5e-3, weight_decay: float = 1e-5,
-                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8, warmup_steps: int = 5000,
-                 hold_steps: int = 95000, decay_steps: int = 100000, final_lr_scale: float = 0.01,
-                 weight_noise: float = 0.0, weight_noise_start: int = 0, init_from: str | None = None,
-                 **model_options):
+    def __init__(
+        self,
+        tokenizer_path: str,
+        *,
+        lr: float = 1.5e-3,
+        weight_decay: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8,
+        warmup_steps: int = 5000,
+        hold_steps: int = 95000,
+        decay_steps: int = 100000,
+        final_lr_scale: float = 0.01,
+        weight_noise: float = 0.0,
+        weight_noise_start: int = 0,
+        init_from: str | None = None,
+        **model_options,
+    ):
         training = {k: v for k, v in locals().items() if k not in ("self", "tokenizer_path", "model_options")}
         # not super(): its implicit ``__class__`` would make save_hyperparameters read this frame's
         # locals by the generated signature, where the model options are one **model_options
@@ -80,25 +93,41 @@ class CTCModule(L.LightningModule):
 
         base, tokenizer, hp = load_model(path)
         if tokenizer.digest != self.tokenizer.digest:
-            raise ValueError(f"--model.init_from {path}: trained with another tokenizer (sha256 {tokenizer.digest}) than "
-                             f"{self.tokenizer_path} (sha256 {self.tokenizer.digest})")
+            raise ValueError(
+                f"--model.init_from {path}: trained with another tokenizer (sha256 {tokenizer.digest}) than "
+                f"{self.tokenizer_path} (sha256 {self.tokenizer.digest})"
+            )
         ours, theirs = self.model.model_config.options("function"), base.model_config.options("function")
         differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k]]
         if differ:
-            raise ValueError(f"--model.init_from {path}: the checkpoint's model is not this recipe's size and function "
-                             f"({', '.join(differ)})")
+            raise ValueError(
+                f"--model.init_from {path}: the checkpoint's model is not this recipe's size and function "
+                f"({', '.join(differ)})"
+            )
         differ = input_differences(hp, self.data_dir)
         if differ:
-            raise ValueError(f"--model.init_from {path}: {'; '.join(differ)}: the fine-tuning would not start from the "
-                             f"checkpoint's function (prepare the data folder with the checkpoint's inputs)")
+            raise ValueError(
+                f"--model.init_from {path}: {'; '.join(differ)}: the fine-tuning would not start from the "
+                f"checkpoint's function (prepare the data folder with the checkpoint's inputs)"
+            )
         if base.reuse != self.model.reuse:
             base = retrofit(base, self.model.reuse)
         self.model.load_state_dict(base.state_dict())
 
     def ctc_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         log_probs, out_lengths = self.model(batch["features"], batch["feature_lengths"])
-        loss = F.ctc_loss(log_probs.float().transpose(0, 1), batch["targets"], out_lengths, batch["target_lengths"],
-                          blank=BLANK, reduction="sum", zero_infinity=True) / log_probs.shape[0]
+        loss = (
+            F.ctc_loss(
+                log_probs.float().transpose(0, 1),
+                batch["targets"],
+                out_lengths,
+                batch["target_lengths"],
+                blank=BLANK,
+                reduction="sum",
+                zero_infinity=True,
+            )
+            / log_probs.shape[0]
+        )
         return loss, log_probs, out_lengths
 
     # --- variational weight noise ----------------------------------------------------------
@@ -178,9 +207,10 @@ class CTCModule(L.LightningModule):
         hyps = [self.tokenizer.decode(h) for h in greedy_decode(log_probs, out_lengths)]
         m = jiwer.process_words(batch["texts"], hyps)
         n = len(batch["ids"])
-        self._val_counts += torch.tensor([m.substitutions + m.deletions + m.insertions,
-                                          m.hits + m.substitutions + m.deletions, float(loss) * n, n],
-                                         dtype=torch.float64)
+        self._val_counts += torch.tensor(
+            [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions, float(loss) * n, n],
+            dtype=torch.float64,
+        )
 
     def on_validation_epoch_end(self) -> None:
         """``val_wer`` and ``val/loss`` over every utterance of every rank: one all-reduce of the
@@ -201,10 +231,15 @@ class CTCModule(L.LightningModule):
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
             (no_decay if p.dim() < 2 or n.endswith((".bias", "pos_bias_u", "pos_bias_v")) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=h.lr,
+            betas=tuple(h.betas),
+            eps=h.eps,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, h.warmup_steps, h.hold_steps, h.decay_steps, h.final_lr_scale))
+            opt, lambda s: lr_lambda(s, h.warmup_steps, h.hold_steps, h.decay_steps, h.final_lr_scale)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- exact resumption ------------------------------------------------------------------------
@@ -229,8 +264,9 @@ class CTCModule(L.LightningModule):
         front-end record (a converted model's ``features.json``) of the data module, if any."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data = DataRecord.of(self.tokenizer, self.data_dir, getattr(dm, "cmvn", None), getattr(dm, "features", None))
-        return CheckpointRecord(self.model.model_config, data,
-                                {k: v for k, v in self.hparams.items() if k not in MODEL_KEYS})
+        return CheckpointRecord(
+            self.model.model_config, data, {k: v for k, v in self.hparams.items() if k not in MODEL_KEYS}
+        )
 
     def _precision_record(self) -> dict | None:
         """The trainer's precision and why it was chosen (:class:`ASRTrainer`), or None without a trainer."""
@@ -249,6 +285,8 @@ class CTCModule(L.LightningModule):
         """Refuses a checkpoint trained with another tokenizer (clear message before any step)."""
         saved = CheckpointRecord.read(checkpoint).data.tokenizer.get("sha256")
         if saved is not None and saved != self.tokenizer.digest:
-            raise ValueError(f"checkpoint was trained with another tokenizer (sha256 {saved}) than "
-                             f"{self.tokenizer_path} (sha256 {self.tokenizer.digest})")
+            raise ValueError(
+                f"checkpoint was trained with another tokenizer (sha256 {saved}) than "
+                f"{self.tokenizer_path} (sha256 {self.tokenizer.digest})"
+            )
         self.skipped_steps = checkpoint.get("skipped_steps", 0)

@@ -56,11 +56,25 @@ Modules: :mod:`~analysis.latency.config` (the typed :class:`BenchConfig`),
 :mod:`~analysis.latency.benchmark` (:func:`run`: one run's record), :mod:`~analysis.latency.output`
 (table, plot, JSON), :mod:`~analysis.latency.cli` (:func:`main`).
 """
+
 from analysis.latency.bench import Bench
 from analysis.latency.benchmark import PEER_ATOL, check_peer, run
 from analysis.latency.cli import main, parse_config, parser
 from analysis.latency.config import PAPER, BenchConfig
 from analysis.latency.modules import EspnetRow, Peer, Timed, espnet_importable
 
-__all__ = ["PAPER", "PEER_ATOL", "Bench", "BenchConfig", "EspnetRow", "Peer", "Timed", "check_peer",
-           "espnet_importable", "main", "parse_config", "parser", "run"]
+__all__ = [
+    "PAPER",
+    "PEER_ATOL",
+    "Bench",
+    "BenchConfig",
+    "EspnetRow",
+    "Peer",
+    "Timed",
+    "check_peer",
+    "espnet_importable",
+    "main",
+    "parse_config",
+    "parser",
+    "run",
+]

@@ -1,4 +1,5 @@
 """The models, inputs and timed callables of one benchmark run (:class:`Bench`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,9 +11,9 @@ from analysis.latency.config import INPUT_DIM, INPUT_LAYER, BenchConfig
 from analysis.latency.engines import OnnxRows, wrap
 from analysis.latency.modules import Peer, Timed, autocast_call, espnet_peer_module, uncached
 from analysis.latency.timing import measure, summarise
+from data.framing import input_frames
 from models import ConformerCTC
 from models.flops import count_flops
-from data.framing import input_frames
 from models.subsampling import Conv2dSubsampling
 
 
@@ -33,9 +34,17 @@ class Bench:
         """Our model with plan ``reuse`` at the run's size (random weights, ``torch.manual_seed(0)``)."""
         torch.manual_seed(0)
         c = self.config
-        return ConformerCTC(c.vocab_size, d_model=c.d_model, num_layers=c.num_layers, ffn_dim=c.ffn_dim,
-                            kernel_size=c.kernel_size, reuse=reuse, subsampling_channels=c.d_model,
-                            input_dim=INPUT_DIM, input_layer=INPUT_LAYER)
+        return ConformerCTC(
+            c.vocab_size,
+            d_model=c.d_model,
+            num_layers=c.num_layers,
+            ffn_dim=c.ffn_dim,
+            kernel_size=c.kernel_size,
+            reuse=reuse,
+            subsampling_channels=c.d_model,
+            input_dim=INPUT_DIM,
+            input_layer=INPUT_LAYER,
+        )
 
     def peer(self, name: str = "torchaudio", ours: ConformerCTC | None = None) -> nn.Module:
         """The peer row ``name``: torchaudio's Conformer (random weights, ``torch.manual_seed(0)``), or espnet2's
@@ -46,8 +55,13 @@ class Bench:
 
         torch.manual_seed(0)
         c = self.config
-        conformer = torchaudio.models.Conformer(input_dim=c.d_model, num_heads=c.peer_heads, ffn_dim=c.ffn_dim,
-                                                num_layers=c.num_layers, depthwise_conv_kernel_size=c.kernel_size)
+        conformer = torchaudio.models.Conformer(
+            input_dim=c.d_model,
+            num_heads=c.peer_heads,
+            ffn_dim=c.ffn_dim,
+            num_layers=c.num_layers,
+            depthwise_conv_kernel_size=c.kernel_size,
+        )
         # the front end of self.model()'s: fbank bins in, d_model channels
         frontend = Conv2dSubsampling(INPUT_DIM, c.d_model, c.d_model, INPUT_LAYER) if c.include_frontend else None
         return Peer(conformer, frontend)
@@ -69,8 +83,7 @@ class Bench:
         x, lengths = self.inputs(T)
         x = x.to(self.weights_dtype)
         if self.autocast:
-            return autocast_call(Timed(kind, module, self.config.include_frontend), x, lengths, self.device,
-                                 self.dtype)
+            return autocast_call(Timed(kind, module, self.config.include_frontend), x, lengths, self.device, self.dtype)
         if kind == "peer":
             return lambda: module(x, lengths)
         if self.config.include_frontend:
@@ -102,8 +115,10 @@ class Bench:
             timed = wrap(plain, self.device, c.compile_backend if c.compile else None, c.cuda_graphs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:
             name = getattr(module, "reuse", "torchaudio")
-            raise RuntimeError(f"--compile: compiling {name} ({kind}) at length {T} hit dynamo's recompile limit "
-                               f"({torch._dynamo.config.recompile_limit}); refusing to time it eagerly") from e
+            raise RuntimeError(
+                f"--compile: compiling {name} ({kind}) at length {T} hit dynamo's recompile limit "
+                f"({torch._dynamo.config.recompile_limit}); refusing to time it eagerly"
+            ) from e
         return timed, count_flops(plain) / 1e9
 
     def latencies(self, entries: list[tuple[str, object]], T: int) -> list[dict]:
@@ -141,8 +156,9 @@ class Bench:
         def step():
             with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=amp):
                 log_probs, out_lengths = model(x, lengths)
-            loss = torch.nn.functional.ctc_loss(log_probs.float().transpose(0, 1), targets, out_lengths,
-                                                target_lengths, zero_infinity=True)
+            loss = torch.nn.functional.ctc_loss(
+                log_probs.float().transpose(0, 1), targets, out_lengths, target_lengths, zero_infinity=True
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,6 +1,7 @@
 """One benchmark run (:func:`run`): every row built, checked (the ESPnet peer against our baseline,
 each ONNX graph against PyTorch), timed at every length, then the training steps; the results as
 the JSON record that :mod:`analysis.latency.output` prints."""
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,10 @@ def check_peer(bench: Bench, peer: nn.Module, ours: ConformerCTC, lengths=(32, 6
                 raise RuntimeError(f"--peer espnet: output {tuple(out.shape)} at length {T}, ours {tuple(ref.shape)}")
             worst = max(worst, (out - ref).abs().max().item())
     if not worst <= PEER_ATOL:
-        raise RuntimeError(f"--peer espnet: espnet2's encoder with our weights differs from ours by {worst:.3g} "
-                           f"(tolerance {PEER_ATOL:g}); refusing to time it as the same model")
+        raise RuntimeError(
+            f"--peer espnet: espnet2's encoder with our weights differs from ours by {worst:.3g} "
+            f"(tolerance {PEER_ATOL:g}); refusing to time it as the same model"
+        )
     return {"max_abs_diff": worst, "lengths": list(lengths)}
 
 
@@ -40,15 +43,30 @@ def header(c: BenchConfig, malloc: str) -> dict:
     """The record's description of the run (before any row)."""
     from models.onnx_runtime import version
 
-    return {"device": device_name(c.device), "device_type": c.device, "torch": torch.__version__, "dtype": c.dtype,
-            "precision_mode": c.precision_mode if c.dtype != "fp32" else None, "engine": c.engine,
-            "precision_warning": precision_warning(c.dtype, c.device),
-            "onnxruntime": version() if c.engine == "onnxruntime" else None,
-            "threads": torch.get_num_threads(), "batch_size": c.batch_size, "include_frontend": c.include_frontend,
-            "compile": c.compile, "compile_backend": c.compile_backend if c.compile else None,
-            "cuda_graphs": c.cuda_graphs, "lengths": list(c.lengths), "malloc": malloc,
-            "warmup": c.warmup, "runs": c.runs, "rounds": c.rounds, "model": c.model_size,
-            "inference": [], "training": []}
+    return {
+        "device": device_name(c.device),
+        "device_type": c.device,
+        "torch": torch.__version__,
+        "dtype": c.dtype,
+        "precision_mode": c.precision_mode if c.dtype != "fp32" else None,
+        "engine": c.engine,
+        "precision_warning": precision_warning(c.dtype, c.device),
+        "onnxruntime": version() if c.engine == "onnxruntime" else None,
+        "threads": torch.get_num_threads(),
+        "batch_size": c.batch_size,
+        "include_frontend": c.include_frontend,
+        "compile": c.compile,
+        "compile_backend": c.compile_backend if c.compile else None,
+        "cuda_graphs": c.cuda_graphs,
+        "lengths": list(c.lengths),
+        "malloc": malloc,
+        "warmup": c.warmup,
+        "runs": c.runs,
+        "rounds": c.rounds,
+        "model": c.model_size,
+        "inference": [],
+        "training": [],
+    }
 
 
 def build_rows(bench: Bench, results: dict) -> tuple[list[tuple[str, nn.Module]], list[dict]]:
@@ -70,8 +88,14 @@ def build_rows(bench: Bench, results: dict) -> tuple[list[tuple[str, nn.Module]]
                 built[name] = bench.model(name).to(bench.device, bench.weights_dtype).eval()
         module = built[name]
         modules.append((kind, module))
-        entries.append({"config": name if kind != "materialised" else f"{name}+materialised", "kind": kind,
-                        "parameters": sum(p.numel() for p in module.parameters()), "by_length": {}})
+        entries.append(
+            {
+                "config": name if kind != "materialised" else f"{name}+materialised",
+                "kind": kind,
+                "parameters": sum(p.numel() for p in module.parameters()),
+                "by_length": {},
+            }
+        )
     return modules, entries
 
 
@@ -82,9 +106,11 @@ def ratios(results: dict) -> None:
     for entry in results["inference"]:
         for T, r in entry["by_length"].items():
             r["speedup_vs_first"] = first[T]["median_ms"] / r["median_ms"]
-    results["speedup_over_peer"] = {e["config"]: {T: r["median_ms"] / first[T]["median_ms"]
-                                                  for T, r in e["by_length"].items()}
-                                    for e in results["inference"] if e["kind"] == "peer"}
+    results["speedup_over_peer"] = {
+        e["config"]: {T: r["median_ms"] / first[T]["median_ms"] for T, r in e["by_length"].items()}
+        for e in results["inference"]
+        if e["kind"] == "peer"
+    }
 
 
 def run(c: BenchConfig) -> dict:
@@ -111,8 +137,9 @@ def run(c: BenchConfig) -> dict:
     ratios(results)
     if c.train_runs > 0:
         for name in tqdm(c.reuse, desc="training", unit="config", disable=c.quiet):
-            results["training"].append({"config": name, "length": c.train_length, "batch": c.train_batch,
-                                        **bench.train_step(name)})
+            results["training"].append(
+                {"config": name, "length": c.train_length, "batch": c.train_batch, **bench.train_step(name)}
+            )
         base = results["training"][0]["median_ms"]
         for r in results["training"]:
             r["relative_to_first"] = r["median_ms"] / base

@@ -1,32 +1,47 @@
 """``python -m analysis.latency``: the command line (:func:`parser`), its configuration
 (:func:`parse_config`) and :func:`main` (check, run, print, write)."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-
 from analysis.latency.benchmark import run
-from common.cli import add_device, user_errors
 from analysis.latency.config import ENGINES, MALLOCS, PAPER, PEERS, BenchConfig
 from analysis.latency.output import plot, print_table, write_json
+from common.cli import add_device, user_errors
 from models.precision import DTYPES, MODES, precision_warning
 
 
 def parser() -> argparse.ArgumentParser:
     doc = sys.modules["analysis.latency"].__doc__
     p = argparse.ArgumentParser(prog="python -m analysis.latency", description=doc.split("\n\n")[0])
-    p.add_argument("--reuse", nargs="+", default=list(PAPER), help="reuse plans; the first is the baseline of the ratios")
+    p.add_argument(
+        "--reuse", nargs="+", default=list(PAPER), help="reuse plans; the first is the baseline of the ratios"
+    )
     p.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512, 768], help="encoder frames")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--precision-mode", choices=MODES, default="weights",
-                   help="bf16 / fp16: cast the weights and inputs (weights) or run torch.autocast over fp32 weights")
-    p.add_argument("--engine", choices=ENGINES, default="torch",
-                   help="torch (eager; --compile, --cuda-graphs) or onnxruntime (each row exported to ONNX; CPU, fp32)")
-    p.add_argument("--peer", nargs="+", choices=PEERS, default=["torchaudio"],
-                   help="peer rows: torchaudio's Conformer (always, unless --no-peer), espnet2's ConformerEncoder "
-                        "with our baseline's weights (espnet)")
+    p.add_argument(
+        "--precision-mode",
+        choices=MODES,
+        default="weights",
+        help="bf16 / fp16: cast the weights and inputs (weights) or run torch.autocast over fp32 weights",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="torch (eager; --compile, --cuda-graphs) or onnxruntime (each row exported to ONNX; CPU, fp32)",
+    )
+    p.add_argument(
+        "--peer",
+        nargs="+",
+        choices=PEERS,
+        default=["torchaudio"],
+        help="peer rows: torchaudio's Conformer (always, unless --no-peer), espnet2's ConformerEncoder "
+        "with our baseline's weights (espnet)",
+    )
     add_device(p)
     p.add_argument("--include-frontend", action="store_true", help="time from fbank features (Table 3 excludes it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the timed function")
@@ -34,9 +49,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true", help="replay a captured CUDA graph")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=50, help="timed calls per configuration and length")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved passes over the configurations that share the runs")
-    p.add_argument("--malloc", choices=MALLOCS, default="steady",
-                   help="CPU: keep freed large blocks in glibc's heap (steady) or leave the allocator as it is")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="interleaved passes over the configurations that share the runs"
+    )
+    p.add_argument(
+        "--malloc",
+        choices=MALLOCS,
+        default="steady",
+        help="CPU: keep freed large blocks in glibc's heap (steady) or leave the allocator as it is",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--no-peer", action="store_true", help="skip the peer rows")
     p.add_argument("--no-materialised", action="store_true", help="skip the materialised-path baseline")

@@ -1,5 +1,6 @@
 """The benchmark's configuration: what one run measures, typed, built from the command line
 (:meth:`BenchConfig.from_args`) or in code, and checked (:meth:`BenchConfig.check`) before any work."""
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,15 @@ class BenchConfig:
         peers = () if a.no_peer else tuple(p for p in PEERS if p == "torchaudio" or p in (a.peer or ()))
         names = {f.name for f in fields(cls)} - {"peers", "materialised"}
         values = {k: v for k, v in vars(a).items() if k in names}
-        return cls(**{**values, "reuse": tuple(a.reuse), "lengths": tuple(a.lengths), "peers": peers,
-                      "materialised": not a.no_materialised})
+        return cls(
+            **{
+                **values,
+                "reuse": tuple(a.reuse),
+                "lengths": tuple(a.lengths),
+                "peers": peers,
+                "materialised": not a.no_materialised,
+            }
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -77,8 +85,12 @@ class BenchConfig:
     @property
     def model_size(self) -> dict:
         """The sizes every row shares (the JSON's ``model``)."""
-        return {"d_model": self.d_model, "num_layers": self.num_layers, "ffn_dim": self.ffn_dim,
-                "kernel_size": self.kernel_size}
+        return {
+            "d_model": self.d_model,
+            "num_layers": self.num_layers,
+            "ffn_dim": self.ffn_dim,
+            "kernel_size": self.kernel_size,
+        }
 
     def rows(self) -> list[tuple[str, str]]:
         """``(name, kind)`` of every row in order, kind ``fused``, ``materialised`` or ``peer``."""
@@ -96,8 +108,12 @@ class BenchConfig:
         (before any model is built): an unknown choice, a missing device or library, an engine
         with an option it does not take, a precision the hardware does not practise, a plan that
         does not fit the model."""
-        for name, value, choices in (("--dtype", self.dtype, DTYPES), ("--precision-mode", self.precision_mode, MODES),
-                                     ("--engine", self.engine, ENGINES), ("--malloc", self.malloc, MALLOCS)):
+        for name, value, choices in (
+            ("--dtype", self.dtype, DTYPES),
+            ("--precision-mode", self.precision_mode, MODES),
+            ("--engine", self.engine, ENGINES),
+            ("--malloc", self.malloc, MALLOCS),
+        ):
             if value not in choices:
                 raise ValueError(f"{name} {value!r}: choose one of {', '.join(choices)}")
         if not self.reuse or not self.lengths or min(self.lengths) < 1:
@@ -113,8 +129,15 @@ class BenchConfig:
         from models import ConformerCTC
 
         for r in self.reuse:
-            ConformerCTC(self.vocab_size, d_model=self.d_model, num_layers=self.num_layers, ffn_dim=self.ffn_dim,
-                         kernel_size=self.kernel_size, reuse=r, subsampling_channels=8)
+            ConformerCTC(
+                self.vocab_size,
+                d_model=self.d_model,
+                num_layers=self.num_layers,
+                ffn_dim=self.ffn_dim,
+                kernel_size=self.kernel_size,
+                reuse=r,
+                subsampling_channels=8,
+            )
 
 
 def _check_espnet(include_frontend: bool) -> None:
@@ -123,15 +146,21 @@ def _check_espnet(include_frontend: bool) -> None:
     if (why := espnet_importable()) is not None:
         raise ValueError(f"--peer espnet: {why}")
     if not include_frontend:
-        raise ValueError("--peer espnet needs --include-frontend (espnet2's encoder starts with its own Conv2d front end)")
+        raise ValueError(
+            "--peer espnet needs --include-frontend (espnet2's encoder starts with its own Conv2d front end)"
+        )
 
 
 def _check_onnxruntime(c: BenchConfig) -> None:
     if c.device != "cpu" or c.dtype != "fp32" or c.compile or c.cuda_graphs:
-        raise ValueError("--engine onnxruntime times fp32 on the CPU (no --dtype fp16/bf16, --compile or --cuda-graphs)")
+        raise ValueError(
+            "--engine onnxruntime times fp32 on the CPU (no --dtype fp16/bf16, --compile or --cuda-graphs)"
+        )
     try:
         from models.onnx_runtime import version
 
         version()
     except ImportError:
-        raise ValueError("--engine onnxruntime needs onnx, onnxscript and onnxruntime (pip install '.[onnx]')") from None
+        raise ValueError(
+            "--engine onnxruntime needs onnx, onnxscript and onnxruntime (pip install '.[onnx]')"
+        ) from None

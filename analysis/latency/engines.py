@@ -13,6 +13,7 @@ once with torch's dynamo exporter (:func:`models.export.export_onnx`; dynamic ti
 an ONNX Runtime CPU session (:mod:`models.onnx_runtime`) on one intra-op pool shared by every row's
 session, after its output has been checked equal to PyTorch's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,11 @@ def compile_settings(entries: int) -> dict:
     callables are lambdas of a few source lines, so they share code objects, and dynamo keeps one
     cache entry per (row, length) on each: its recompile limit (8 by default) must cover them all,
     and reaching it must be an error, as dynamo otherwise runs the code eagerly, silently."""
-    return {"recompile_limit": max(8, entries), "accumulated_recompile_limit": max(256, entries),
-            "fail_on_recompile_limit_hit": True}
+    return {
+        "recompile_limit": max(8, entries),
+        "accumulated_recompile_limit": max(256, entries),
+        "fail_on_recompile_limit_hit": True,
+    }
 
 
 def compiling(compile: bool, entries: int):
@@ -79,8 +83,13 @@ class OnnxRows:
         self.threads: int | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
-    def export(self, kind: str, module: nn.Module, include_frontend: bool,
-               inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def export(
+        self,
+        kind: str,
+        module: nn.Module,
+        include_frontend: bool,
+        inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
         """Exports the row ``(kind, module)`` (once per module, outside inference mode; dynamic time
         axis from the front end's receptive field, or 2 encoder frames, to ``module.max_frames``
         where it has one) and loads it; ``inputs(T)``: the row's ``(x, lengths)`` at ``T`` encoder
@@ -88,9 +97,9 @@ class OnnxRows:
         from torch.export import Dim
 
         from analysis.latency.config import INPUT_LAYER
+        from data.framing import receptive_field
         from models.export import export_onnx
         from models.onnx_runtime import OnnxMismatch, check_session, session, shared_thread_pool
-        from data.framing import receptive_field
 
         key = id(module)
         if key in self.sessions:
@@ -102,15 +111,22 @@ class OnnxRows:
         timed = Timed(kind, module, include_frontend).eval()
         shortest = receptive_field(INPUT_LAYER) if include_frontend else 2
         time = Dim("time", min=shortest, max=getattr(module, "max_frames", None))
-        path = export_onnx(timed, inputs(64), Path(self._dir.name) / f"row{len(self.sessions)}.onnx",
-                           ["x", "lengths"], ["output"], {"x": {1: time}, "lengths": None})
+        path = export_onnx(
+            timed,
+            inputs(64),
+            Path(self._dir.name) / f"row{len(self.sessions)}.onnx",
+            ["x", "lengths"],
+            ["output"],
+            {"x": {1: time}, "lengths": None},
+        )
         self.sessions[key] = sess = session(path, shared_pool=True)
         cases = [(f"T={T}", dict(zip(("x", "lengths"), inputs(T)))) for T in self.CHECK_LENGTHS]
         try:  # the graph computes the row's function: checked before any timing
             checked = check_session(timed, sess, cases)
         except OnnxMismatch as e:
-            raise RuntimeError(f"--engine onnxruntime: the exported {kind} row differs from PyTorch ({e}); "
-                               f"refusing to time it") from None
+            raise RuntimeError(
+                f"--engine onnxruntime: the exported {kind} row differs from PyTorch ({e}); refusing to time it"
+            ) from None
         self.check[key] = max(r["max_abs_diff"] for r in checked)
 
     def callable(self, module: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> Callable[[], list]:

@@ -1,12 +1,13 @@
 """What a row times, as modules: the torchaudio peer (:class:`Peer`), the ESPnet peer
 (:class:`EspnetRow`), and any row's timed function (:class:`Timed`, which the ONNX engine exports)."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from models import ConformerCTC
 from data.framing import input_frames
+from models import ConformerCTC
 from models.subsampling import Conv2dSubsampling
 
 

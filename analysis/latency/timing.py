@@ -1,5 +1,6 @@
 """Timing: the clock (CUDA events on a GPU, a monotonic clock on the CPU), the summary of a row's
 runs, the CPU allocator's steady state, and the device's name for the record."""
+
 from __future__ import annotations
 
 import statistics
@@ -67,5 +68,7 @@ def steady_malloc() -> bool:
 def malloc_setting(malloc: str, device: str) -> str:
     """Applies ``--malloc`` (``steady``: :func:`steady_malloc`, on the CPU) and says what is in force."""
     if malloc == "steady" and not device.startswith("cuda"):
-        return "steady (glibc mmap threshold 32 MiB, trim threshold 1 GiB)" if steady_malloc() else "default (not glibc)"
+        return (
+            "steady (glibc mmap threshold 32 MiB, trim threshold 1 GiB)" if steady_malloc() else "default (not glibc)"
+        )
     return "default"
