@@ -34,7 +34,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from analysis.cad import cad as cad_of
 
@@ -129,10 +128,8 @@ def sources_of(groups: list[list[int]]) -> list[int]:
 @torch.inference_mode()
 def zero_shot(model, loader, tokenizer, sources: list[int] | None, device: str = "cpu") -> tuple[float, float]:
     """(greedy WER in %, mean CTC loss per utterance) of ``model`` with ``map_sources=sources``."""
-    import jiwer
-
-    from data.tokenizer import BLANK
-    from models.decoding import greedy_decode
+    from models.ctc import ctc_loss
+    from models.decoding import greedy_decode, word_errors
 
     refs, hyps, loss, n = [], [], 0.0, 0
     for batch in loader:
@@ -142,23 +139,14 @@ def zero_shot(model, loader, tokenizer, sources: list[int] | None, device: str =
             batch["features"].to(device), batch["feature_lengths"].to(device), map_sources=sources
         )
         log_probs, lengths = log_probs.cpu(), lengths.cpu()
-        loss += float(
-            F.ctc_loss(
-                log_probs.transpose(0, 1),
-                batch["targets"],
-                lengths,
-                batch["target_lengths"],
-                blank=BLANK,
-                reduction="sum",
-                zero_infinity=True,
-            )
-        )
+        loss += float(ctc_loss(log_probs, lengths, batch["targets"], batch["target_lengths"]))
         n += len(batch["ids"])
         refs += batch["texts"]
         hyps += [tokenizer.decode(h) for h in greedy_decode(log_probs, lengths)]
     if not refs:
         raise ValueError("no utterance could be decoded")
-    return 100.0 * jiwer.wer(refs, hyps), loss / n
+    c = word_errors(refs, hyps)
+    return 100.0 * (c["substitutions"] + c["deletions"] + c["insertions"]) / max(c["words"], 1), loss / n
 
 
 def encoder_gflop(model, length: int = 768) -> float:

@@ -6,12 +6,33 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from data.tokenizer import BLANK
 from models.config import ModelConfig, model_config_of, takes_model_options
 from models.conformer import ConformerEncoder
 from models.reuse import format_reuse_config, parse_reuse_config
 from models.subsampling import Conv2dSubsampling
+
+
+def ctc_loss(
+    log_probs: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
+    """The CTC loss of ``log_probs (B, T, V)`` (``lengths (B,)`` valid frames) against padded
+    ``targets (B, S)`` (``target_lengths (B,)``), summed over the batch: computed in fp32 whatever
+    the model's precision, blank :data:`~data.tokenizer.BLANK`, an impossible alignment (a target
+    longer than its frames) counted 0 rather than infinity. What training, the zero-shot
+    evaluation of reuse plans and the benchmark's training step all minimise or report."""
+    return F.ctc_loss(
+        log_probs.float().transpose(0, 1),
+        targets,
+        lengths,
+        target_lengths,
+        blank=BLANK,
+        reduction="sum",
+        zero_infinity=True,
+    )
 
 
 def host_reads_allowed() -> bool:

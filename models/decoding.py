@@ -6,10 +6,24 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import jiwer
 import torch
 
 from data.lexicon import lexicon_words
 from data.tokenizer import BLANK, Tokenizer
+
+
+def word_errors(refs: list[str], hyps: list[str]) -> dict[str, int]:
+    """Word error counts of ``hyps`` against ``refs`` (jiwer's alignment): ``substitutions``,
+    ``deletions``, ``insertions`` and the reference ``words`` (hits + substitutions + deletions);
+    WER = (substitutions + deletions + insertions) / words. Counts add over batches and ranks."""
+    m = jiwer.process_words(refs, hyps)
+    return {
+        "substitutions": m.substitutions,
+        "deletions": m.deletions,
+        "insertions": m.insertions,
+        "words": m.hits + m.substitutions + m.deletions,
+    }
 
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:

@@ -18,7 +18,7 @@ from common.cli import add_device, default_device
 from data.lexicon import write_lexicon
 from data.manifest import training_transcripts
 from models.checkpoint import load_model, model_inputs, training_data_dir
-from models.decoding import BeamSearch, parse_weight
+from models.decoding import BeamSearch, parse_weight, word_errors
 from models.precision import DTYPES, inference_precision, precision_problem, precision_warning
 
 
@@ -26,15 +26,12 @@ def score(refs: list[str], hyps: list[str]) -> dict:
     """WER / CER (percent) with the error counts, from jiwer."""
     if not refs:
         raise ValueError("nothing to score: no reference")
-    m = jiwer.process_words(refs, hyps)
-    words = m.hits + m.substitutions + m.deletions
+    counts = word_errors(refs, hyps)
+    errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
     return {
-        "wer": round(100 * m.wer, 3),
+        "wer": round(100 * errors / max(counts["words"], 1), 3),
         "cer": round(100 * jiwer.cer(refs, hyps), 3),
-        "substitutions": m.substitutions,
-        "deletions": m.deletions,
-        "insertions": m.insertions,
-        "words": words,
+        **counts,
         "utterances": len(refs),
     }
 

@@ -7,16 +7,15 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
-import jiwer
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from data.tokenizer import BLANK, Tokenizer
+from data.tokenizer import Tokenizer
 from models import ConformerCTC
 from models.checkpoint import CheckpointRecord, DataRecord
 from models.config import MODEL_KEYS, takes_model_options
-from models.decoding import greedy_decode
+from models.ctc import ctc_loss
+from models.decoding import greedy_decode, word_errors
 
 
 def lr_lambda(step: int, warmup: int, hold: int, decay: int, final_scale: float) -> float:
@@ -116,18 +115,7 @@ class CTCModule(L.LightningModule):
 
     def ctc_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         log_probs, out_lengths = self.model(batch["features"], batch["feature_lengths"])
-        loss = (
-            F.ctc_loss(
-                log_probs.float().transpose(0, 1),
-                batch["targets"],
-                out_lengths,
-                batch["target_lengths"],
-                blank=BLANK,
-                reduction="sum",
-                zero_infinity=True,
-            )
-            / log_probs.shape[0]
-        )
+        loss = ctc_loss(log_probs, out_lengths, batch["targets"], batch["target_lengths"]) / log_probs.shape[0]
         return loss, log_probs, out_lengths
 
     # --- variational weight noise ----------------------------------------------------------
@@ -205,10 +193,10 @@ class CTCModule(L.LightningModule):
             return
         loss, log_probs, out_lengths = self.ctc_loss(batch)
         hyps = [self.tokenizer.decode(h) for h in greedy_decode(log_probs, out_lengths)]
-        m = jiwer.process_words(batch["texts"], hyps)
+        c = word_errors(batch["texts"], hyps)
         n = len(batch["ids"])
         self._val_counts += torch.tensor(
-            [m.substitutions + m.deletions + m.insertions, m.hits + m.substitutions + m.deletions, float(loss) * n, n],
+            [c["substitutions"] + c["deletions"] + c["insertions"], c["words"], float(loss) * n, n],
             dtype=torch.float64,
         )
 

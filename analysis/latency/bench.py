@@ -13,6 +13,7 @@ from analysis.latency.modules import Peer, Timed, autocast_call, espnet_peer_mod
 from analysis.latency.timing import measure, summarise
 from data.framing import input_frames
 from models import ConformerCTC
+from models.ctc import ctc_loss
 from models.flops import count_flops
 from models.subsampling import Conv2dSubsampling
 
@@ -156,9 +157,7 @@ class Bench:
         def step():
             with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=amp):
                 log_probs, out_lengths = model(x, lengths)
-            loss = torch.nn.functional.ctc_loss(
-                log_probs.float().transpose(0, 1), targets, out_lengths, target_lengths, zero_infinity=True
-            )
+            loss = ctc_loss(log_probs, out_lengths, targets, target_lengths) / log_probs.shape[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
