@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis.report import OPTIONAL_STEPS, STEPS, UPSTREAM_STEPS, UPSTREAMS, Report
+from analysis.report import OPTIONAL_STEPS, STEPS, UPSTREAM_STEPS, Report
+from analysis.report_model import UPSTREAMS
 from common.cli import add_ckpt, add_device, add_out, user_errors
 
 
@@ -32,6 +33,22 @@ def main(argv: list[str] | None = None) -> None:
         from analysis import latency
 
         return latency.main(argv[1:])
+    a = _parser().parse_args(argv)
+    if a.command == "suggest-reuse":
+        return _suggest_reuse(a)
+    with user_errors():
+        report = _report(a)
+        results = report.run(_steps(a))
+    if "saliency" in results:
+        from analysis.saliency_report import format_table
+
+        print(format_table(report._saliency))
+    for name, path in results["figures"].items():
+        print(f"{name:10s} {path}")
+    print(f"numbers: {report.out / 'report.json'} (and CSV files beside it)")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser(
@@ -48,34 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-frames", type=int, default=20000)
     for name in ("report", *STEPS, *OPTIONAL_STEPS):
         s = sub.add_parser(name, help="every analysis" if name == "report" else f"the {name} analysis only")
-        add_ckpt(s, required=False, help="checkpoint of train.py (file, or folder with last.ckpt)")
-        s.add_argument(
-            "--upstream",
-            choices=UPSTREAMS,
-            help="analyse another model instead: TERA / Mockingjay (s3prl) or "
-            "hf (a transformers wav2vec2 / HuBERT / Whisper)",
-        )
-        s.add_argument(
-            "--upstream-ckpt",
-            help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it; "
-            "for hf a save_pretrained folder or a hub id)",
-        )
-        s.add_argument(
-            "--decoder-text",
-            choices=("greedy", "reference"),
-            default="greedy",
-            help="Whisper context mixing: teacher-force the decoder on its greedy transcript or the reference",
-        )
-        s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
-        s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
-        add_out(s, help="output folder for PNG / JSON / CSV")
-        s.add_argument("--alignments", help="MFA TextGrid root, for manifests without alignment paths")
-        s.add_argument("--reference", help="baseline checkpoint or par.json for PAR coverage")
-        s.add_argument("--probe-train", help="manifest to train the probes on (default: half of --manifest)")
-        s.add_argument("--limit", type=int, help="analyse only the first N aligned utterances")
-        s.add_argument("--utterance", help="utterance id for the context-mixing figure (default: the first)")
-        s.add_argument("--probe-epochs", type=int, default=15)
-        s.add_argument("--max-frames", type=int, default=20000)
+        _add_report_arguments(s)
         if name == "report":
             s.add_argument(
                 "--suggest", action="store_true", help="also rank reuse plans (suggest-reuse) into OUT/suggest"
@@ -86,54 +76,84 @@ def main(argv: list[str] | None = None) -> None:
         if name in ("report", "saliency"):
             _saliency_options(s)
         add_device(s, help="where the model runs, e.g. cpu, cuda (features stay on the CPU and each batch is moved)")
-    a = p.parse_args(argv)
-    if a.command == "suggest-reuse":
-        from analysis.suggest import print_table, suggest
+    return p
 
-        with user_errors():
-            result = suggest(
-                a.ckpt, a.manifest, a.out, a.groups, a.limit, a.per_k, a.device, a.data_dir, max_frames=a.max_frames
-            )
-        print_table(result)
-        print(f"wrote {a.out}/suggest.json, similarity.png, candidates.png")
-        return
+
+def _add_report_arguments(s) -> None:
+    """The model, data and output options of ``report`` and of each single step."""
+    add_ckpt(s, required=False, help="checkpoint of train.py (file, or folder with last.ckpt)")
+    s.add_argument(
+        "--upstream",
+        choices=UPSTREAMS,
+        help="analyse another model instead: TERA / Mockingjay (s3prl) or "
+        "hf (a transformers wav2vec2 / HuBERT / Whisper)",
+    )
+    s.add_argument(
+        "--upstream-ckpt",
+        help="the upstream's checkpoint (.ckpt as s3prl's hub downloads it; "
+        "for hf a save_pretrained folder or a hub id)",
+    )
+    s.add_argument(
+        "--decoder-text",
+        choices=("greedy", "reference"),
+        default="greedy",
+        help="Whisper context mixing: teacher-force the decoder on its greedy transcript or the reference",
+    )
+    s.add_argument("--data-dir", help="prepared data folder, to name manifests by subset")
+    s.add_argument("--manifest", required=True, help="prepared subset name or .jsonl manifest")
+    add_out(s, help="output folder for PNG / JSON / CSV")
+    s.add_argument("--alignments", help="MFA TextGrid root, for manifests without alignment paths")
+    s.add_argument("--reference", help="baseline checkpoint or par.json for PAR coverage")
+    s.add_argument("--probe-train", help="manifest to train the probes on (default: half of --manifest)")
+    s.add_argument("--limit", type=int, help="analyse only the first N aligned utterances")
+    s.add_argument("--utterance", help="utterance id for the context-mixing figure (default: the first)")
+    s.add_argument("--probe-epochs", type=int, default=15)
+    s.add_argument("--max-frames", type=int, default=20000)
+
+
+def _suggest_reuse(a) -> None:
+    from analysis.suggest import print_table, suggest
+
     with user_errors():
-        saliency = _saliency_settings(a) if a.command in ("report", "saliency") else None
-        report = Report(
-            a.ckpt,
-            a.manifest,
-            a.out,
-            a.alignments,
-            a.reference,
-            a.probe_train,
-            a.limit,
-            a.utterance,
-            a.max_frames,
-            a.probe_epochs,
-            upstream=a.upstream,
-            upstream_ckpt=a.upstream_ckpt,
-            data_dir=a.data_dir,
-            device=a.device,
-            need_alignments=a.command != "saliency",
-            saliency_options=saliency,
-            decoder_text=a.decoder_text,
+        result = suggest(
+            a.ckpt, a.manifest, a.out, a.groups, a.limit, a.per_k, a.device, a.data_dir, max_frames=a.max_frames
         )
-        if a.command == "report":
-            steps = [
-                *(UPSTREAM_STEPS if a.upstream in ("tera", "mockingjay") else STEPS),
-                *(["suggest"] if a.suggest else []),
-                *(["saliency"] if a.saliency else []),
-            ]
-        else:
-            steps = [a.command]
-        results = report.run(steps)
-    if "saliency" in results:
-        from analysis.saliency_report import format_table
+    print_table(result)
+    print(f"wrote {a.out}/suggest.json, similarity.png, candidates.png")
 
-        print(format_table(report._saliency))
-    for name, path in results["figures"].items():
-        print(f"{name:10s} {path}")
-    print(f"numbers: {report.out / 'report.json'} (and CSV files beside it)")
+
+def _report(a) -> Report:
+    """The :class:`Report` the parsed arguments ask for (bad options fail here, before any work)."""
+    saliency = _saliency_settings(a) if a.command in ("report", "saliency") else None
+    return Report(
+        a.ckpt,
+        a.manifest,
+        a.out,
+        a.alignments,
+        a.reference,
+        a.probe_train,
+        a.limit,
+        a.utterance,
+        a.max_frames,
+        a.probe_epochs,
+        upstream=a.upstream,
+        upstream_ckpt=a.upstream_ckpt,
+        data_dir=a.data_dir,
+        device=a.device,
+        need_alignments=a.command != "saliency",
+        saliency_options=saliency,
+        decoder_text=a.decoder_text,
+    )
+
+
+def _steps(a) -> list[str]:
+    if a.command != "report":
+        return [a.command]
+    return [
+        *(UPSTREAM_STEPS if a.upstream in ("tera", "mockingjay") else STEPS),
+        *(["suggest"] if a.suggest else []),
+        *(["saliency"] if a.saliency else []),
+    ]
 
 
 def _saliency_options(s) -> None:

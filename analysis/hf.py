@@ -40,81 +40,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from analysis.hf_loading import WaveFeaturizer, conv_frames, conv_receptive_field, load, whisper_frames
 from analysis.upstreams import TeraUpstream
 from data.features import SAMPLE_RATE
 from data.framing import LabelFraming
 from models.ctc import EncoderOutput
-
-HF_HELP = (
-    "transformers is not installed; install the optional extra with `pip install '.[hf]'` "
-    "(or `pip install transformers==5.23.0`)"
-)
-# model_type -> (family, base model class, classes with a head that are loaded as such)
-FAMILIES = {
-    "wav2vec2": ("ctc", "Wav2Vec2Model", ("Wav2Vec2ForCTC",)),
-    "hubert": ("ctc", "HubertModel", ("HubertForCTC",)),
-    "whisper": ("whisper", "WhisperForConditionalGeneration", ("WhisperForConditionalGeneration",)),
-}
-REFUSED = {
-    "wavlm": "transformers' WavLM attention runs torch's fused multi_head_attention_forward and returns "
-    "head-averaged weights: per-head maps, head ablation and Value Zeroing are not available"
-}
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(f"{HF_HELP} ({e})") from None
-    return transformers
-
-
-def conv_frames(samples: int, kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:
-    """Frames of a stack of unpadded 1-d convolutions over ``samples`` inputs."""
-    n = samples
-    for k, s in zip(kernels, strides):
-        n = max(0, (n - k) // s + 1)
-    return n
-
-
-def conv_receptive_field(kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:
-    """Inputs one output frame of the stack sees."""
-    r, jump = 1, 1
-    for k, s in zip(kernels, strides):
-        r += (k - 1) * jump
-        jump *= s
-    return r
-
-
-def whisper_frames(samples: int, stride: int) -> int:
-    """Whisper encoder frames whose centre (k * stride samples) lies in ``samples`` of audio."""
-    return math.ceil(samples / stride)
-
-
-class WaveFeaturizer:
-    """16 kHz waveform ``(samples,)`` -> ``(samples, 1)``: the model's own feature extractor runs in
-    :meth:`HFUpstream.encode`. ``num_frames`` counts samples (for batching and length checks)."""
-
-    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        return wave.float().reshape(-1, 1)
-
-    def num_frames(self, samples: int) -> int:
-        return int(samples)
-
-
-def check_folder(source: str | Path) -> str:
-    """A model folder (with ``config.json``) or a hub id; a path that is not a model folder fails here."""
-    p = Path(source)
-    if p.exists():
-        if not (p.is_dir() and (p / "config.json").is_file()):
-            raise ValueError(
-                f"--upstream-ckpt {source}: not a Hugging Face model folder (no config.json; "
-                f"give the folder save_pretrained wrote, or a hub id)"
-            )
-        return str(p)
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
-        raise FileNotFoundError(f"--upstream-ckpt {source}: no such model folder")
-    return str(source)
 
 
 class HFUpstream(nn.Module):
@@ -128,82 +58,31 @@ class HFUpstream(nn.Module):
 
     def __init__(self, source: str | Path, device: str = "cpu"):
         super().__init__()
-        tf = _transformers()
-        source = check_folder(source)
-        try:
-            config = tf.AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--upstream-ckpt {source}: cannot read a transformers config ({e})") from None
-        mt = config.model_type
-        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named"
-        if mt in REFUSED:
-            raise ValueError(f"--upstream-ckpt {source}: {mt} ({archs}) is not supported: {REFUSED[mt]}")
-        if mt not in FAMILIES:
-            raise ValueError(
-                f"--upstream-ckpt {source}: model type {mt!r} ({archs}) is not supported; expected one "
-                f"of {', '.join(FAMILIES)} (Wav2Vec2ForCTC, HubertForCTC, their base models, "
-                f"WhisperForConditionalGeneration)"
-            )
-        self.family, base, heads = FAMILIES[mt]
-        arch = next((a for a in (config.architectures or []) if a in heads), base)
-        self.model_type, self.source = mt, source
-        try:
-            if self.family == "whisper":
-                self.processor = tf.AutoProcessor.from_pretrained(source)
-                self.feature_extractor = self.processor.feature_extractor
-            else:
-                self.feature_extractor = tf.AutoFeatureExtractor.from_pretrained(source)
-                self.processor = None
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"--upstream-ckpt {source}: no usable feature extractor / processor ({e})") from None
-        self.model = getattr(tf, arch).from_pretrained(source, attn_implementation="eager").eval().to(device)
-        self.config = config
+        loaded = load(source, device)
+        self.family, self.model_type, self.source = loaded.family, loaded.config.model_type, loaded.source
+        self.processor, self.feature_extractor = loaded.processor, loaded.feature_extractor
+        self.model, self.config = loaded.model, loaded.config
         base_model = self.model.base_model
-        if self.family == "whisper":
-            self.encoder, self.decoder = base_model.encoder, base_model.decoder
-            self.layers = list(self.encoder.layers)
-            self.final_norm = self.encoder.layer_norm
-            fe = self.feature_extractor
-            self.max_samples = int(fe.n_samples)
-            stride = int(fe.hop_length) * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
-            self.frame_shift = stride / SAMPLE_RATE
-            # frame k centred at k * shift: the centre rule's window is 0
-            self.framing = LabelFraming(
-                self.frame_shift,
-                0.0,
-                count=partial(whisper_frames, stride=stride),
-                min_frames=1,
-                frame_ms=1000 / SAMPLE_RATE,
-            )
-        else:
-            self.encoder, self.decoder = base_model.encoder, None
-            self.layers = list(self.encoder.layers)
-            self.final_norm = self.encoder.layer_norm if config.do_stable_layer_norm else None
-            kernels, strides = tuple(config.conv_kernel), tuple(config.conv_stride)
-            r = conv_receptive_field(kernels, strides)
-            self.max_samples = None
-            self.frame_shift = math.prod(strides) / SAMPLE_RATE
-            self.framing = LabelFraming(
-                self.frame_shift,
-                r / SAMPLE_RATE,
-                count=partial(conv_frames, kernels=kernels, strides=strides),
-                min_frames=r,
-                frame_ms=1000 / SAMPLE_RATE,
-            )
+        self.encoder = base_model.encoder
+        self.decoder = base_model.decoder if self.family == "whisper" else None
+        self.layers = list(self.encoder.layers)
+        pre_ln = self.family == "whisper" or bool(self.config.do_stable_layer_norm)
+        self.final_norm = self.encoder.layer_norm if pre_ln else None
+        self.max_samples, self.frame_shift, self.framing = self._frames()
         self.attentions_modules = [self._attention(layer) for layer in self.layers]
         self.num_layers = len(self.layers)
         self.num_heads = [int(a.num_heads) for a in self.attentions_modules]
-        self.d_model = int(config.d_model if self.family == "whisper" else config.hidden_size)
+        self.d_model = int(self.config.d_model if self.family == "whisper" else self.config.hidden_size)
         self.featurizer = WaveFeaturizer()
         self.padding_mass = [0.0, 0]
         self.summary = {
-            "source": str(source),
-            "model_type": mt,
-            "class": arch,
+            "source": str(self.source),
+            "model_type": self.model_type,
+            "class": loaded.arch,
             "layers": self.num_layers,
             "heads": self.num_heads[0],
             "frame_shift_s": self.frame_shift,
-            "pre_layer_norm": bool(self.family == "whisper" or config.do_stable_layer_norm),
+            "pre_layer_norm": pre_ln,
         }
         if self.family == "whisper":
             self.summary["window"] = (
@@ -211,6 +90,31 @@ class HFUpstream(nn.Module):
                 "only the encoder frames covering the audio are analysed, each map cut to them "
                 "and its rows renormalised (context mixing: raw maps over the whole window)"
             )
+
+    def _frames(self) -> tuple[int | None, float, LabelFraming]:
+        """``(max_samples, frame_shift, framing)``: Whisper's window, frames ``stride`` samples apart
+        centred at ``k * stride``; wav2vec2-style encoders: the conv feature encoder's total stride and
+        receptive field."""
+        if self.family == "whisper":
+            fe = self.feature_extractor
+            stride = int(fe.hop_length) * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
+            shift = stride / SAMPLE_RATE
+            # frame k centred at k * shift: the centre rule's window is 0
+            framing = LabelFraming(
+                shift, 0.0, count=partial(whisper_frames, stride=stride), min_frames=1, frame_ms=1000 / SAMPLE_RATE
+            )
+            return int(fe.n_samples), shift, framing
+        kernels, strides = tuple(self.config.conv_kernel), tuple(self.config.conv_stride)
+        r = conv_receptive_field(kernels, strides)
+        shift = math.prod(strides) / SAMPLE_RATE
+        framing = LabelFraming(
+            shift,
+            r / SAMPLE_RATE,
+            count=partial(conv_frames, kernels=kernels, strides=strides),
+            min_frames=r,
+            frame_ms=1000 / SAMPLE_RATE,
+        )
+        return None, shift, framing
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu") -> HFUpstream:

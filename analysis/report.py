@@ -18,12 +18,12 @@ from analysis.context_mixing import context_mixing
 from analysis.head_types import category_ranking, classify_heads
 from analysis.par import par_coverage
 from analysis.probe import collect, probe_accuracy, train_probes
+from analysis.report_model import open_model, open_reference
 from analysis.runner import (
     accumulated_coverage,
     aligned_manifest,
     attention_stats,
     labelled_loader,
-    load_par,
     reference_par,
     save_par,
 )
@@ -33,11 +33,9 @@ from data.dataset import entry_frames
 from data.features import SAMPLE_RATE, fbank, load_audio
 from data.framing import LabelFraming
 from data.manifest import read_manifest, resolve_manifest, write_manifest
-from models.checkpoint import load_model, model_inputs, training_data_dir
 
 STEPS = ("cad", "par", "heads", "probe", "ablation", "mixing")
 UPSTREAM_STEPS = ("cad", "par", "heads", "probe", "ablation")  # context mixing needs our encoder's internals
-UPSTREAMS = ("tera", "mockingjay", "hf")  # hf: transformers wav2vec2 / HuBERT / Whisper (analysis/hf.py)
 OPTIONAL_STEPS = ("suggest", "saliency")  # run by ``report`` when asked (``--suggest``, ``--saliency``), or alone
 
 
@@ -88,46 +86,12 @@ class Report:
         self.device = device
         self.ckpt = ckpt
         self.upstream = upstream
-        self.featurizer = self.framing = None
         if decoder_text not in ("greedy", "reference"):
             raise ValueError(f"--decoder-text must be greedy or reference; got {decoder_text!r}")
         self.decoder_text = decoder_text
-        if upstream is not None:
-            from analysis.upstreams import TeraUpstream
-
-            if upstream not in UPSTREAMS:
-                raise ValueError(f"unknown upstream {upstream!r}; expected one of {', '.join(UPSTREAMS)}")
-            if not upstream_ckpt:
-                raise ValueError(
-                    f"--upstream {upstream} needs --upstream-ckpt ("
-                    + (
-                        "a transformers model folder or hub id)"
-                        if upstream == "hf"
-                        else "the .ckpt s3prl's hub downloads)"
-                    )
-                )
-            if upstream == "hf":
-                from analysis.hf import HFUpstream
-
-                self.model = HFUpstream.from_pretrained(upstream_ckpt, device)
-                max_frames *= SAMPLE_RATE // 100  # --max-frames counts 10 ms frames; the hf loader counts samples
-            else:
-                self.model = TeraUpstream.from_checkpoint(upstream_ckpt).to(device)
-            self.hp = {"checkpoints": [str(upstream_ckpt)], "reuse": f"{upstream} ({self.model.num_layers} layers)"}
-            self.data_dir = Path(data_dir) if data_dir else None
-            self.cmvn = None  # the upstream normalises its own features
-            if upstream == "hf":  # the waveform in, the model's own frame rate
-                self.featurizer, self.framing = self.model.featurizer, self.model.framing
-            else:
-                self.featurizer = self.model.features
-                self.framing = LabelFraming(self.model.frame_shift, self.model.frame_window, subsampled=False)
-        else:
-            if not ckpt:
-                raise ValueError("give --ckpt (a checkpoint of train.py) or --upstream with --upstream-ckpt")
-            self.model, self.tokenizer, self.hp = load_model(ckpt, device=device)
-            self.data_dir = training_data_dir(self.hp, data_dir)
-            # the model's own features and frame rate (ours, or a converted ESPnet model's); CPU-side
-            self.cmvn, self.featurizer, self.framing = model_inputs(self.model, self.hp, self.data_dir)
+        opened = open_model(ckpt, upstream, upstream_ckpt, data_dir, device, max_frames)
+        self.model, self.hp, self.data_dir, self.cmvn = opened.model, opened.hp, opened.data_dir, opened.cmvn
+        self.featurizer, self.framing, self.tokenizer = opened.featurizer, opened.framing, opened.tokenizer
         if need_alignments:
             self.manifest, counts = aligned_manifest(
                 self._manifest_path(manifest), alignments, self.out / "aligned.jsonl"
@@ -136,7 +100,7 @@ class Report:
             self.manifest, counts = self._manifest_path(manifest), None
         self.probe_train = self._manifest_path(probe_train) if probe_train else None
         self.alignments, self.reference, self.limit, self.utterance = alignments, reference, limit, utterance
-        self.max_frames, self.probe_epochs, self.progress = max_frames, probe_epochs, progress
+        self.max_frames, self.probe_epochs, self.progress = opened.max_frames, probe_epochs, progress
         if upstream == "hf":  # Whisper: every utterance must fit its window, checked before any work
             for e in read_manifest(self.manifest):
                 self.model.check_samples(round(e["duration"] * SAMPLE_RATE), f"{self.manifest}: utterance {e['id']}")
@@ -154,12 +118,7 @@ class Report:
         self._mixing_entry = None
         self._saliency_adapter = None
         # --reference is read now, not after the attention pass: a bad file fails before any work
-        self._reference_par = self._reference_model = None
-        if reference is not None:
-            if Path(reference).suffix == ".json":
-                self._reference_par = load_par(reference)
-            else:
-                self._reference_model, _, _ = load_model(reference, device=device)
+        self._reference_par, self._reference_model = open_reference(reference, device)
 
     def _check_mixing_utterance(self) -> dict:
         """The utterance of the context-mixing figure, checked before any work: it must be in the
@@ -387,60 +346,28 @@ class Report:
     def _saliency_model(self):
         """The saliency interface of the report's model (checked before any work by :meth:`run`)."""
         if self._saliency_adapter is None:
-            if self.upstream == "hf":
-                from analysis.saliency_hf import hf_saliency
+            from analysis.saliency_report import saliency_model
 
-                self._saliency_adapter = hf_saliency(self.model)
-            elif self.upstream is not None:
-                raise ValueError(
-                    "saliency needs a CTC model of ours (or a converted ESPnet one) or --upstream hf, "
-                    f"not --upstream {self.upstream}"
-                )
-            else:
-                from analysis.saliency_model import CTCSaliency
-
-                self._saliency_adapter = CTCSaliency(self.model)
+            self._saliency_adapter = saliency_model(self.model, self.upstream)
         return self._saliency_adapter
 
     def step_saliency(self):
         """Attention against input saliency for each output token (``analysis/saliency.py``; transformers
         models: ``analysis/saliency_hf.py``) over the report's manifest (``--limit`` utterances):
         ``OUT/saliency.json`` and three figures."""
-        from analysis.saliency_report import run
-        from data.dataset import ManifestDataset
+        from analysis.saliency_report import run_manifest
 
-        model = self._saliency_model()
-        prepare = getattr(model, "prepare", None)  # transformers: waveform -> the features it perturbs
-        ds = ManifestDataset([self.manifest], cmvn=self.cmvn, featurizer=self.featurizer, framing=self.framing)
-        too_short = dict(ds.skipped)
-        ds.entries = ds.entries[: self.limit]
-
-        def utterances():
-            yield from too_short.items()
-            for i, e in enumerate(ds.entries):
-                item = ds[i]
-                if item is None:
-                    yield e["id"], ds.skipped.get(e["id"], "could not be loaded")
-                elif prepare is None:
-                    yield e["id"], item["features"].to(self.device)
-                else:
-                    try:
-                        yield e["id"], prepare(item["features"][:, 0])
-                    except (RuntimeError, ValueError) as err:
-                        yield e["id"], f"{type(err).__name__}: {err}"
-
-        r = run(
-            model,
-            utterances(),
+        r = run_manifest(
+            self._saliency_model(),
+            self.manifest,
             self.out,
+            cmvn=self.cmvn,
+            featurizer=self.featurizer,
+            framing=self.framing,
+            limit=self.limit,
+            device=self.device,
             progress=self.progress,
-            total=len(ds.entries) + len(too_short),
-            settings={
-                "checkpoint": self.hp["checkpoints"],
-                "reuse": self.hp["reuse"],
-                "manifest": str(self.manifest),
-                **getattr(model, "settings", {}),
-            },
+            settings={"checkpoint": self.hp["checkpoints"], "reuse": self.hp["reuse"]},
             **self.saliency_options,
         )
         self.results["saliency"] = {k: r[k] for k in ("tokens", "utterances", "layers", "correlation", "deletion")}

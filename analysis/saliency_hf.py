@@ -13,7 +13,7 @@ wav2vec2 / HuBERT CTC (the input is the waveform, not log-Mel):
 - features: ``z (T, 1)``, all 1 as given, setting the gain ``z ** 4`` of each *segment* of the model's
   input (the feature extractor's output, the waveform normalised to zero mean and unit variance when
   the extractor normalises). A segment is ``g = gcd(stride, receptive field)`` samples of the conv feature encoder
-  (:func:`analysis.hf.conv_receptive_field`; 80 samples = 5 ms for 320 / 400), so that encoder frame
+  (:func:`analysis.hf_loading.conv_receptive_field`; 80 samples = 5 ms for 320 / 400), so that encoder frame
   ``m`` sees exactly the segments ``(stride / g) m .. (stride / g) m + receptive field / g - 1`` and relevance
   pools to encoder frames as for our front end (mean over those segments). Perturbation masks are time
   segments of the waveform ("time x nothing": the mask cells' frequency size is clipped to the single
@@ -37,7 +37,7 @@ Whisper (Papi, Fucci, Gaido, Negri & Bentivogli, 2025, "Cross-Attention is Half 
 Speech-to-Text Models", the setting of that paper):
 
 - features: Whisper's log-Mel features of the frames whose centre lies in the audio
-  (:func:`analysis.hf.whisper_frames` of the extractor's hop), minus the window's *silence level*
+  (:func:`analysis.hf_loading.whisper_frames` of the extractor's hop), minus the window's *silence level*
   (the lowest value of the features: the padding that fills Whisper's 30 s window sits on the
   extractor's floor); the rest of the window is held as the extractor made it. Relevance pools to
   encoder frames by Whisper's two convolutions (kernel 3, padding 1, strides 1 and 2: frame ``m`` sees
@@ -58,7 +58,8 @@ import math
 
 import torch
 
-from analysis.hf import HFUpstream, conv_receptive_field, whisper_frames
+from analysis.hf import HFUpstream
+from analysis.hf_loading import conv_receptive_field, whisper_frames
 from analysis.saliency_model import Capture, Token, ctc_emissions, token_index
 
 

@@ -69,6 +69,100 @@ def _json(x):
     return x
 
 
+class _Totals:
+    """What :func:`run` gathers over the utterances: running means of the correlations and deletion
+    drops, the counts, the skipped utterances and the first scored one (for its figure)."""
+
+    NAMES = ("per_layer", "per_head", "mean_over_layers")
+
+    def __init__(self):
+        self.acc = {
+            "input": {n: _Mean() for n in (*self.NAMES, "rollout")},
+            "encoder_output": {n: _Mean() for n in self.NAMES},
+        }
+        self.deletion = {n: _Mean() for n in RANKINGS}
+        self.tokens, self.scored, self.empty, self.skipped, self.example = 0, 0, 0, [], None
+
+    def add(self, uid: str, feats: torch.Tensor, r: UtteranceResult | None) -> None:
+        """One analysed utterance (``r`` None: it emitted no token)."""
+        if r is None:
+            self.empty += 1
+            return
+        self.scored += 1
+        self.tokens += len(r.tokens)
+        for side, (pl, ph, mo) in {
+            "input": (r.input_per_layer, r.input_per_head, r.input_mean),
+            "encoder_output": (r.states_per_layer, r.states_per_head, r.states_mean),
+        }.items():
+            self.acc[side]["per_layer"].add(pl)
+            self.acc[side]["per_head"].add(ph)
+            self.acc[side]["mean_over_layers"].add(mo[:, None])
+        if r.input_rollout is not None:
+            self.acc["input"]["rollout"].add(r.input_rollout)
+        for n in RANKINGS:
+            self.deletion[n].add(r.deletion[n])
+        if self.example is None:
+            self.example = (uid, feats.cpu(), r)
+
+    def check(self) -> None:
+        if self.tokens == 0:
+            skipped = self.skipped
+            raise ValueError(
+                f"no token was scored: {self.scored + self.empty} utterances analysed, {self.empty} emitted no "
+                f"token, {len(skipped)} skipped"
+                + (f" (e.g. {skipped[0]['id']}: {skipped[0]['error']})" if skipped else "")
+            )
+
+    def correlation(self) -> dict:
+        corr = {side: {n: m.value() for n, m in d.items()} for side, d in self.acc.items()}
+        for c in corr.values():
+            c["mean_over_layers"] = c["mean_over_layers"][0]
+        return corr
+
+
+def _collect(model, utterances, method, perturbation, n_steps, ks, progress, total) -> _Totals:
+    """Analyses each utterance in turn; one that cannot be loaded or analysed is recorded and skipped."""
+    from tqdm import tqdm
+
+    totals = _Totals()
+    generator = torch.Generator().manual_seed(perturbation.seed)
+    for uid, feats in tqdm(utterances, desc="saliency", unit="utt", total=total, disable=not progress):
+        if feats is None or isinstance(feats, str):
+            totals.skipped.append({"id": uid, "error": feats or "could not be loaded"})
+            continue
+        try:
+            r = analyse_utterance(model, feats, method, perturbation, n_steps, ks, generator)
+        except (RuntimeError, ValueError) as e:
+            warnings.warn(f"saliency: skipping utterance {uid}: {type(e).__name__}: {e}", stacklevel=3)
+            totals.skipped.append({"id": uid, "error": f"{type(e).__name__}: {e}"})
+            continue
+        totals.add(uid, feats, r)
+    return totals
+
+
+def _settings(model: SaliencyModel, method: str, perturbation: PerturbationSettings, n_steps: int) -> dict:
+    """``saliency.json``'s ``settings``: the method's and the model framing's."""
+    return {
+        "method": method,
+        "ig_steps": n_steps if method == "ig" else None,
+        "perturbation": {
+            "masks": perturbation.masks,
+            "sizes": [list(s) for s in perturbation.sizes],
+            "p": perturbation.p,
+            "seed": perturbation.seed,
+        }
+        if method == "perturbation"
+        else None,
+        "seed": perturbation.seed,
+        "token_score": "log-probability at the emitting frame (greedy CTC path)",
+        "encoder_output_method": "gradient x input of each layer's input states",
+        "deletion": "normalised features of the removed frames' receptive fields set to 0",
+        "subsampling": model.subsampling,
+        "receptive_field": model.receptive_field,
+        "frame_offset": model.frame_offset,
+    }
+
+
 def run(
     model: SaliencyModel,
     utterances,
@@ -86,92 +180,91 @@ def run(
     ``(id, None)`` or ``(id, "reason")`` is an utterance that could not be loaded) and write
     ``out/saliency.json`` and the
     figures; returns the JSON object. The deletion's random frames come from ``perturbation.seed``."""
-    from tqdm import tqdm
-
     from analysis.saliency import METHODS
+    from common.io import atomic_write_text
 
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)}")
     perturbation = perturbation or PerturbationSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = ("per_layer", "per_head", "mean_over_layers")
-    acc = {"input": {n: _Mean() for n in (*names, "rollout")}, "encoder_output": {n: _Mean() for n in names}}
-    dele = {n: _Mean() for n in RANKINGS}
-    generator = torch.Generator().manual_seed(perturbation.seed)
-    tokens, scored, empty, skipped, example = 0, 0, 0, [], None
-    for uid, feats in tqdm(utterances, desc="saliency", unit="utt", total=total, disable=not progress):
-        if feats is None or isinstance(feats, str):
-            skipped.append({"id": uid, "error": feats or "could not be loaded"})
-            continue
-        try:
-            r = analyse_utterance(model, feats, method, perturbation, n_steps, ks, generator)
-        except (RuntimeError, ValueError) as e:
-            warnings.warn(f"saliency: skipping utterance {uid}: {type(e).__name__}: {e}", stacklevel=2)
-            skipped.append({"id": uid, "error": f"{type(e).__name__}: {e}"})
-            continue
-        if r is None:
-            empty += 1
-            continue
-        scored += 1
-        tokens += len(r.tokens)
-        for side, (pl, ph, mo) in {
-            "input": (r.input_per_layer, r.input_per_head, r.input_mean),
-            "encoder_output": (r.states_per_layer, r.states_per_head, r.states_mean),
-        }.items():
-            acc[side]["per_layer"].add(pl)
-            acc[side]["per_head"].add(ph)
-            acc[side]["mean_over_layers"].add(mo[:, None])
-        if r.input_rollout is not None:
-            acc["input"]["rollout"].add(r.input_rollout)
-        for n in RANKINGS:
-            dele[n].add(r.deletion[n])
-        if example is None:
-            example = (uid, feats.cpu(), r)
-    if tokens == 0:
-        raise ValueError(
-            f"no token was scored: {scored + empty} utterances analysed, {empty} emitted no token, "
-            f"{len(skipped)} skipped" + (f" (e.g. {skipped[0]['id']}: {skipped[0]['error']})" if skipped else "")
-        )
-    corr = {side: {n: m.value() for n, m in d.items()} for side, d in acc.items()}
-    for c in corr.values():
-        c["mean_over_layers"] = c["mean_over_layers"][0]
+    totals = _collect(model, utterances, method, perturbation, n_steps, ks, progress, total)
+    totals.check()
     result = {
-        "settings": {
-            "method": method,
-            "ig_steps": n_steps if method == "ig" else None,
-            "perturbation": {
-                "masks": perturbation.masks,
-                "sizes": [list(s) for s in perturbation.sizes],
-                "p": perturbation.p,
-                "seed": perturbation.seed,
-            }
-            if method == "perturbation"
-            else None,
-            "seed": perturbation.seed,
-            "token_score": "log-probability at the emitting frame (greedy CTC path)",
-            "encoder_output_method": "gradient x input of each layer's input states",
-            "deletion": "normalised features of the removed frames' receptive fields set to 0",
-            "subsampling": model.subsampling,
-            "receptive_field": model.receptive_field,
-            "frame_offset": model.frame_offset,
-            **(settings or {}),
-        },
-        "tokens": tokens,
-        "utterances": {"scored": scored, "no_tokens": empty, "skipped": skipped},
+        "settings": {**_settings(model, method, perturbation, n_steps), **(settings or {})},
+        "tokens": totals.tokens,
+        "utterances": {"scored": totals.scored, "no_tokens": totals.empty, "skipped": totals.skipped},
         "layers": [{"layer": l + 1, "computes": bool(c)} for l, c in enumerate(model.computes)],
-        "correlation": corr,
-        "deletion": {"k": list(ks), **{n: dele[n].value() for n in RANKINGS}},
+        "correlation": totals.correlation(),
+        "deletion": {"k": list(ks), **{n: totals.deletion[n].value() for n in RANKINGS}},
     }
     result["figures"] = {
         "correlation": str(plot_correlation(result, out / "saliency_correlation.png")),
-        "utterance": str(plot_utterance(*example, model, out / "saliency_utterance.png", spectrogram)),
+        "utterance": str(plot_utterance(*totals.example, model, out / "saliency_utterance.png", spectrogram)),
         "deletion": str(plot_deletion(result, out / "saliency_deletion.png")),
     }
-    from common.io import atomic_write_text
-
     atomic_write_text(out / "saliency.json", json.dumps(result, indent=1))
     return result
+
+
+def saliency_model(model, upstream: str | None) -> SaliencyModel:
+    """The saliency interface of a report's model: a CTC model of ours (or a converted ESPnet one), or
+    a transformers model (``upstream`` "hf"); the s3prl upstreams emit no tokens and are refused."""
+    if upstream == "hf":
+        from analysis.saliency_hf import hf_saliency
+
+        return hf_saliency(model)
+    if upstream is not None:
+        raise ValueError(
+            "saliency needs a CTC model of ours (or a converted ESPnet one) or --upstream hf, "
+            f"not --upstream {upstream}"
+        )
+    from analysis.saliency_model import CTCSaliency
+
+    return CTCSaliency(model)
+
+
+def run_manifest(
+    model: SaliencyModel,
+    manifest: Path,
+    out: str | Path,
+    *,
+    cmvn,
+    featurizer,
+    framing,
+    limit: int | None,
+    device: str,
+    progress: bool,
+    settings: dict,
+    **options,
+) -> dict:
+    """:func:`run` over the first ``limit`` utterances of ``manifest`` read with the model's own
+    ``cmvn``, ``featurizer`` and ``framing`` (a model with ``prepare``, e.g. a transformers one, turns
+    the waveform into the features it perturbs); too-short or unreadable utterances are reported."""
+    from data.dataset import ManifestDataset
+
+    prepare = getattr(model, "prepare", None)
+    ds = ManifestDataset([manifest], cmvn=cmvn, featurizer=featurizer, framing=framing)
+    too_short = dict(ds.skipped)
+    ds.entries = ds.entries[:limit]
+
+    def utterances():
+        yield from too_short.items()
+        for i, e in enumerate(ds.entries):
+            item = ds[i]
+            if item is None:
+                yield e["id"], ds.skipped.get(e["id"], "could not be loaded")
+            elif prepare is None:
+                yield e["id"], item["features"].to(device)
+            else:
+                try:
+                    yield e["id"], prepare(item["features"][:, 0])
+                except (RuntimeError, ValueError) as err:
+                    yield e["id"], f"{type(err).__name__}: {err}"
+
+    settings = {**settings, "manifest": str(manifest), **getattr(model, "settings", {})}
+    total = len(ds.entries) + len(too_short)
+    return run(model, utterances(), out, progress=progress, total=total, settings=settings, **options)
 
 
 # --- figures and table --------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 
 tf = pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[hf]'")
 
-from analysis.hf import HFUpstream, conv_frames
+from analysis.hf import HFUpstream
+from analysis.hf_loading import conv_frames
 from analysis.hf_mixing import hf_context_mixing, value_zeroing_distances
 
 

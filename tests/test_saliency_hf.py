@@ -15,7 +15,8 @@ tf = pytest.importorskip("transformers", reason="transformers is not installed: 
 
 from hf_models import whisper_folder
 
-from analysis.hf import HFUpstream, conv_frames, whisper_frames
+from analysis.hf import HFUpstream
+from analysis.hf_loading import conv_frames, whisper_frames
 from analysis.saliency import frame_windows, gradient_saliency
 from analysis.saliency_hf import HFCTCSaliency, WhisperSaliency, hf_saliency
 
