@@ -159,23 +159,40 @@ class AttentionStats:
         return torch.where(u > 0, (p - u) / u.clamp_min(1e-30), torch.tensor(float("nan"), dtype=torch.float64))
 
 
-@torch.inference_mode()
-def attention_stats(model, loader, progress: bool = True, device: str = "cpu") -> tuple[AttentionStats, int]:
-    """Stream every batch through ``encode(return_attentions=True)``; returns the statistics and
-    the number of utterances skipped (fewer than two speech frames)."""
+def utterance_maps(
+    model,
+    loader,
+    progress: bool = True,
+    device: str = "cpu",
+    desc: str = "attention",
+    dtype: torch.dtype = torch.float32,
+):
+    """Stream every batch of ``loader`` through ``model.encode(return_attentions=True)`` and yield,
+    per utterance, ``(batch, b, maps)``: its index ``b`` in the batch and one ``(H_l, n, n)`` map per
+    layer cut to its ``n`` frames (no padding), on the CPU in ``dtype``. The one pass every
+    corpus-level attention statistic (PAR, coverage, layer similarity, CAD) is accumulated over."""
     from tqdm import tqdm
 
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+            if batch is None:
+                continue
+            enc = model.encode(
+                batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True
+            )
+            for b, n in enumerate(enc.lengths.cpu().tolist()):
+                yield batch, b, [a[b, :, :n, :n].to("cpu", dtype) for a in enc.attentions]
+
+
+@torch.inference_mode()
+def attention_stats(model, loader, progress: bool = True, device: str = "cpu") -> tuple[AttentionStats, int]:
+    """Accumulate :class:`AttentionStats` over :func:`utterance_maps`; returns the statistics and
+    the number of utterances skipped (fewer than two speech frames)."""
     stats = AttentionStats(model.num_heads)
     skipped = 0
-    for batch in tqdm(loader, desc="attention", unit="batch", disable=not progress):
-        if batch is None:
-            continue
-        enc = model.encode(batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True)
-        for b, n in enumerate(enc.lengths.cpu().tolist()):
-            labels = batch["labels"][b, :n]
-            maps = [a[b, :, :n, :n].float().cpu() for a in enc.attentions]
-            if not stats.add(maps, labels):
-                skipped += 1
+    for batch, b, maps in utterance_maps(model, loader, progress, device):
+        if not stats.add(maps, batch["labels"][b, : maps[0].shape[-1]]):
+            skipped += 1
     return stats, skipped
 
 

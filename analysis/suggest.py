@@ -256,28 +256,19 @@ def map_statistics(model, loader, aligned: bool, device: str, progress: bool = T
     ``divergence`` (L x L, :class:`LayerSimilarity`), ``cad`` (L, the mean CAD per layer),
     ``coverage`` (L PAR coverages against the lower half's PAR, or None without alignments) and
     ``utterances``."""
-    from tqdm import tqdm
-
     from analysis.par import par_coverage
-    from analysis.runner import AttentionStats, reference_par
+    from analysis.runner import AttentionStats, reference_par, utterance_maps
 
     L = model.num_layers
     sim_acc, stats = LayerSimilarity(L), AttentionStats(model.num_heads) if aligned else None
     cad_sum, cad_n = torch.zeros(L, dtype=torch.float64), 0
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="maps", unit="batch", disable=not progress):
-            if batch is None:
-                continue
-            enc = model.encode(
-                batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True
-            )
-            for b, n in enumerate(enc.lengths.cpu().tolist()):
-                maps = [a[b, :, :n, :n].double().cpu() for a in enc.attentions]
-                sim_acc.add(maps)
-                cad_sum += torch.stack([cad_of(m).mean() for m in maps])
-                cad_n += 1
-                if stats is not None:
-                    stats.add([m.float() for m in maps], batch["labels"][b, :n])
+        for batch, b, maps in utterance_maps(model, loader, progress, device, desc="maps", dtype=torch.float64):
+            sim_acc.add(maps)
+            cad_sum += torch.stack([cad_of(m).mean() for m in maps])
+            cad_n += 1
+            if stats is not None:
+                stats.add([m.float() for m in maps], batch["labels"][b, : maps[0].shape[-1]])
     coverage = None
     if stats is not None and stats.utterances:
         layers = stats.par_layers()
