@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.ctc import EncoderOutput
+from models.ctc import EncoderOutput, normalise_head_mask
 
 S3PRL_HELP = (
     "s3prl is not installed; install the optional extra with `pip install '.[s3prl]'` (or `pip install s3prl==0.4.18`)"
@@ -116,26 +116,12 @@ class TeraUpstream(nn.Module):
 
     # --- capture interface ------------------------------------------------------------------------
     def head_mask_tensor(self, head_mask) -> torch.Tensor | None:
-        """``(num_layers, heads)`` 0/1 keep-mask from a tensor of that shape or ``{layer: [heads to mask]}``."""
-        if head_mask is None:
+        """``(num_layers, heads)`` 0/1 keep-mask from a tensor of that shape or ``{layer: [heads to mask]}``
+        (:func:`models.ctc.normalise_head_mask`: the same forms and errors as our encoder's)."""
+        masks = normalise_head_mask(head_mask, self.num_heads)
+        if masks is None:
             return None
-        H = self.num_heads[0]
-        if isinstance(head_mask, Mapping):
-            mask = torch.ones(self.num_layers, H)
-            for layer, heads in head_mask.items():
-                if not 0 <= int(layer) < self.num_layers:
-                    raise ValueError(f"head mask names layer {layer}; the model has layers 0..{self.num_layers - 1}")
-                for h in heads:
-                    if not 0 <= int(h) < H:
-                        raise ValueError(f"head mask names head {h} of layer {layer}, which has heads 0..{H - 1}")
-                    mask[int(layer), int(h)] = 0
-            return mask
-        mask = torch.as_tensor(head_mask, dtype=torch.float32)
-        if mask.shape != (self.num_layers, H):
-            raise ValueError(
-                f"head mask must be (num_layers, heads) = ({self.num_layers}, {H}); got {tuple(mask.shape)}"
-            )
-        return mask
+        return torch.stack([torch.ones(h) if m is None else m for m, h in zip(masks, self.num_heads)])
 
     def encode(
         self,

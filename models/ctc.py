@@ -45,6 +45,41 @@ def host_reads_allowed() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def normalise_head_mask(head_mask, heads: list[int], device=None) -> list[torch.Tensor | None] | None:
+    """Normalise a head mask to one ``(H_l,)`` 0/1 tensor (or None: keep every head) per layer of an
+    encoder with ``heads[l]`` heads in layer ``l``.
+
+    Accepts a ``(num_layers, max_heads)`` 0/1 tensor (1 keeps a head) or a mapping
+    ``{layer: [heads to mask]}``; anything naming a layer or head the encoder lacks raises.
+    """
+    if head_mask is None:
+        return None
+    num_layers = len(heads)
+    if isinstance(head_mask, Mapping):
+        out: list[torch.Tensor | None] = [None] * num_layers
+        for layer, masked in head_mask.items():
+            if not 0 <= int(layer) < num_layers:
+                raise ValueError(f"head mask names layer {layer}; the encoder has layers 0..{num_layers - 1}")
+            m = torch.ones(heads[int(layer)], device=device)
+            for h in masked:
+                if not 0 <= int(h) < heads[int(layer)]:
+                    raise ValueError(
+                        f"head mask names head {h} of layer {layer}, which has heads 0..{heads[int(layer)] - 1}"
+                    )
+                m[int(h)] = 0
+            out[int(layer)] = m
+        return out
+    mask = torch.as_tensor(head_mask, device=device)
+    if mask.shape != (num_layers, max(heads)):
+        raise ValueError(
+            f"head mask must be (num_layers, max_heads) = ({num_layers}, {max(heads)}); got {tuple(mask.shape)}"
+        )
+    for layer, h in enumerate(heads):
+        if (mask[layer, h:] != 1).any():
+            raise ValueError(f"head mask masks a head >= {h} in layer {layer}, which has only {h} heads")
+    return [mask[layer, :h].float() for layer, h in enumerate(heads)]
+
+
 @dataclasses.dataclass
 class EncoderOutput:
     """What :meth:`ConformerCTC.encode` returns.
@@ -133,38 +168,8 @@ class ConformerCTC(nn.Module):
             )
 
     def head_mask_tensor(self, head_mask, device=None) -> list[torch.Tensor | None] | None:
-        """Normalise a head mask to one ``(H_l,)`` 0/1 tensor (or None) per layer.
-
-        Accepts a ``(num_layers, max_heads)`` 0/1 tensor (1 keeps a head) or a mapping
-        ``{layer: [heads to mask]}``.
-        """
-        if head_mask is None:
-            return None
-        heads = self.num_heads
-        if isinstance(head_mask, Mapping):
-            out: list[torch.Tensor | None] = [None] * self.num_layers
-            for layer, masked in head_mask.items():
-                if not 0 <= int(layer) < self.num_layers:
-                    raise ValueError(f"head mask names layer {layer}; the encoder has layers 0..{self.num_layers - 1}")
-                m = torch.ones(heads[layer], device=device)
-                for h in masked:
-                    if not 0 <= int(h) < heads[layer]:
-                        raise ValueError(
-                            f"head mask names head {h} of layer {layer}, which has heads 0..{heads[layer] - 1}"
-                        )
-                    m[int(h)] = 0
-                out[int(layer)] = m
-            return out
-        mask = torch.as_tensor(head_mask, device=device)
-        if mask.shape != (self.num_layers, max(heads)):
-            raise ValueError(
-                f"head mask must be (num_layers, max_heads) = ({self.num_layers}, {max(heads)}); "
-                f"got {tuple(mask.shape)}"
-            )
-        for layer, h in enumerate(heads):
-            if (mask[layer, h:] != 1).any():
-                raise ValueError(f"head mask masks a head >= {h} in layer {layer}, which has only {h} heads")
-        return [mask[layer, :h].float() for layer, h in enumerate(heads)]
+        """:func:`normalise_head_mask` for this model's heads per layer."""
+        return normalise_head_mask(head_mask, self.num_heads, device)
 
     def map_sources(self, assignment) -> list[int] | None:
         """Normalise a zero-shot reuse assignment to one source layer per layer (or None).
