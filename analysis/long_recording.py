@@ -1,5 +1,6 @@
 """A long recording made of a manifest's utterances, transcribed by transcribe.py in fp32 and
-bf16: real-time factor, peak memory and WER against its reference.
+bf16: real-time factor, peak memory, WER against its reference and, where the manifest has
+alignments, how well the word times fall in the words' TextGrid intervals.
 
     python -m analysis.long_recording --ckpt exp/demo/train/checkpoints/last.ckpt \\
         --manifest exp/demo/data/manifests/mini-test.jsonl --minutes 10 --out exp/long10
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from common.cli import add_ckpt, add_out, user_errors
+from data.framing import ENCODER_SHIFT, ENCODER_WINDOW
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +58,50 @@ def concatenate(
     return used, offsets
 
 
+def word_time_errors(reference: list[tuple[str, float, float]], words: list[dict], tolerance: float) -> dict:
+    """Word times of a transcript (``words``: ``{"word", "start", "end"}`` in seconds, as transcribe.py
+    writes them) against the reference's intervals ``(word, start, end)``: the words jiwer's alignment
+    pairs as equal are compared; for each, the distance of its midpoint from its reference interval (0
+    inside). Returns ``matched`` (how many), ``midpoint_inside`` and ``midpoint_within`` (fractions with
+    the midpoint inside the interval, and within ``tolerance`` seconds of it), ``span_within`` (the
+    fraction whose whole ``[start, end]`` lies in the interval widened by ``tolerance`` on each side),
+    ``worst_s`` (the largest midpoint distance) and ``tolerance_s``."""
+    import jiwer
+
+    if not reference or not words:
+        raise ValueError("word times: an empty reference or transcript")
+    out = jiwer.process_words(" ".join(w for w, _, _ in reference), " ".join(w["word"] for w in words))
+    pairs = [
+        (reference[i], words[j])
+        for chunk in out.alignments[0]
+        if chunk.type == "equal"
+        for i, j in zip(range(chunk.ref_start_idx, chunk.ref_end_idx), range(chunk.hyp_start_idx, chunk.hyp_end_idx))
+    ]
+    if not pairs:
+        raise ValueError("word times: no word of the transcript matches the reference")
+    dist = [max(0.0, s - (h["start"] + h["end"]) / 2, (h["start"] + h["end"]) / 2 - e) for (_, s, e), h in pairs]
+    spans = [s - tolerance <= h["start"] and h["end"] <= e + tolerance for (_, s, e), h in pairs]
+    n = len(pairs)
+    return {
+        "matched": n,
+        "midpoint_inside": round(sum(d == 0 for d in dist) / n, 4),
+        "midpoint_within": round(sum(d <= tolerance for d in dist) / n, 4),
+        "span_within": round(sum(spans) / n, 4),
+        "worst_s": round(max(dist), 3),
+        "tolerance_s": tolerance,
+    }
+
+
+def reference_words(used: list[dict], offsets: list[float]) -> list[tuple[str, float, float]] | None:
+    """The words of the recording with their TextGrid intervals shifted by each utterance's offset, or
+    None where an utterance has no alignment."""
+    from data.alignments import read_textgrid
+
+    if not all(e.get("alignment") for e in used):
+        return None
+    return [(w, s + o, e + o) for u, o in zip(used, offsets) for s, e, w in read_textgrid(u["alignment"]).words]
+
+
 def run_transcribe(args: list[str]) -> tuple[float, int]:
     """Runs transcribe.py in a process of its own; its wall time (seconds) and peak resident memory (bytes)."""
     t0 = time.perf_counter()
@@ -80,11 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     add_out(p, help="output folder (long.flac, reference.txt, <dtype>/long.json, results.json)")
     p.add_argument("--max-segment", type=float, default=20.0)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=round(ENCODER_SHIFT + ENCODER_WINDOW, 3),
+        help="seconds a word time may lie outside its TextGrid interval (default: one encoder frame plus its window)",
+    )
     a = p.parse_args(argv)
     out = Path(a.out)
     with user_errors():
         entries = read_manifest(a.manifest)
-        used, _ = concatenate(entries, out / "long.flac", a.silence, a.minutes * 60)
+        used, offsets = concatenate(entries, out / "long.flac", a.silence, a.minutes * 60)
+        timed = reference_words(used, offsets)
     reference = " ".join(e["text"] for e in used)
     (out / "reference.txt").write_text(reference + "\n")
     rows = []
@@ -114,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                 "peak_rss_mib": round(peak / 2**20, 1),
                 "segments": len(result["segments"]),
                 **score([reference], [result["text"]]),
+                "word_times": None if timed is None else word_time_errors(timed, result["words"], a.tolerance),
             }
         )
     (out / "results.json").write_text(
@@ -128,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
             indent=2,
         )
     )
-    print(f"{'dtype':6s} {'audio s':>8s} {'wall s':>8s} {'RTF':>7s} {'peak MiB':>9s} {'WER%':>7s}")
+    print(f"{'dtype':6s} {'audio s':>8s} {'wall s':>8s} {'RTF':>7s} {'peak MiB':>9s} {'WER%':>7s} {'in time%':>9s}")
     for r in rows:
+        in_time = "-" if r["word_times"] is None else f"{100 * r['word_times']['span_within']:.1f}"
         print(
             f"{r['dtype']:6s} {r['audio_s']:8.1f} {r['wall_s']:8.1f} {r['rtf']:7.4f} "
-            f"{r['peak_rss_mib']:9.1f} {r['wer']:7.2f}"
+            f"{r['peak_rss_mib']:9.1f} {r['wer']:7.2f} {in_time:>9s}"
         )
     print(f"wrote {out / 'results.json'}")
 

@@ -270,3 +270,27 @@ def test_engines_decoders_and_bad_options(ckpt, utterances, tmp_path, capsys):
         with pytest.raises(SystemExit, match=message) as e:
             transcribe.main(["--ckpt", str(ckpt), *files, *extra])
         assert "\n" not in str(e.value.code)
+
+
+def test_word_time_errors_against_known_intervals():
+    """Matched words only (a substitution is not judged); midpoints inside, within the tolerance or
+    not; whole spans within the widened interval; the worst distance; empty input raises."""
+    from analysis.long_recording import word_time_errors
+
+    reference = [("A", 0.0, 1.0), ("B", 1.0, 2.0), ("C", 2.0, 3.0), ("D", 3.0, 4.0)]
+    words = [
+        {"word": "A", "start": 0.2, "end": 0.8},  # inside
+        {"word": "X", "start": 1.2, "end": 1.8},  # substituted: not judged
+        {"word": "C", "start": 2.9, "end": 3.2},  # midpoint 3.05: 0.05 s out, span 0.2 s out
+        {"word": "D", "start": 4.2, "end": 4.6},  # midpoint 4.4: 0.4 s out
+    ]
+    r = word_time_errors(reference, words, tolerance=0.1)
+    assert r["matched"] == 3 and r["worst_s"] == pytest.approx(0.4)
+    assert r["midpoint_inside"] == pytest.approx(1 / 3, abs=1e-4)
+    assert r["midpoint_within"] == pytest.approx(2 / 3, abs=1e-4)
+    assert r["span_within"] == pytest.approx(1 / 3, abs=1e-4)  # C's end 3.2 > 3.0 + 0.1
+    assert word_time_errors(reference, words, tolerance=0.25)["span_within"] == pytest.approx(2 / 3, abs=1e-4)
+    with pytest.raises(ValueError, match="empty"):
+        word_time_errors(reference, [], 0.1)
+    with pytest.raises(ValueError, match="no word of the transcript matches"):
+        word_time_errors(reference, [{"word": "Z", "start": 0, "end": 1}], 0.1)
