@@ -35,7 +35,8 @@ test: setup
 # -> evaluation on mini-test -> analysis report -> reuse-plan suggestion -> retrofit of the baseline
 # to the best two-group plan (short fine-tuning) -> its evaluation and PAR coverage against the
 # baseline -> CPU latency of both -> the final table. From a fresh clone, set-up included, on 2 cores of a Xeon
-# (AVX-512 BF16 + AMX): 13 min 38 s capped to AVX2 (fp32), 13 min 59 s as itself (bf16): README.md.
+# (AVX-512 BF16 + AMX): 13 min 38 s capped to AVX2 (fp32), 13 min 59 s as itself (bf16); on 2 cores of an
+# AMD EPYC (Zen 4) capped to AVX2: 12 min 4 s. README.md.
 MINI := --data.data_dir $(EXP)/data --trainer.enable_progress_bar false
 MINI_SIZE := --d-model 96 --num-layers 4 --ffn-dim 384 --kernel-size 15
 # $(call timed,NAME,COMMAND): run COMMAND and append "NAME<TAB>seconds" to $(EXP)/stages.tsv
