@@ -181,7 +181,7 @@ def utterance_maps(
                 batch["features"].to(device), batch["feature_lengths"].to(device), return_attentions=True
             )
             for b, n in enumerate(enc.lengths.cpu().tolist()):
-                yield batch, b, [a[b, :, :n, :n].to("cpu", dtype) for a in enc.attentions]
+                yield batch, b, [a[b, :, :n, :n].cpu().to(dtype) for a in enc.attentions]
 
 
 @torch.inference_mode()
