@@ -169,28 +169,10 @@ def test_runs_interleaved_over_configurations(monkeypatch):
     assert all(e["by_length"]["16"]["runs"] == 5 for e in out["inference"])
 
 
-SMALL = [
-    "--d-model",
-    "32",
-    "--num-layers",
-    "2",
-    "--ffn-dim",
-    "64",
-    "--kernel-size",
-    "3",
-    "--lengths",
-    "16",
-    "32",
-    "--runs",
-    "2",
-    "--warmup",
-    "1",
-    "--train-runs",
-    "0",
-    "--rounds",
-    "1",
-    "--quiet",
-]
+SMALL = (
+    "--d-model 32 --num-layers 2 --ffn-dim 64 --kernel-size 3 --lengths 16 32 --runs 2 --warmup 1 "
+    "--train-runs 0 --rounds 1 --quiet"
+).split()
 
 
 class HostReads(TorchDispatchMode):

@@ -5,36 +5,14 @@ equal to our baseline before it is timed."""
 from __future__ import annotations
 
 import pytest
+import test_latency
 import torch
 
 from analysis import latency
 from analysis.latency import bench as bench_module
 from analysis.latency import benchmark
 
-SMALL = [
-    "--d-model",
-    "32",
-    "--num-layers",
-    "2",
-    "--ffn-dim",
-    "64",
-    "--kernel-size",
-    "3",
-    "--lengths",
-    "16",
-    "32",
-    "--runs",
-    "2",
-    "--warmup",
-    "1",
-    "--train-runs",
-    "0",
-    "--rounds",
-    "1",
-    "--quiet",
-    "--threads",
-    "1",
-]
+SMALL = [*test_latency.SMALL, "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
